@@ -1,0 +1,89 @@
+"""Applying a task vector to an in-memory model, with compatibility checks and a report."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from .errors import IncompatibleBaseError, format_names
+from .io.fingerprint import fingerprint_state_dict
+from .state import float_state_dict
+
+if TYPE_CHECKING:
+    from .task_vector import TaskVector
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ApplyReport:
+    """What happened when a task vector was applied."""
+
+    applied: list[str] = field(default_factory=list)
+    missing_in_base: list[str] = field(default_factory=list)      # in the vector, not in the model
+    shape_mismatch: list[str] = field(default_factory=list)       # "name: vector [..] vs model [..]"
+    not_in_vector: list[str] = field(default_factory=list)        # float params the vector leaves alone
+    fingerprint_expected: str | None = None
+    fingerprint_found: str | None = None
+
+    @property
+    def fingerprint_ok(self) -> bool:
+        return not self.fingerprint_expected or self.fingerprint_expected == self.fingerprint_found
+
+    @property
+    def skipped(self) -> list[str]:
+        return self.missing_in_base + [s.split(":")[0] for s in self.shape_mismatch]
+
+    def describe(self) -> str:
+        lines = [f"applied {len(self.applied)} tensors"]
+        if not self.fingerprint_ok:
+            lines.append(f"base fingerprint {self.fingerprint_found} != expected {self.fingerprint_expected}")
+        if self.missing_in_base:
+            lines.append(f"skipped, not in base: {format_names(self.missing_in_base)}")
+        if self.shape_mismatch:
+            lines.append(f"skipped, shape mismatch: {'; '.join(self.shape_mismatch[:20])}")
+        if self.not_in_vector:
+            lines.append(f"left unchanged (not in vector): {format_names(self.not_in_vector)}")
+        return "; ".join(lines)
+
+
+def check_compatibility(tv: "TaskVector", state: dict[str, torch.Tensor]) -> ApplyReport:
+    """Compare a task vector against a base's float tensors without changing anything."""
+    report = ApplyReport(fingerprint_expected=tv.metadata.base_fingerprint,
+                         fingerprint_found=fingerprint_state_dict(state))
+    shapes = tv.shapes()
+    for name, shape in shapes.items():
+        if name not in state:
+            report.missing_in_base.append(name)
+        elif tuple(state[name].shape) != tuple(shape):
+            report.shape_mismatch.append(f"{name}: vector {list(shape)} vs model {list(state[name].shape)}")
+        else:
+            report.applied.append(name)
+    report.not_in_vector = [n for n in state if n not in shapes]
+    return report
+
+
+def apply_to_module(tv: "TaskVector", model: torch.nn.Module, scaling: float, *,
+                    allow_mismatch: bool = False) -> torch.nn.Module:
+    """Add ``scaling * tv`` to ``model``'s parameters in place; see :meth:`TaskVector.apply_to`."""
+    state = float_state_dict(model)
+    report = check_compatibility(tv, state)
+    problems = (not report.fingerprint_ok) or report.missing_in_base or report.shape_mismatch
+    if problems and not allow_mismatch:
+        raise IncompatibleBaseError(
+            f"task vector (base {tv.metadata.base_model!r}) does not match this model: "
+            f"{report.describe()}. Apply it to the base it was made from, or pass "
+            "allow_mismatch=True to apply the matching tensors and skip the rest."
+        )
+    if problems:
+        logger.warning("applying task vector with mismatches: %s", report.describe())
+    with torch.no_grad():
+        for name in report.applied:
+            p = state[name]
+            delta = tv[name].to(device=p.device, dtype=torch.float32) * scaling
+            p.copy_((p.to(torch.float32) + delta).to(p.dtype))
+    model.hf_taskarith_apply_report = report
+    return model

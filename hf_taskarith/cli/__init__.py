@@ -1,0 +1,1 @@
+"""The ``hf-taskarith`` command line: argument parsing only; the library does the work."""

@@ -1,0 +1,50 @@
+"""``hf-taskarith`` entry point: each sub-command is a module exposing ``register(subparsers)``.
+
+A command module adds its parser and sets ``func`` (args -> exit code). To add a command,
+write a module and list it in :data:`COMMANDS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from ..errors import TaskArithError
+
+COMMANDS = ["merge", "methods", "extract", "apply"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ..version import __version__
+
+    parser = argparse.ArgumentParser(prog="hf-taskarith", description="Task arithmetic for Hugging Face models.")
+    parser.add_argument("--version", action="version", version=f"hf_taskarith {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log details (INFO level)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(f"{__package__}.{name.replace('-', '_')}").register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (TaskArithError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; no output was written.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

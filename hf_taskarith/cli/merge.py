@@ -1,0 +1,30 @@
+"""``hf-taskarith merge CONFIG.yml OUT_DIR``: run a (mergekit-compatible) merge config."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("merge", help="merge models / task vectors described by a YAML config",
+                       description="Run a merge described by a mergekit-compatible YAML file.")
+    p.add_argument("config", help="YAML file (merge_method, base_model, models, parameters, dtype, ...)")
+    p.add_argument("output_dir", help="folder to write the merged checkpoint to (created atomically)")
+    p.add_argument("--dtype", help="override the output dtype (float32, bfloat16, float16)")
+    p.add_argument("--seed", type=int, help="override the seed of randomized methods")
+    p.add_argument("--max-shard-size", help="output shard size, e.g. 5GB, 500MB")
+    p.add_argument("--allow-mismatch", action="store_true",
+                   help="merge despite base fingerprint / name / shape mismatches (skipped ones are reported)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR if it exists")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..merging.config import merge_from_config
+
+    out = merge_from_config(args.config, args.output_dir, dtype=args.dtype, seed=args.seed,
+                            max_shard_size=args.max_shard_size, allow_mismatch=args.allow_mismatch or None,
+                            overwrite=args.overwrite or None, progress=not args.no_progress)
+    print(f"merged checkpoint written to {out}")
+    return 0

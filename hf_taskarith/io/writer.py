@@ -1,0 +1,230 @@
+"""Streaming, sharded safetensors writing, and all-or-nothing output folders.
+
+Because every output tensor's name, shape and dtype is known before any is computed, the
+writer lays out each shard's header up front and then streams tensor bytes straight to
+disk as they are produced. Memory stays at one tensor, not one shard. Files are written in
+the standard safetensors layout (readable by ``safetensors.safe_open`` and transformers),
+with a ``*.safetensors.index.json`` when there is more than one shard.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+import struct
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import MergeConfigError
+from .safetensors_file import DTYPE_CODES
+
+logger = logging.getLogger(__name__)
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(size: int | str) -> int:
+    """Parse ``"500MB"``, ``"2GiB"`` or an int number of bytes."""
+    if isinstance(size, int):
+        value = size
+    else:
+        m = _SIZE.match(str(size))
+        if not m:
+            raise MergeConfigError(f"cannot parse size {size!r}; expected e.g. 500MB, 5GB, 2GiB or bytes.")
+        value = int(float(m.group(1)) * _UNITS[(m.group(2) or "").upper()])
+    if value <= 0:
+        raise MergeConfigError(f"shard size must be positive, got {size!r}.")
+    return value
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """The name, shape and dtype of a tensor that will be written."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        n = torch.empty((), dtype=self.dtype).element_size()
+        for s in self.shape:
+            n *= s
+        return n
+
+
+class _Shard:
+    def __init__(self, path: Path, specs: list[TensorSpec], metadata: Mapping[str, str]):
+        self.path = path
+        self.specs = {s.name: s for s in specs}
+        header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+        offset = 0
+        for s in specs:
+            if s.dtype not in DTYPE_CODES:
+                raise MergeConfigError(f"cannot write tensor {s.name!r} of dtype {s.dtype}.")
+            header[s.name] = {"dtype": DTYPE_CODES[s.dtype], "shape": list(s.shape),
+                              "data_offsets": [offset, offset + s.nbytes]}
+            offset += s.nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self.order = [s.name for s in specs]
+        self.next = 0
+        self.file = open(path, "wb")
+        self.file.write(struct.pack("<Q", len(raw)))
+        self.file.write(raw)
+
+    def write(self, name: str, tensor: torch.Tensor) -> bool:
+        """Write the next tensor; returns True when the shard is complete (and closed)."""
+        spec = self.specs[name]
+        if self.order[self.next] != name:
+            raise RuntimeError(f"tensor {name!r} written out of order; expected {self.order[self.next]!r}.")
+        if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
+            raise RuntimeError(
+                f"tensor {name!r}: planned {list(spec.shape)} {spec.dtype}, got "
+                f"{list(tensor.shape)} {tensor.dtype}."
+            )
+        t = tensor.detach().to("cpu").contiguous()
+        if t.numel():
+            self.file.write(memoryview(t.view(-1).view(torch.uint8).numpy()))
+        self.next += 1
+        if self.next == len(self.order):
+            self.file.close()
+            return True
+        return False
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class ShardedWriter:
+    """Write tensors, in a fixed planned order, into one or more safetensors shards.
+
+    Args:
+        folder: where the files go (usually a temporary folder; see :func:`atomic_output_dir`).
+        specs: every tensor to be written, in the order they will be given to :meth:`write`.
+        prefix: file stem: ``model`` gives ``model.safetensors`` or
+            ``model-00001-of-00003.safetensors`` + ``model.safetensors.index.json``.
+        max_shard_size: bytes per shard (``"5GB"``, ``"500MB"``, or an int); a single
+            tensor larger than this gets a shard of its own.
+        metadata: ``__metadata__`` string pairs stored in every shard.
+
+    Example:
+        >>> specs = [TensorSpec("w", (2, 2), torch.float32)]
+        >>> with ShardedWriter(folder, specs) as w:
+        ...     w.write("w", torch.zeros(2, 2))
+    """
+
+    def __init__(self, folder: str | os.PathLike, specs: list[TensorSpec], *, prefix: str = "model",
+                 max_shard_size: int | str = "5GB", metadata: Mapping[str, str] | None = None):
+        self.folder = Path(folder)
+        limit = parse_size(max_shard_size)
+        groups: list[list[TensorSpec]] = [[]]
+        size = 0
+        for s in specs:
+            if groups[-1] and size + s.nbytes > limit:
+                groups.append([])
+                size = 0
+            groups[-1].append(s)
+            size += s.nbytes
+        groups = [g for g in groups if g] or [[]]
+        n = len(groups)
+        names = ([f"{prefix}.safetensors"] if n == 1 else
+                 [f"{prefix}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
+        self.prefix = prefix
+        self.files = names
+        self.weight_map = {s.name: fname for fname, g in zip(names, groups) for s in g}
+        self.total_size = sum(s.nbytes for s in specs)
+        self._groups = dict(zip(names, groups))
+        self._metadata = dict(metadata or {})
+        self._open: dict[str, _Shard] = {}
+        self._done: set[str] = set()
+        if not specs:  # an empty checkpoint is still a valid file
+            _Shard(self.folder / names[0], [], self._metadata).close()
+            self._done.add(names[0])
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        fname = self.weight_map.get(name)
+        if fname is None:
+            raise RuntimeError(f"tensor {name!r} was not planned for writing.")
+        shard = self._open.get(fname)
+        if shard is None:
+            shard = self._open[fname] = _Shard(self.folder / fname, self._groups[fname], self._metadata)
+        if shard.write(name, tensor):
+            del self._open[fname]
+            self._done.add(fname)
+
+    def finish(self) -> None:
+        """Check every planned tensor was written, and write the index for multi-shard output."""
+        missing = [f for f in self.files if f not in self._done]
+        if missing:
+            raise RuntimeError(f"shards not completed: {missing}")
+        if len(self.files) > 1:
+            index = {"metadata": {"total_size": self.total_size, **self._metadata},
+                     "weight_map": self.weight_map}
+            (self.folder / f"{self.prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+    def close(self) -> None:
+        for shard in self._open.values():
+            shard.close()
+        self._open.clear()
+
+    def __enter__(self) -> "ShardedWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close()
+        if exc_type is None:
+            self.finish()
+
+
+def save_tensors(tensors: Mapping[str, torch.Tensor], folder: str | os.PathLike, *, prefix: str = "model",
+                 max_shard_size: int | str = "5GB", metadata: Mapping[str, str] | None = None) -> list[str]:
+    """Save a dict of tensors as (sharded) safetensors; returns the file names written."""
+    specs = [TensorSpec(k, tuple(v.shape), v.dtype) for k, v in tensors.items()]
+    with ShardedWriter(folder, specs, prefix=prefix, max_shard_size=max_shard_size, metadata=metadata) as w:
+        for k, v in tensors.items():
+            w.write(k, v)
+    return list(w.files)
+
+
+@contextlib.contextmanager
+def atomic_output_dir(target: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside ``target``; rename it to ``target`` only on success.
+
+    A crash, an exception or Ctrl-C inside the block removes the temporary folder and
+    leaves ``target`` as it was. With ``overwrite=True`` an existing ``target`` is replaced
+    only after the new one is complete.
+
+    Raises:
+        FileExistsError: ``target`` exists (and is not an empty folder) and ``overwrite`` is False.
+    """
+    target = Path(target).absolute()
+    if target.exists() and not overwrite and not (target.is_dir() and not any(target.iterdir())):
+        raise FileExistsError(
+            f"output folder {target} already exists and is not empty; choose another path or "
+            "pass overwrite=True (CLI: --overwrite)."
+        )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{os.getpid()}"
+        os.replace(target, old)
+    os.replace(tmp, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,169 @@
+"""``merge()``: the Python entry point of the merge engine."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import MergeConfigError
+from ..io.writer import ShardedWriter, atomic_output_dir
+from .engine import MergePlan, MergeReport, plan_merge, run_merge
+from .output import write_side_files
+from .registry import get_merge_method
+from .sources import ModelDelta, open_delta_source, open_tensor_source
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64}
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[str(dtype).replace("torch.", "")]
+    except KeyError:
+        raise MergeConfigError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}.") from None
+
+
+def merge(base: Any, models: Sequence[Any], *, method: str = "task_arithmetic",
+          weights: Sequence[float] | float | None = None, output_dir: str | os.PathLike | None = None,
+          dtype: str | torch.dtype | None = None, tokenizer_source: Any = "base", seed: int = 0,
+          max_shard_size: int | str = "5GB", allow_mismatch: bool = False, overwrite: bool = False,
+          inplace: bool = False, progress: bool = True, config_yaml: str | None = None,
+          **params: Any) -> Path | torch.nn.Module:
+    """Merge task vectors (or fine-tuned models) into a base model.
+
+    Args:
+        base: the pre-trained model: a checkpoint folder, a Hub id, or an ``nn.Module``.
+            ``None`` is allowed for methods that do not need one (``linear``): the first
+            model is then the reference point.
+        models: the inputs: :class:`~hf_taskarith.TaskVector` objects, saved task-vector
+            folders, fine-tuned checkpoint folders, Hub ids, or ``nn.Module`` s.
+        method: a registered method (``hf-taskarith methods`` lists them): task_arithmetic,
+            linear, ties, dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties, della,
+            della_linear, magnitude_prune, tsv, iso_c, iso_cts.
+        weights: one weight per model (or one for all). Negative weights negate tasks.
+        output_dir: where to write the merged checkpoint (required unless ``base`` is a module).
+        dtype: output dtype (default: the base's dtype per tensor). Maths runs in float32.
+        tokenizer_source: ``"base"`` or one of the models: its tokenizer is copied, and its
+            vocabulary size decides the rows of embedding / LM-head tensors.
+        seed: seeds randomized methods (DARE, DELLA); results are reproducible per seed and
+            independent of tensor order.
+        max_shard_size: output shard size (``"5GB"``, ``"500MB"``, bytes).
+        allow_mismatch: merge despite fingerprint, name or shape mismatches, skipping and
+            reporting what does not fit. Strict by default.
+        overwrite: replace an existing ``output_dir`` (only once the new one is complete).
+        inplace: for module bases, edit ``base`` itself rather than a copy.
+        progress: show a tqdm bar over tensors (also off with ``HF_HUB_DISABLE_PROGRESS_BARS=1``).
+        **params: method parameters, e.g. ``density=0.2``, ``lambda_=0.5`` (or ``**{"lambda": 0.5}``),
+            ``normalize=True``, ``gamma=0.01``, ``epsilon=0.15``. Per-model ones take a list.
+
+    Returns:
+        The output folder (``Path``) for checkpoint bases, or the merged ``nn.Module``.
+
+    Raises:
+        MergeConfigError: unknown method or parameter, wrong number of weights, bad density.
+        KeyMismatchError, ShapeMismatchError, IncompatibleBaseError: inputs do not fit the base.
+        NonFiniteError: NaN/inf in an input or the result (nothing is written).
+        CheckpointNotFoundError, CorruptCheckpointError: unreadable inputs.
+
+    Note:
+        Checkpoints are streamed tensor by tensor: peak memory is about one tensor per input
+        plus the method's working set. Output goes to a temporary folder renamed at the end,
+        so an interrupted merge leaves nothing behind.
+
+    Example:
+        >>> merge("base/", ["tv_a/", "tv_b/"], method="ties", weights=[1.0, 1.0], density=0.2,
+        ...       output_dir="merged/")
+    """
+    m = get_merge_method(method)
+    if "lambda_" in params:
+        params["lambda"] = params.pop("lambda_")
+    models = list(models)
+    if not models:
+        raise MergeConfigError("merge() needs at least one model or task vector to merge.")
+    if base is None:
+        if m.needs_base:
+            raise MergeConfigError(f"merge method {method!r} needs a base model.")
+        base = models[0]
+    if weights is not None:
+        params["weight"] = list(weights) if isinstance(weights, (list, tuple)) else weights
+    resolved = m.resolve_params(len(models), params)
+
+    base_src = open_tensor_source(base, label=_label(base, "base"))
+    inputs = [open_delta_source(x, label=_label(x, f"model {i}")) for i, x in enumerate(models)]
+    vocab_src = _vocab_source(tokenizer_source, base_src, inputs)
+    out_dtype = parse_dtype(dtype)
+    plan = plan_merge(base_src, inputs, m, resolved, out_dtype=out_dtype, vocab_source=vocab_src,
+                      seed=seed, allow_mismatch=allow_mismatch)
+
+    if isinstance(base, torch.nn.Module):
+        return _merge_into_module(plan, base, inplace=inplace, progress=progress)
+    if output_dir is None:
+        raise MergeConfigError("merging checkpoints writes a new one: pass output_dir=.")
+    with atomic_output_dir(output_dir, overwrite=overwrite) as tmp:
+        with ShardedWriter(tmp, plan.specs(), prefix="model", max_shard_size=max_shard_size,
+                           metadata={"format": "pt"}) as writer:
+            report = run_merge(plan, writer.write, progress=progress)
+        write_side_files(tmp, plan, report, dtype=out_dtype, seed=seed, config_yaml=config_yaml)
+    _log_report(report)
+    return Path(output_dir)
+
+
+def _merge_into_module(plan: MergePlan, base: torch.nn.Module, *, inplace: bool, progress: bool) -> torch.nn.Module:
+    import copy
+
+    out: dict[str, torch.Tensor] = {}
+    report = run_merge(plan, out.__setitem__, progress=progress)
+    model = base if inplace else copy.deepcopy(base)
+    state = model.state_dict()
+    with torch.no_grad():
+        for name, t in out.items():
+            if t.shape != state[name].shape:
+                raise MergeConfigError(
+                    f"{name}: merged shape {list(t.shape)} differs from the model's {list(state[name].shape)}; "
+                    "resize the model's embeddings first or merge to a checkpoint folder."
+                )
+            state[name].copy_(t)
+    model.hf_taskarith_merge_report = report
+    _log_report(report)
+    return model
+
+
+def _vocab_source(ref: Any, base_src, inputs):
+    if ref in (None, "base"):
+        return base_src
+    if isinstance(ref, int):
+        src = inputs[ref]
+    else:
+        matches = [s for s in inputs if s.label == str(ref)]
+        if not matches:
+            if ref == "union":
+                raise MergeConfigError("tokenizer_source: union (mergekit's token re-mapping) is not "
+                                       "supported; use 'base' or one of the models.")
+            raise MergeConfigError(f"tokenizer_source {ref!r} is neither 'base' nor one of the models "
+                                   f"{[s.label for s in inputs]}.")
+        src = matches[0]
+    if not isinstance(src, ModelDelta):
+        raise MergeConfigError(f"tokenizer_source {ref!r} must be a model, not a task vector.")
+    return src.source
+
+
+def _label(x: Any, default: str) -> str:
+    if isinstance(x, (str, os.PathLike)):
+        return str(x)
+    return default
+
+
+def _log_report(report: MergeReport) -> None:
+    if report.skipped or report.fingerprint_mismatch:
+        logger.warning("merge: %s", report.describe())
+    else:
+        logger.info("merge: %s", report.describe())

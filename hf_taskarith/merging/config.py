@@ -1,0 +1,169 @@
+"""Merge configuration files (YAML), compatible with mergekit's format.
+
+Accepted keys (mergekit's meaning)::
+
+    merge_method: ties              # any registered method
+    base_model: path/or/hub-id
+    models:
+      - model: path/or/hub-id/or/saved-task-vector
+        parameters: {weight: 1.0, density: 0.5}
+    parameters: {normalize: true, lambda: 1.0, int8_mask: true}   # shared
+    dtype: bfloat16                 # output dtype (out_dtype also accepted)
+    tokenizer_source: base          # or one of the models
+    # hf_taskarith extensions:
+    seed: 0
+    max_shard_size: 5GB
+
+Not supported (a clear error says so): ``slices`` / layer ranges, parameter gradients
+(lists) and ``filter`` overrides, ``tokenizer_source: union``, ``tokenizer:`` blocks.
+A model listed under ``models`` that equals ``base_model`` is the base (as in mergekit).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import MergeConfigError
+
+TOP_LEVEL = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source",
+             "seed", "max_shard_size", "name", "chat_template"}
+UNSUPPORTED = {"slices": "layer slicing is not supported; merge whole models",
+               "tokenizer": "tokenizer blocks are not supported; use tokenizer_source",
+               "modules": "per-module configs are not supported"}
+
+
+@dataclass
+class MergeConfig:
+    """A parsed, validated merge configuration."""
+
+    merge_method: str
+    base_model: str | None
+    models: list[str]
+    model_parameters: list[dict[str, Any]]
+    parameters: dict[str, Any] = field(default_factory=dict)
+    dtype: str | None = None
+    tokenizer_source: str | None = "base"
+    seed: int = 0
+    max_shard_size: str | int = "5GB"
+    source_text: str | None = None
+
+    @classmethod
+    def from_yaml(cls, path_or_text: str | os.PathLike, *, base_dir: str | os.PathLike | None = None) -> "MergeConfig":
+        """Parse a YAML file (or YAML text). Relative model paths resolve against the file's folder."""
+        p = Path(path_or_text) if not str(path_or_text).lstrip().startswith(("merge_method", "{", "#")) else None
+        if p is not None and p.is_file():
+            text, base_dir = p.read_text(), base_dir or p.parent
+        elif p is not None and "\n" not in str(path_or_text):
+            raise MergeConfigError(f"merge config file not found: {path_or_text}")
+        else:
+            text = str(path_or_text)
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise MergeConfigError(f"merge config is not valid YAML: {e}") from None
+        cfg = cls.from_dict(data, base_dir=base_dir)
+        cfg.source_text = text
+        return cfg
+
+    @classmethod
+    def from_dict(cls, data: Any, *, base_dir: str | os.PathLike | None = None) -> "MergeConfig":
+        if not isinstance(data, dict):
+            raise MergeConfigError(f"merge config must be a mapping, got {type(data).__name__}.")
+        for key, why in UNSUPPORTED.items():
+            if key in data:
+                raise MergeConfigError(f"config key {key!r}: {why}.")
+        unknown = sorted(set(data) - TOP_LEVEL)
+        if unknown:
+            raise MergeConfigError(f"unknown config key(s) {unknown}; valid keys: {sorted(TOP_LEVEL)}.")
+        if "merge_method" not in data:
+            raise MergeConfigError("config needs merge_method (e.g. task_arithmetic, ties, dare_ties).")
+        resolve = _resolver(base_dir)
+        base = data.get("base_model")
+        base = resolve(base) if base is not None else None
+        entries = data.get("models") or []
+        if not isinstance(entries, list) or not entries:
+            raise MergeConfigError("config needs a non-empty models: list of {model: ..., parameters: {...}}.")
+        models, params = [], []
+        for i, entry in enumerate(entries):
+            if isinstance(entry, str):
+                entry = {"model": entry}
+            if not isinstance(entry, dict) or "model" not in entry:
+                raise MergeConfigError(f"models[{i}] must be a mapping with a 'model' key, got {entry!r}.")
+            extra = sorted(set(entry) - {"model", "parameters"})
+            if extra:
+                raise MergeConfigError(f"models[{i}] has unknown key(s) {extra}; valid: ['model', 'parameters'].")
+            model = resolve(entry["model"])
+            if base is not None and model == base:
+                continue  # mergekit lets the base appear among the models
+            p = entry.get("parameters") or {}
+            if not isinstance(p, dict):
+                raise MergeConfigError(f"models[{i}].parameters must be a mapping, got {p!r}.")
+            models.append(model)
+            params.append(dict(p))
+        if not models:
+            raise MergeConfigError("config lists no models besides the base model.")
+        shared = data.get("parameters") or {}
+        if not isinstance(shared, dict):
+            raise MergeConfigError(f"parameters must be a mapping, got {shared!r}.")
+        tok = data.get("tokenizer_source", "base")
+        if tok not in (None, "base") and isinstance(tok, str):
+            tok = resolve(tok)
+        return cls(
+            merge_method=str(data["merge_method"]), base_model=base, models=models, model_parameters=params,
+            parameters=dict(shared), dtype=data.get("out_dtype") or data.get("dtype"),
+            tokenizer_source=tok, seed=int(data.get("seed", 0)), max_shard_size=data.get("max_shard_size", "5GB"),
+        )
+
+    def merge_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for :func:`hf_taskarith.merge` (per-model params become lists)."""
+        from .registry import get_merge_method
+
+        method = get_merge_method(self.merge_method)
+        kwargs: dict[str, Any] = dict(self.parameters)
+        per_model = {k for p in self.model_parameters for k in p}
+        for key in sorted(per_model):
+            spec = method.param_index.get(key)
+            if spec is None:
+                raise MergeConfigError(
+                    f"merge method {self.merge_method!r} does not take per-model parameter {key!r}; "
+                    f"valid: {sorted(s.name for s in method.params if s.per_model)}."
+                )
+            if not spec.per_model:
+                raise MergeConfigError(f"{key!r} is a shared parameter of {self.merge_method!r}: put it under "
+                                       "top-level parameters:, not under a model.")
+            shared_default = kwargs.pop(key, spec.default)
+            kwargs[key] = [p.get(key, shared_default) for p in self.model_parameters]
+        return kwargs
+
+
+def merge_from_config(config: str | os.PathLike | MergeConfig | dict, output_dir: str | os.PathLike, **overrides: Any):
+    """Run a merge described by a YAML file / text, a dict, or a :class:`MergeConfig`."""
+    from .api import merge
+
+    if isinstance(config, dict):
+        config = MergeConfig.from_dict(config)
+    elif not isinstance(config, MergeConfig):
+        config = MergeConfig.from_yaml(config)
+    kwargs = dict(method=config.merge_method, dtype=config.dtype, tokenizer_source=config.tokenizer_source,
+                  seed=config.seed, max_shard_size=config.max_shard_size, output_dir=output_dir,
+                  config_yaml=config.source_text, **config.merge_kwargs())
+    kwargs.update({k: v for k, v in overrides.items() if v is not None})
+    return merge(config.base_model, config.models, **kwargs)
+
+
+def _resolver(base_dir):
+    def resolve(ref: Any) -> str:
+        if not isinstance(ref, str):
+            raise MergeConfigError(f"model reference must be a string path or Hub id, got {ref!r}.")
+        if base_dir is not None and not os.path.isabs(ref):
+            candidate = Path(base_dir) / ref
+            if candidate.exists():
+                return str(candidate)
+        return ref
+
+    return resolve

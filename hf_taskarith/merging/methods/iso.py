@@ -1,0 +1,63 @@
+"""Isotropic merging (Marczak et al., "No Task Left Behind: Isotropic Model Merging with
+Common and Task-Specific Subspaces", ICML 2025).
+
+``iso_c``: take the task-arithmetic sum of each 2-D weight, ``U S V^T = SVD(sum)``, and
+replace the spectrum by its mean: ``mean(S) * U V^T`` (every direction equally strong).
+``iso_cts``: keep the top ``common_fraction`` of the sum's singular vectors as a common
+subspace, fill the rest of the rank with each task's leading directions orthogonal to it,
+orthogonalize the concatenation, and flatten the spectrum the same way.
+Other tensors take the task-arithmetic sum. The result is scaled by ``lambda`` (the paper's
+alpha, tuned on validation data; 1.0 by default).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..registry import MergeMethod, ParamSpec, lambda_param, register_merge_method, weight_param
+from ..subspace import is_matrix, nearest_orthonormal, svd, top_components
+
+
+def iso_c_merge(deltas: list[torch.Tensor], p: dict[str, Any], gen: torch.Generator | None) -> torch.Tensor:
+    total = sum(d * w for d, w in zip(deltas, p["weight"]))
+    if not is_matrix(total):
+        return total * p["lambda"]
+    u, s, vh = svd(total)
+    return (s.mean() * (u @ vh)) * p["lambda"]
+
+
+def iso_cts_merge(deltas: list[torch.Tensor], p: dict[str, Any], gen: torch.Generator | None) -> torch.Tensor:
+    weighted = [d * w for d, w in zip(deltas, p["weight"])]
+    total = sum(weighted)
+    if not is_matrix(total):
+        return total * p["lambda"]
+    n, full = len(weighted), min(total.shape)
+    k_common = max(1, int(p["common_fraction"] * full))
+    k_task = (full - k_common) // n
+    u_c, s_c, vh_c = top_components(total, k_common)
+    us, ss, vhs = [u_c], [s_c], [vh_c]
+    for d in weighted if k_task > 0 else []:
+        d = d.to(torch.float32)
+        residual = d - u_c @ (u_c.T @ d)  # the part of the task outside the common subspace
+        u_t, s_t, vh_t = top_components(residual, k_task)
+        us.append(u_t), ss.append(s_t), vhs.append(vh_t)
+    u = nearest_orthonormal(torch.cat(us, dim=1))
+    vh = nearest_orthonormal(torch.cat(vhs, dim=0).T).T
+    return (torch.cat(ss).mean() * (u @ vh)) * p["lambda"]
+
+
+register_merge_method(MergeMethod(
+    name="iso_c", fn=iso_c_merge, params=(weight_param(), lambda_param()),
+    description="Isotropic merging in the common subspace: flattens the spectrum of the summed task matrix.",
+    reference="https://arxiv.org/abs/2502.04959",
+))
+register_merge_method(MergeMethod(
+    name="iso_cts", fn=iso_cts_merge,
+    params=(weight_param(), lambda_param(),
+            ParamSpec("common_fraction", 0.8, low=0.0, high=1.0, low_open=True,
+                      help="fraction of the rank given to the common subspace")),
+    description="Isotropic merging with common and task-specific subspaces.",
+    reference="https://arxiv.org/abs/2502.04959",
+))

@@ -1,0 +1,11 @@
+"""TIES-merging (Yadav et al., 2023): trim by magnitude, elect sign, disjoint mean."""
+
+from ..registry import register_merge_method
+from .generalized import Pipeline, make_method
+
+register_merge_method(make_method(
+    "ties", Pipeline("magnitude", "sum", default_normalize=True, default_rescale=False),
+    description="Keeps the top-density entries of each task vector by magnitude, elects a sign per "
+                "entry, and averages the agreeing entries.",
+    reference="https://arxiv.org/abs/2306.01708",
+))

@@ -1,0 +1,175 @@
+"""The registry of merge methods: name -> :class:`MergeMethod`.
+
+A method is a pure function that turns the deltas of one tensor (one per input model,
+float32, all the base's shape) into one merged delta, plus a declaration of the parameters
+it accepts. New methods are a new small module that calls :func:`register_merge_method`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import MergeConfigError, UnknownMethodError
+
+
+class _Required:
+    def __repr__(self) -> str:
+        return "<required>"
+
+
+REQUIRED: Any = _Required()
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One parameter of a merge method.
+
+    Attributes:
+        name: key in YAML ``parameters`` / keyword argument.
+        default: default value, or :data:`REQUIRED`.
+        per_model: True if each input model has its own value (weight, density, ...).
+        kind: ``float``, ``int`` or ``bool``.
+        low, high, low_open: allowed range (``low`` exclusive when ``low_open``).
+        help: one line shown by ``hf-taskarith methods``.
+    """
+
+    name: str
+    default: Any
+    per_model: bool = False
+    kind: type = float
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    help: str = ""
+
+    def check(self, value: Any, where: str) -> Any:
+        if value is None and self.default is None:  # optional parameter left unset
+            return None
+        if self.kind is bool:
+            if not isinstance(value, bool):
+                raise MergeConfigError(f"{where}: {self.name} must be true or false, got {value!r}.")
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise MergeConfigError(
+                f"{where}: {self.name} must be a number, got {value!r} ({type(value).__name__}). "
+                "Per-layer gradients (lists) and filters are not supported; use one value."
+            )
+        value = self.kind(value)
+        too_low = self.low is not None and (value <= self.low if self.low_open else value < self.low)
+        too_high = self.high is not None and value > self.high
+        if too_low or too_high:
+            lo = "(" if self.low_open else "["
+            raise MergeConfigError(f"{where}: {self.name}={value} is outside {lo}{self.low}, {self.high}].")
+        return value
+
+
+#: signature of a merge function: (deltas, params, generator) -> merged delta
+MergeFn = Callable[[list[torch.Tensor], dict[str, Any], "torch.Generator | None"], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """A registered merge method.
+
+    Attributes:
+        name: registry key (``merge_method`` in YAML).
+        fn: ``fn(deltas, params, generator) -> merged_delta``. ``deltas`` is a list of float32
+            tensors (one per model, the base's shape); per-model params arrive as lists.
+        params: the parameters it accepts.
+        description, reference: shown in docs and model cards.
+        randomized: uses the generator (then results depend on ``seed``).
+        needs_base: False for methods that average whole models (``linear``): without a
+            base model, the first model is the reference point.
+        elementwise: True if each output entry depends only on the same entry of the inputs.
+    """
+
+    name: str
+    fn: MergeFn
+    params: tuple[ParamSpec, ...]
+    description: str
+    reference: str = ""
+    randomized: bool = False
+    needs_base: bool = True
+    elementwise: bool = False
+    param_index: dict[str, ParamSpec] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "param_index", {p.name: p for p in self.params})
+
+    def resolve_params(self, n_models: int, given: dict[str, Any]) -> dict[str, Any]:
+        """Validate user parameters and fill defaults; per-model ones become lists."""
+        unknown = sorted(set(given) - set(self.param_index))
+        if unknown:
+            raise MergeConfigError(
+                f"merge method {self.name!r} does not take parameter(s) {unknown}; valid: "
+                f"{sorted(self.param_index)}."
+            )
+        out: dict[str, Any] = {}
+        for spec in self.params:
+            value = given.get(spec.name, spec.default)
+            if value is REQUIRED:
+                raise MergeConfigError(f"merge method {self.name!r} needs parameter {spec.name!r}.")
+            if spec.per_model:
+                values = value if isinstance(value, (list, tuple)) else [value] * n_models
+                if len(values) != n_models:
+                    raise MergeConfigError(
+                        f"{self.name}: got {len(values)} values for {spec.name!r} but {n_models} models; "
+                        "give one value per model, or a single value for all."
+                    )
+                out[spec.name] = [spec.check(v, f"{self.name} model {i}") for i, v in enumerate(values)]
+            else:
+                out[spec.name] = spec.check(value, self.name)
+        return out
+
+
+_METHODS: dict[str, MergeMethod] = {}
+
+
+def register_merge_method(method: MergeMethod) -> MergeMethod:
+    """Add a method to the registry; a duplicate name is an error."""
+    if method.name in _METHODS:
+        raise ValueError(f"merge method {method.name!r} is already registered.")
+    _METHODS[method.name] = method
+    return method
+
+
+def get_merge_method(name: str) -> MergeMethod:
+    """Look up a method by name; unknown names list the valid ones."""
+    from . import methods  # noqa: F401  (registers the built-in methods)
+
+    try:
+        return _METHODS[name]
+    except KeyError:
+        raise UnknownMethodError(
+            f"unknown merge method {name!r}; available: {sorted(_METHODS)}."
+        ) from None
+
+
+def list_merge_methods() -> list[MergeMethod]:
+    from . import methods  # noqa: F401
+
+    return [_METHODS[k] for k in sorted(_METHODS)]
+
+
+# -- parameters shared by many methods ------------------------------------------------
+def weight_param(default: Any = 1.0) -> ParamSpec:
+    return ParamSpec("weight", default, per_model=True, help="coefficient of each model's task vector")
+
+
+def density_param(default: Any = 1.0) -> ParamSpec:
+    return ParamSpec("density", default, per_model=True, low=0.0, high=1.0, low_open=True,
+                     help="fraction of each task vector's entries kept, in (0, 1]")
+
+
+def lambda_param() -> ParamSpec:
+    return ParamSpec("lambda", 1.0, help="scale applied to the merged task vector")
+
+
+def stack_weights(weights: Sequence[float], like: torch.Tensor) -> torch.Tensor:
+    """Per-model weights shaped to broadcast against stacked deltas ``(n, *shape)``."""
+    w = torch.tensor(list(weights), dtype=like.dtype, device=like.device)
+    return w.reshape((-1,) + (1,) * (like.dim() - 1))
