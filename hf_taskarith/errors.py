@@ -60,3 +60,15 @@ def format_names(names, limit: int = 20) -> str:
     if len(names) > limit:
         shown += f", ... ({len(names) - limit} more)"
     return shown
+
+
+class HubError(TaskArithError, RuntimeError):
+    """A Hub operation failed (the message names the repo, revision and file)."""
+
+
+class ConcurrentPushError(HubError):
+    """The branch moved while pushing (another push landed first); nothing was overwritten."""
+
+
+class NotATaskVectorRepoError(HubError, FileNotFoundError):
+    """A Hub repo/revision exists but does not hold a task vector."""

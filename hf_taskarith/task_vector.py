@@ -17,7 +17,7 @@ from .errors import (
     CheckpointNotFoundError, IncompatibleBaseError, KeyMismatchError, ShapeMismatchError,
     TaskArithError, format_names,
 )
-from .io.checkpoints import Checkpoint, open_checkpoint, resolve_checkpoint_path
+from .io.checkpoints import Checkpoint, open_checkpoint
 from .io.fingerprint import fingerprint_checkpoint, fingerprint_state_dict
 from .io.writer import atomic_output_dir, save_tensors
 from .metadata import TaskVectorMetadata
@@ -86,8 +86,12 @@ class TaskVector(Mapping):
 
     @property
     def lazy(self) -> bool:
-        """True when tensors are read from disk on access."""
-        return isinstance(self._deltas, _LazyTensors)
+        """True when tensors are produced on access (read from disk, or decompressed)."""
+        return isinstance(self._deltas, _LazyTensors) or hasattr(self._deltas, "shapes")
+
+    @property
+    def compressed(self) -> bool:
+        return hasattr(self._deltas, "components")
 
     def materialize(self) -> "TaskVector":
         """Load every tensor into memory (a no-op for in-memory vectors)."""
@@ -96,6 +100,8 @@ class TaskVector(Mapping):
     def shapes(self) -> dict[str, tuple[int, ...]]:
         if isinstance(self._deltas, _LazyTensors):
             return {k: self._deltas._ckpt.info(k).shape for k in self}
+        if hasattr(self._deltas, "shapes"):  # decoded on access (compressed)
+            return self._deltas.shapes()
         return {k: tuple(v.shape) for k, v in self.items()}
 
     def numel(self) -> int:
@@ -241,10 +247,15 @@ class TaskVector(Mapping):
         Returns the folder path.
         """
         self._check_finite()
+        config = self.metadata.to_dict()
+        tensors: Mapping[str, torch.Tensor] = self
+        if self.compressed:  # store the compact parts, decode on load
+            tensors = self._deltas.components
+            config["extra"]["compression"] = {**config["extra"]["compression"], **self._deltas.spec()}
         with atomic_output_dir(save_directory, overwrite=overwrite) as tmp:
-            save_tensors(self, tmp, prefix=WEIGHTS_PREFIX, max_shard_size=max_shard_size,
+            save_tensors(tensors, tmp, prefix=WEIGHTS_PREFIX, max_shard_size=max_shard_size,
                          metadata={"format": "hf_taskarith.task_vector"})
-            (tmp / CONFIG_NAME).write_text(json.dumps(self.metadata.to_dict(), indent=2, sort_keys=True))
+            (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
         return Path(save_directory)
 
     @classmethod
@@ -260,7 +271,11 @@ class TaskVector(Mapping):
         Raises:
             CheckpointNotFoundError: no such folder/repo, or it holds no task vector config.
         """
-        folder = resolve_checkpoint_path(path, revision=revision)
+        if not Path(path).exists():
+            from .hub.pull import pull_task_vector
+
+            return pull_task_vector(str(path), revision=revision)
+        folder = Path(path)
         cfg = folder / CONFIG_NAME
         if not cfg.is_file():
             raise CheckpointNotFoundError(
@@ -273,7 +288,27 @@ class TaskVector(Mapping):
         except json.JSONDecodeError as e:
             raise TaskArithError(f"{cfg}: invalid JSON ({e}).") from None
         meta = TaskVectorMetadata.from_dict(data, source=str(cfg))
-        return cls(_LazyTensors(Checkpoint(folder, weights_prefix=WEIGHTS_PREFIX), dtype), meta)
+        tensors: Mapping[str, torch.Tensor] = _LazyTensors(Checkpoint(folder, weights_prefix=WEIGHTS_PREFIX), dtype)
+        compression = meta.extra.get("compression")
+        if compression and "shapes" in compression:
+            from .compression.compressed import open_compressed
+
+            shapes = compression.pop("shapes")
+            parts = _LazyTensors(Checkpoint(folder, weights_prefix=WEIGHTS_PREFIX))  # parts keep their dtypes
+            tensors = open_compressed(parts, compression, shapes)
+        return cls(tensors, meta)
+
+    def compress(self, method: str = "topk", **params: Any) -> "TaskVector":
+        """A compressed copy for sharing; see :func:`hf_taskarith.compression.compress`."""
+        from .compression import compress
+
+        return compress(self, method, **params)
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any):
+        """Push to a Hub repo in one commit; see :func:`hf_taskarith.hub.push.push_task_vector`."""
+        from .hub.push import push_task_vector
+
+        return push_task_vector(self, repo_id, **kwargs)
 
     @staticmethod
     def is_task_vector_folder(path: str | os.PathLike) -> bool:
