@@ -1,23 +1,27 @@
 """hf_taskarith: task arithmetic for the Hugging Face ecosystem.
 
 Public API (re-exports only): :class:`TaskVector`, :func:`merge`, :func:`merge_from_config`,
-the merge-method registry, and the error types.
+the merge-method registry, compression, Hub push/pull, and the error types.
 """
 
+from .compression import compress
 from .errors import (
-    CheckpointNotFoundError, CorruptCheckpointError, IncompatibleBaseError, KeyMismatchError,
+    CheckpointNotFoundError, ConcurrentPushError, HubError, NotATaskVectorRepoError, CorruptCheckpointError, IncompatibleBaseError, KeyMismatchError,
     MergeConfigError, NonFiniteError, ShapeMismatchError, TaskArithError, UnknownMethodError,
 )
 from .merging import get_merge_method, list_merge_methods, merge, register_merge_method
 from .merging.config import MergeConfig, merge_from_config
+from .hub.pull import list_task_vector_versions, pull_task_vector
+from .hub.push import push_task_vector
 from .metadata import TaskVectorMetadata
 from .task_vector import TaskVector
 from .version import __version__
 
 __all__ = [
     "TaskVector", "TaskVectorMetadata", "merge", "merge_from_config", "MergeConfig",
-    "get_merge_method", "list_merge_methods", "register_merge_method",
+    "get_merge_method", "list_merge_methods", "register_merge_method", "compress",
+    "push_task_vector", "pull_task_vector", "list_task_vector_versions",
     "TaskArithError", "CheckpointNotFoundError", "CorruptCheckpointError", "IncompatibleBaseError",
-    "KeyMismatchError", "MergeConfigError", "NonFiniteError", "ShapeMismatchError", "UnknownMethodError",
+    "KeyMismatchError", "MergeConfigError", "HubError", "ConcurrentPushError", "NotATaskVectorRepoError", "NonFiniteError", "ShapeMismatchError", "UnknownMethodError",
     "__version__",
 ]

@@ -7,7 +7,7 @@ import argparse
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("apply", help="apply a saved task vector to a base checkpoint")
-    p.add_argument("task_vector", help="saved task-vector folder")
+    p.add_argument("task_vector", help="saved task-vector folder, or a Hub repo id with --from-hub")
     p.add_argument("base", help="base checkpoint folder or Hub id")
     p.add_argument("output_dir")
     p.add_argument("--scaling", type=float, default=1.0, help="coefficient (negative to negate)")
@@ -15,13 +15,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--allow-mismatch", action="store_true",
                    help="apply even if the base fingerprint or shapes differ (skips are reported)")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--from-hub", action="store_true", help="TASK_VECTOR is a Hub repo id")
+    p.add_argument("--revision", help="with --from-hub: tag, branch or commit sha")
+    p.add_argument("--token")
+    p.add_argument("--endpoint")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..task_vector import TaskVector
 
-    tv = TaskVector.from_pretrained(args.task_vector)
+    if args.from_hub:
+        from ..hub.pull import pull_task_vector
+
+        tv = pull_task_vector(args.task_vector, revision=args.revision, token=args.token, endpoint=args.endpoint)
+        print(f"pulled {args.task_vector} at commit {tv.metadata.extra['hub']['commit_sha']}")
+    else:
+        tv = TaskVector.from_pretrained(args.task_vector)
     out = tv.apply_to(args.base, args.scaling, output_dir=args.output_dir, allow_mismatch=args.allow_mismatch,
                       dtype=args.dtype, overwrite=args.overwrite)
     print(f"edited checkpoint written to {out}")
