@@ -4,6 +4,7 @@ Public API (re-exports only): :class:`TaskVector`, :func:`merge`, :func:`merge_f
 the merge-method registry, compression, Hub push/pull, and the error types.
 """
 
+from .apply import ApplyReport, check_compatibility
 from .compression import compress
 from .errors import (
     CheckpointNotFoundError, ConcurrentPushError, HubError, NotATaskVectorRepoError, CorruptCheckpointError, IncompatibleBaseError, KeyMismatchError,
@@ -18,7 +19,7 @@ from .task_vector import TaskVector
 from .version import __version__
 
 __all__ = [
-    "TaskVector", "TaskVectorMetadata", "merge", "merge_from_config", "MergeConfig",
+    "TaskVector", "TaskVectorMetadata", "check_compatibility", "ApplyReport", "merge", "merge_from_config", "MergeConfig",
     "get_merge_method", "list_merge_methods", "register_merge_method", "compress",
     "push_task_vector", "pull_task_vector", "list_task_vector_versions",
     "TaskArithError", "CheckpointNotFoundError", "CorruptCheckpointError", "IncompatibleBaseError",

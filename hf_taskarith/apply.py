@@ -28,10 +28,17 @@ class ApplyReport:
     not_in_vector: list[str] = field(default_factory=list)        # float params the vector leaves alone
     fingerprint_expected: str | None = None
     fingerprint_found: str | None = None
+    identity_notes: list[str] = field(default_factory=list)  # base id / revision differences
 
     @property
     def fingerprint_ok(self) -> bool:
         return not self.fingerprint_expected or self.fingerprint_expected == self.fingerprint_found
+
+    @property
+    def compatible(self) -> bool:
+        """Fingerprint (or, when the vector has none, id and revision) match and every tensor fits."""
+        identity_ok = bool(self.fingerprint_expected) or not self.identity_notes
+        return self.fingerprint_ok and identity_ok and not self.missing_in_base and not self.shape_mismatch
 
     @property
     def skipped(self) -> list[str]:
@@ -41,6 +48,7 @@ class ApplyReport:
         lines = [f"applied {len(self.applied)} tensors"]
         if not self.fingerprint_ok:
             lines.append(f"base fingerprint {self.fingerprint_found} != expected {self.fingerprint_expected}")
+        lines += self.identity_notes
         if self.missing_in_base:
             lines.append(f"skipped, not in base: {format_names(self.missing_in_base)}")
         if self.shape_mismatch:
@@ -50,10 +58,23 @@ class ApplyReport:
         return "; ".join(lines)
 
 
-def check_compatibility(tv: "TaskVector", state: dict[str, torch.Tensor]) -> ApplyReport:
-    """Compare a task vector against a base's float tensors without changing anything."""
+def check_compatibility(tv: "TaskVector", base: torch.nn.Module | dict[str, torch.Tensor]) -> ApplyReport:
+    """Compare a task vector with a base model without changing anything.
+
+    Checks the weight fingerprint, every tensor's name and shape, and (from ``base.config``)
+    the base model id and revision. The fingerprint is decisive: the same weights under
+    another name are compatible; when the vector has no fingerprint, a differing id or
+    revision makes it incompatible.
+    """
+    state = float_state_dict(base)
     report = ApplyReport(fingerprint_expected=tv.metadata.base_fingerprint,
                          fingerprint_found=fingerprint_state_dict(state))
+    cfg = getattr(base, "config", None)
+    meta = tv.metadata
+    for what, want, got in (("id", meta.base_model, getattr(cfg, "_name_or_path", None)),
+                            ("revision", meta.base_revision, getattr(cfg, "_commit_hash", None))):
+        if want and got and want != got:
+            report.identity_notes.append(f"base {what} {got!r} differs from the vector's {want!r}")
     shapes = tv.shapes()
     for name, shape in shapes.items():
         if name not in state:
@@ -70,8 +91,8 @@ def apply_to_module(tv: "TaskVector", model: torch.nn.Module, scaling: float, *,
                     allow_mismatch: bool = False) -> torch.nn.Module:
     """Add ``scaling * tv`` to ``model``'s parameters in place; see :meth:`TaskVector.apply_to`."""
     state = float_state_dict(model)
-    report = check_compatibility(tv, state)
-    problems = (not report.fingerprint_ok) or report.missing_in_base or report.shape_mismatch
+    report = check_compatibility(tv, model)
+    problems = not report.compatible
     if problems and not allow_mismatch:
         raise IncompatibleBaseError(
             f"task vector (base {tv.metadata.base_model!r}) does not match this model: "
@@ -80,6 +101,8 @@ def apply_to_module(tv: "TaskVector", model: torch.nn.Module, scaling: float, *,
         )
     if problems:
         logger.warning("applying task vector with mismatches: %s", report.describe())
+    elif report.identity_notes:
+        logger.info("base weights match the vector's fingerprint (%s)", "; ".join(report.identity_notes))
     with torch.no_grad():
         for name in report.applied:
             p = state[name]

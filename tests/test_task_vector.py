@@ -161,3 +161,22 @@ def test_apply_to_checkpoint_writes_edited_folder(tmp_path, llama_models, llama_
     model = LlamaForCausalLM.from_pretrained(out)
     for a, b in zip(model.state_dict().values(), fts[0].state_dict().values()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+def test_compatibility_uses_fingerprint_then_id_and_revision(llama_models):
+    import copy
+
+    from hf_taskarith import check_compatibility
+
+    base, fts = llama_models
+    tv = TaskVector.from_models(base, fts[0], base_model="org/base", base_revision="r1")
+    model = copy.deepcopy(base)
+    model.config._name_or_path = "somewhere/else"
+    report = check_compatibility(tv, model)
+    assert report.compatible and report.identity_notes  # same weights under another name: fine
+    no_fp = TaskVector(dict(tv.items()), tv.metadata.derived("arithmetic"))
+    no_fp.metadata.base_fingerprint = None
+    report = check_compatibility(no_fp, model)
+    assert not report.compatible and "somewhere/else" in report.describe()
+    with pytest.raises(IncompatibleBaseError, match="somewhere/else"):
+        no_fp.apply_to(model)

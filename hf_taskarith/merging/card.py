@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import os
+import re
+from pathlib import Path
 
 import torch
 
@@ -17,7 +18,9 @@ def render_merge_card(plan: MergePlan, report: MergeReport, *, seed: int, dtype:
     inputs = [{"label": s.label, "weight": (weights[i] if isinstance(weights, list) else None)}
               for i, s in enumerate(plan.inputs)]
     params = [(k, v) for k, v in plan.params.items() if k != "weight"]
-    base_id = plan.base.label if not os.path.isabs(plan.base.label) else None
+    label = plan.base.label
+    is_hub_id = re.match(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$", label) and not Path(label).exists()
+    base_id = label if is_hub_id else None
     card_data = {"library_name": "transformers", "tags": ["merge", "hf_taskarith", plan.method.name],
                  "base_model": base_id, "base_model_relation": "merge" if base_id else None}
     return render(
