@@ -1,0 +1,126 @@
+"""Task addition and task negation, with the scaling coefficients chosen on validation data.
+
+Both follow the protocols of Ilharco et al. (2023) and Ortiz-Jimenez et al. (2023):
+
+- **Addition**: ``theta0 + alpha * sum_t tau_t``; alpha maximizes the mean *normalized*
+  validation accuracy (merged accuracy / the task's own fine-tuned accuracy) on a grid
+  (0 to 1, step 0.05 by default). Per-task coefficients are found by coordinate ascent.
+- **Negation**: ``theta0 - alpha * tau_target``; alpha is the one with the lowest target
+  validation accuracy among those keeping control accuracy >= 95% of the pre-trained one.
+
+Evaluation is delegated to callables, so any model family, metric or data pipeline fits:
+``evaluate(model, split) -> {task: accuracy}``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from tqdm.auto import tqdm
+
+from .editing import ModelEditor
+
+Evaluate = Callable[[object, str], Mapping[str, float]]
+DEFAULT_GRID = tuple(round(0.05 * i, 2) for i in range(21))
+
+
+def normalized(acc: Mapping[str, float], reference: Mapping[str, float]) -> dict[str, float]:
+    """Accuracy divided by the reference (fine-tuned) accuracy of the same task."""
+    return {t: (acc[t] / reference[t] if reference[t] else float("nan")) for t in acc}
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else float("nan")
+
+
+@dataclass
+class AdditionResult:
+    coefficients: dict[str, float]
+    absolute: dict[str, float]           # test accuracy per task
+    normalized: dict[str, float]         # test accuracy / fine-tuned test accuracy
+    search: list[tuple[float, float]] = field(default_factory=list)  # (alpha, mean normalized val acc)
+
+    @property
+    def mean_absolute(self) -> float:
+        return _mean(self.absolute.values())
+
+    @property
+    def mean_normalized(self) -> float:
+        return _mean(self.normalized.values())
+
+
+def task_addition(editor: ModelEditor, evaluate: Evaluate, *, finetuned_val: Mapping[str, float],
+                  finetuned_test: Mapping[str, float], grid: Sequence[float] = DEFAULT_GRID,
+                  per_task: bool = False, rounds: int = 2, progress: bool = False) -> AdditionResult:
+    """Add every task vector with a shared (or per-task) coefficient chosen on validation.
+
+    Args:
+        editor: a :class:`ModelEditor` over the base model and the task vectors.
+        evaluate: ``evaluate(model, split) -> {task: accuracy}`` for ``split`` in ``{"val", "test"}``.
+        finetuned_val, finetuned_test: each task's own fine-tuned accuracy (normalizers).
+        grid: candidate coefficients.
+        per_task: after the shared search, refine each task's coefficient by coordinate ascent.
+    """
+    tasks = list(editor.task_vectors)
+    search = []
+    best_alpha, best_score = 0.0, float("-inf")
+    for alpha in tqdm(grid, desc="addition: shared coefficient", disable=not progress):
+        with editor.edited({t: alpha for t in tasks}) as model:
+            score = _mean(normalized(evaluate(model, "val"), finetuned_val).values())
+        search.append((alpha, score))
+        if score > best_score:
+            best_alpha, best_score = alpha, score
+    coefs = {t: best_alpha for t in tasks}
+    if per_task:
+        for _ in range(rounds):
+            for t in tqdm(tasks, desc="addition: per-task coefficients", disable=not progress):
+                for alpha in grid:
+                    trial = {**coefs, t: alpha}
+                    with editor.edited(trial) as model:
+                        score = _mean(normalized(evaluate(model, "val"), finetuned_val).values())
+                    if score > best_score + 1e-12:
+                        best_score, coefs = score, trial
+    with editor.edited(coefs) as model:
+        test = dict(evaluate(model, "test"))
+    return AdditionResult(coefs, test, normalized(test, finetuned_test), search)
+
+
+@dataclass
+class NegationResult:
+    target: str
+    coefficient: float
+    target_accuracy: float
+    control_accuracy: dict[str, float]
+    pretrained_target: float
+    pretrained_control: dict[str, float]
+    search: list[tuple[float, float, float]] = field(default_factory=list)  # (alpha, target val, mean control val)
+
+
+def task_negation(editor: ModelEditor, evaluate: Evaluate, target: str, *, grid: Sequence[float] = DEFAULT_GRID,
+                  control_threshold: float = 0.95, progress: bool = False) -> NegationResult:
+    """Subtract ``tau_target``; pick the scale that most lowers the target's validation accuracy
+    while the control tasks keep >= ``control_threshold`` of their pre-trained accuracy.
+
+    ``evaluate`` must return the target task and the control tasks (every other key).
+    """
+    if target not in editor.task_vectors:
+        raise KeyError(f"no task vector for target {target!r}; known: {sorted(editor.task_vectors)}.")
+    model = editor.reset()
+    pre_val, pre_test = dict(evaluate(model, "val")), dict(evaluate(model, "test"))
+    controls = [t for t in pre_val if t != target]
+    floor = control_threshold * _mean(pre_val[t] for t in controls)
+    best_alpha, best_target = 0.0, pre_val[target]
+    search = []
+    for alpha in tqdm(grid, desc=f"negation of {target}", disable=not progress):
+        with editor.edited({target: -alpha}) as model:
+            acc = evaluate(model, "val")
+        control = _mean(acc[t] for t in controls)
+        search.append((alpha, acc[target], control))
+        if control >= floor and acc[target] < best_target:
+            best_alpha, best_target = alpha, acc[target]
+    with editor.edited({target: -best_alpha}) as model:
+        test = dict(evaluate(model, "test"))
+    return NegationResult(target, best_alpha, test[target], {t: test[t] for t in controls},
+                          pre_test[target], {t: pre_test[t] for t in controls}, search)

@@ -1,0 +1,138 @@
+"""Evaluation harness: editing, addition, negation, disentanglement, learned coefficients, plots."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from hf_taskarith import TaskVector
+from hf_taskarith.evaluation import (
+    ModelEditor, disentanglement_error, learn_coefficients, task_addition, task_negation,
+)
+from hf_taskarith.evaluation.plots import plot_cosine_matrix, plot_disentanglement
+
+
+class TwoHeads(nn.Module):
+    """A shared trunk with one frozen head per task (the closed-vocabulary setting)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.trunk = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16))
+        self.heads = nn.ModuleDict({"a": nn.Linear(16, 2), "b": nn.Linear(16, 2)})
+
+    def forward(self, x, task):
+        return self.heads[task](self.trunk(x))
+
+
+def _data(task, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(256, 8, generator=g)
+    y = (x[:, 0] > 0).long() if task == "a" else (x[:, 1] * x[:, 2] > 0).long()
+    return x, y
+
+
+@pytest.fixture(scope="module")
+def setup():
+    base = TwoHeads()
+    data = {t: {"val": _data(t, 1 + i), "test": _data(t, 10 + i), "train": _data(t, 20 + i)} for i, t in enumerate("ab")}
+    tvs = {}
+    for t in "ab":
+        ft = copy.deepcopy(base)
+        opt = torch.optim.SGD(ft.trunk.parameters(), lr=0.5)
+        x, y = data[t]["train"]
+        for _ in range(60):
+            opt.zero_grad()
+            nn.functional.cross_entropy(ft(x, t), y).backward()
+            opt.step()
+        tvs[t] = TaskVector.from_models(base, ft)
+
+    def evaluate(model, split):
+        with torch.no_grad():
+            return {t: float((model(*data[t][split][:1], t).argmax(-1) == data[t][split][1]).float().mean()) for t in "ab"}
+
+    return base, tvs, data, evaluate
+
+
+def test_editor_sets_and_restores_exactly(setup):
+    base, tvs, _, _ = setup
+    model = copy.deepcopy(base)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    editor = ModelEditor(model, tvs)
+    editor.set({"a": 0.5, "b": {"trunk.0.weight": 2.0}})
+    w = model.state_dict()["trunk.0.weight"]
+    torch.testing.assert_close(w, before["trunk.0.weight"] + 0.5 * tvs["a"]["trunk.0.weight"] + 2 * tvs["b"]["trunk.0.weight"])
+    torch.testing.assert_close(model.state_dict()["trunk.2.bias"], before["trunk.2.bias"] + 0.5 * tvs["a"]["trunk.2.bias"])
+    editor.reset()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with pytest.raises(KeyError, match="no task vector"):
+        editor.set({"c": 1.0})
+
+
+def test_addition_picks_the_best_validated_coefficient(setup):
+    base, tvs, _, evaluate = setup
+    editor = ModelEditor(copy.deepcopy(base), tvs)
+    ft_val, ft_test = {}, {}
+    for t in "ab":
+        with editor.edited({t: 1.0}) as m:
+            ft_val[t], ft_test[t] = evaluate(m, "val")[t], evaluate(m, "test")[t]
+    res = task_addition(editor, evaluate, finetuned_val=ft_val, finetuned_test=ft_test, grid=[0.0, 0.25, 0.5, 0.75, 1.0])
+    best = max(res.search, key=lambda s: s[1])[0]
+    assert res.coefficients == {"a": best, "b": best}
+    assert res.normalized["a"] == pytest.approx(res.absolute["a"] / ft_test["a"])
+    assert res.mean_absolute > 0.6  # the sum does better than chance on both tasks
+    per_task = task_addition(editor, evaluate, finetuned_val=ft_val, finetuned_test=ft_test,
+                             grid=[0.0, 0.5, 1.0], per_task=True, rounds=1)
+    assert max(s for _, s in per_task.search) <= 1.5
+
+
+def test_negation_lowers_target_within_control_budget(setup):
+    base, tvs, _, evaluate = setup
+    editor = ModelEditor(copy.deepcopy(base), tvs)
+    res = task_negation(editor, evaluate, "a", grid=[0.0, 0.5, 1.0, 2.0, 4.0])
+    pre_control = dict((a, c) for a, _, c in res.search)[0.0]
+    feasible = [(t, a) for a, t, c in res.search if c >= 0.95 * pre_control]
+    assert res.coefficient == min(feasible)[1]  # lowest target accuracy among the allowed scales
+    with pytest.raises(KeyError):
+        task_negation(editor, evaluate, "zzz")
+
+
+def test_disentanglement_error_properties(setup, tmp_path):
+    base, tvs, data, _ = setup
+    editor = ModelEditor(copy.deepcopy(base), tvs)
+
+    def predict(model, task):
+        return model(data[task]["test"][0], task).argmax(-1)
+
+    grid = disentanglement_error(editor, predict, ("a", "b"), alphas=(-1.0, 0.0, 1.0))
+    assert grid.xi.shape == (3, 3)
+    assert grid.xi[1, 1] == 0  # nothing added: no disagreement
+    assert (grid.xi >= 0).all() and (grid.xi <= 2).all()
+    assert float(grid.xi.max()) > 0  # these non-linear vectors do interfere somewhere
+    png = plot_disentanglement(grid, tmp_path / "xi.png")
+    png2 = plot_cosine_matrix(tvs, tmp_path / "cos.png")
+    assert png.stat().st_size > 1000 and png2.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_learned_coefficients_improve_the_objective(setup):
+    base, tvs, data, evaluate = setup
+    model = copy.deepcopy(base)
+    batches = {t: [data[t]["val"]] for t in "ab"}
+
+    def forward(m, batch, task):
+        return m(batch[0], task)
+
+    coefs = learn_coefficients(model, tvs, batches, forward, granularity="layer", objective="cross_entropy",
+                               labels=lambda b: b[1], steps=30, lr=0.05, init=0.0)
+    assert set(coefs) == {"a", "b"} and all(0.0 <= c <= 1.0 for d in coefs.values() for c in d.values())
+    assert len({round(c, 6) for c in coefs["a"].values()}) >= 2  # per-layer values differ
+    editor = ModelEditor(model, tvs)
+    with editor.edited({"a": 0.0, "b": 0.0}) as m:
+        before = sum(evaluate(m, "val").values())
+    with editor.edited(coefs) as m:
+        after = sum(evaluate(m, "val").values())
+    assert after > before
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), base.state_dict().values()))
