@@ -16,7 +16,8 @@ Accepted keys (mergekit's meaning)::
 
 Not supported (a clear error says so): ``slices`` / layer ranges, parameter gradients
 (lists) and ``filter`` overrides, ``tokenizer_source: union``, ``tokenizer:`` blocks.
-A model listed under ``models`` that equals ``base_model`` is the base (as in mergekit).
+A model listed under ``models`` that equals ``base_model`` is the base (as in mergekit);
+for ``linear`` (which averages whole models) it is averaged with its weight.
 """
 
 from __future__ import annotations
@@ -82,6 +83,9 @@ class MergeConfig:
             raise MergeConfigError(f"unknown config key(s) {unknown}; valid keys: {sorted(TOP_LEVEL)}.")
         if "merge_method" not in data:
             raise MergeConfigError("config needs merge_method (e.g. task_arithmetic, ties, dare_ties).")
+        from .registry import get_merge_method
+
+        method = get_merge_method(str(data["merge_method"]))
         resolve = _resolver(base_dir)
         base = data.get("base_model")
         base = resolve(base) if base is not None else None
@@ -98,8 +102,8 @@ class MergeConfig:
             if extra:
                 raise MergeConfigError(f"models[{i}] has unknown key(s) {extra}; valid: ['model', 'parameters'].")
             model = resolve(entry["model"])
-            if base is not None and model == base:
-                continue  # mergekit lets the base appear among the models
+            if base is not None and model == base and method.needs_base:
+                continue  # the base of a task-vector method is the reference, not an input (as in mergekit)
             p = entry.get("parameters") or {}
             if not isinstance(p, dict):
                 raise MergeConfigError(f"models[{i}].parameters must be a mapping, got {p!r}.")

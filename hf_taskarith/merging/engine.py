@@ -196,7 +196,8 @@ def run_merge(plan: MergePlan, sink: Callable[[str, torch.Tensor], None], *, pro
             params = {k: ([v[i] for i in idx] if plan.method.param_index[k].per_model else v)
                       for k, v in plan.params.items()}
             gen = _generator(plan.seed, job.name) if method.randomized else None
-            merged = method.fn(deltas, params, gen)
+            merged = (method.fn(deltas, params, gen, base=base_c) if method.takes_base
+                      else method.fn(deltas, params, gen))
             del deltas
             out_c = base_c.add_(merged) if merged.shape == base_c.shape else None
             if out_c is None:

@@ -85,6 +85,7 @@ class MergeMethod:
         needs_base: False for methods that average whole models (``linear``): without a
             base model, the first model is the reference point.
         elementwise: True if each output entry depends only on the same entry of the inputs.
+        takes_base: the function also receives the reference tensor as ``base=`` (float32).
     """
 
     name: str
@@ -95,6 +96,7 @@ class MergeMethod:
     randomized: bool = False
     needs_base: bool = True
     elementwise: bool = False
+    takes_base: bool = False
     param_index: dict[str, ParamSpec] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
