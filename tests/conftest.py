@@ -45,7 +45,7 @@ def llama_models():
 
 @pytest.fixture(scope="session")
 def llama_checkpoints(tmp_path_factory, llama_models):
-    """Folders: base (single file), ft1..ft3 (ft3 sharded, bf16 for ft2)."""
+    """Folders: base (single file), ft1, ft2, ft3 (ft3 sharded), all float32."""
     root = tmp_path_factory.mktemp("ckpts")
     base, fts = llama_models
     base.save_pretrained(root / "base")
