@@ -47,6 +47,14 @@ class _LazyTensors(Mapping):
     def __len__(self) -> int:
         return len(self._ckpt)
 
+    def read_into(self, name: str, ws, role: str) -> torch.Tensor:
+        """Read a tensor into a workspace buffer (streaming merges); converts dtype if asked."""
+        from .io.safetensors_file import read_tensor
+
+        info = self._ckpt.info(name)
+        t = read_tensor(info, out=ws.raw(role, info.nbytes))
+        return t if self._dtype is None else t.to(self._dtype)
+
 
 class TaskVector(Mapping):
     """A read-only mapping ``parameter name -> delta tensor`` plus provenance metadata.

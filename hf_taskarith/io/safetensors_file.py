@@ -137,9 +137,14 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
     return ordered, dict(metadata)
 
 
-def read_tensor(info: TensorInfo) -> torch.Tensor:
-    """Read one tensor's bytes from disk into a new CPU tensor (no mmap, no pickle)."""
-    buf = torch.empty(info.nbytes, dtype=torch.uint8)
+def read_tensor(info: TensorInfo, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Read one tensor's bytes from disk into a CPU tensor (no mmap, no pickle).
+
+    Args:
+        out: optional contiguous uint8 buffer of exactly ``info.nbytes`` to read into (see
+            :class:`~hf_taskarith.io.buffers.Workspace`); a new buffer otherwise.
+    """
+    buf = torch.empty(info.nbytes, dtype=torch.uint8) if out is None else out
     if info.nbytes:
         view = memoryview(buf.numpy()).cast("B")
         fd = os.open(info.path, os.O_RDONLY)

@@ -121,7 +121,7 @@ def _merge_into_module(plan: MergePlan, base: torch.nn.Module, *, inplace: bool,
     import copy
 
     out: dict[str, torch.Tensor] = {}
-    report = run_merge(plan, out.__setitem__, progress=progress)
+    report = run_merge(plan, lambda name, t: out.__setitem__(name, t.clone()), progress=progress)
     model = base if inplace else copy.deepcopy(base)
     state = model.state_dict()
     with torch.no_grad():

@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import IncompatibleBaseError, KeyMismatchError, NonFiniteError, ShapeMismatchError, format_names
+from ..io.buffers import Workspace
 from ..io.writer import TensorSpec
 from .registry import MergeMethod
 from .sources import DeltaSource, ModelDelta, TensorSource
@@ -170,56 +171,111 @@ def _finite(t: torch.Tensor) -> bool:
 
 
 def run_merge(plan: MergePlan, sink: Callable[[str, torch.Tensor], None], *, progress: bool = True) -> MergeReport:
-    """Execute a plan, sending each finished output tensor to ``sink(name, tensor)``."""
+    """Execute a plan, sending each finished output tensor to ``sink(name, tensor)``.
+
+    The tensor given to ``sink`` may be a view of a reused buffer: consume it (write it,
+    or copy it) before returning.
+    """
     disable = not progress or os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") in ("1", "true", "TRUE")
     method, report = plan.method, plan.report
+    ws = Workspace()
     for job in tqdm(plan.jobs, desc=f"merging ({method.name})", unit="tensor", disable=disable):
-        base_raw = plan.base.get(job.name)
         if not job.is_float:
-            sink(job.name, base_raw)
+            sink(job.name, plan.base.get(job.name))
             continue
-        base = base_raw.to(torch.float32, copy=not plan.base.fresh)
-        rows = job.common_rows
-        base_c = base[:rows] if rows is not None else base
-        deltas, idx = [], []
-        for i in job.inputs:
-            src = plan.inputs[i]
-            d = src.delta(job.name, base_c) if rows is None else _rows_delta(src, job.name, base_c, rows)
-            if not _finite(d):
-                raise NonFiniteError(
-                    f"input {src.label}: tensor {job.name!r} contains NaN or inf. Fix or re-export that "
-                    "checkpoint; merging it would spread the bad values."
-                )
-            deltas.append(d)
-            idx.append(i)
-        if deltas:
-            params = {k: ([v[i] for i in idx] if plan.method.param_index[k].per_model else v)
-                      for k, v in plan.params.items()}
-            gen = _generator(plan.seed, job.name) if method.randomized else None
-            merged = (method.fn(deltas, params, gen, base=base_c) if method.takes_base
-                      else method.fn(deltas, params, gen))
-            del deltas
-            out_c = base_c.add_(merged) if merged.shape == base_c.shape else None
-            if out_c is None:
-                raise ShapeMismatchError(
-                    f"merge method {method.name!r} returned shape {list(merged.shape)} for {job.name!r}, "
-                    f"expected {list(base_c.shape)}."
-                )
+        if method.coefficients is not None and job.common_rows is None:
+            out = _merge_fused(plan, job, ws)
         else:
-            out_c = base_c
-        if not _finite(out_c):
-            raise NonFiniteError(
-                f"merged tensor {job.name!r} is not finite (method {method.name!r}, params {plan.params}). "
-                "Check the weights and inputs for extreme values."
-            )
-        if rows is not None:
-            extra = plan.vocab_source.get(job.name)[rows:job.out_shape[0]].to(torch.float32)
-            out = torch.cat([out_c, extra], dim=0)
-        else:
-            out = out_c
-        sink(job.name, out.to(job.out_dtype))
+            out = _merge_general(plan, job)
+        sink(job.name, out)
         report.merged += 1
     return report
+
+
+def _bad_input(plan: MergePlan, job: _TensorJob) -> NonFiniteError | None:
+    """Name the input (or base) holding NaN/inf in ``job``'s tensor, if any."""
+    candidates = [(plan.base.label, plan.base.get(job.name))]
+    candidates += [(plan.inputs[i].label, plan.inputs[i].raw(job.name)) for i in job.inputs]
+    for label, t in candidates:
+        if not bool(torch.isfinite(t).all()):
+            return NonFiniteError(f"input {label}: tensor {job.name!r} contains NaN or inf. Fix or re-export that "
+                                  "checkpoint; merging it would spread the bad values.")
+    return None
+
+
+def _merge_fused(plan: MergePlan, job: _TensorJob, ws: Workspace) -> torch.Tensor:
+    """Fixed linear combinations (task arithmetic, linear) in reused float32 buffers.
+
+    ``out = (1 + extra) * base + sum_i c_i * delta_i``, with each model input's delta formed in
+    a reused scratch buffer (``x_i - base``, the same rounding as the general path) and added
+    in place. Each input is read once into a reused byte buffer; no memory is allocated after
+    the first (largest) tensor.
+    """
+    params = {k: ([v[i] for i in job.inputs] if plan.method.param_index[k].per_model else v)
+              for k, v in plan.params.items()}
+    coefs, extra = plan.method.coefficients(params)
+    base = ws.take("base", job.out_shape, torch.float32)
+    base.copy_(plan.base.read(job.name, ws))
+    acc = ws.take("acc", job.out_shape, torch.float32)
+    torch.mul(base, 1.0 + extra, out=acc)
+    scratch = ws.take("scratch", job.out_shape, torch.float32)
+    for c, i in zip(coefs, job.inputs):
+        src = plan.inputs[i]
+        raw = src.read(job.name, ws)
+        if src.is_model:
+            acc.add_(scratch.copy_(raw).sub_(base), alpha=c)
+        else:
+            acc.add_(raw if raw.dtype == torch.float32 else scratch.copy_(raw), alpha=c)
+    if not _finite(acc):
+        raise _bad_input(plan, job) or NonFiniteError(
+            f"merged tensor {job.name!r} is not finite (method {plan.method.name!r}, params {plan.params}). "
+            "Check the weights for extreme values.")
+    if job.out_dtype == torch.float32:
+        return acc
+    return ws.take("out", job.out_shape, job.out_dtype).copy_(acc)
+
+
+def _merge_general(plan: MergePlan, job: _TensorJob) -> torch.Tensor:
+    """Any method: materialize each input's float32 delta, call the method, add to the base."""
+    method = plan.method
+    base_raw = plan.base.get(job.name)
+    base = base_raw.to(torch.float32, copy=not plan.base.fresh)
+    del base_raw
+    rows = job.common_rows
+    base_c = base[:rows] if rows is not None else base
+    deltas = []
+    for i in job.inputs:
+        src = plan.inputs[i]
+        d = src.delta(job.name, base_c) if rows is None else _rows_delta(src, job.name, base_c, rows)
+        if not _finite(d):
+            raise NonFiniteError(
+                f"input {src.label}: tensor {job.name!r} contains NaN or inf. Fix or re-export that "
+                "checkpoint; merging it would spread the bad values."
+            )
+        deltas.append(d)
+    if deltas:
+        params = {k: ([v[i] for i in job.inputs] if method.param_index[k].per_model else v)
+                  for k, v in plan.params.items()}
+        gen = _generator(plan.seed, job.name) if method.randomized else None
+        merged = (method.fn(deltas, params, gen, base=base_c) if method.takes_base
+                  else method.fn(deltas, params, gen))
+        del deltas
+        if merged.shape != base_c.shape:
+            raise ShapeMismatchError(
+                f"merge method {method.name!r} returned shape {list(merged.shape)} for {job.name!r}, "
+                f"expected {list(base_c.shape)}."
+            )
+        base_c.add_(merged)
+        del merged
+    if not _finite(base_c):
+        raise NonFiniteError(
+            f"merged tensor {job.name!r} is not finite (method {method.name!r}, params {plan.params}). "
+            "Check the weights and inputs for extreme values."
+        )
+    if rows is not None:
+        extra = plan.vocab_source.get(job.name)[rows:job.out_shape[0]].to(torch.float32)
+        base = torch.cat([base_c, extra], dim=0)
+    return base.to(job.out_dtype)
 
 
 def _rows_delta(src: DeltaSource, name: str, base_rows: torch.Tensor, rows: int) -> torch.Tensor:

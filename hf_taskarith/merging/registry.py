@@ -86,6 +86,10 @@ class MergeMethod:
             base model, the first model is the reference point.
         elementwise: True if each output entry depends only on the same entry of the inputs.
         takes_base: the function also receives the reference tensor as ``base=`` (float32).
+        coefficients: for methods whose result is a fixed linear combination,
+            ``coefficients(params) -> (c, extra)`` such that the merged delta is
+            ``sum_i c[i] * delta_i + extra * base``. The engine then uses a fused streaming
+            path (no per-input delta tensors). Must agree with ``fn``.
     """
 
     name: str
@@ -97,6 +101,7 @@ class MergeMethod:
     needs_base: bool = True
     elementwise: bool = False
     takes_base: bool = False
+    coefficients: Callable[[dict[str, Any]], tuple[list[float], float]] | None = None
     param_index: dict[str, ParamSpec] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:

@@ -14,8 +14,10 @@ from pathlib import Path
 
 import torch
 
+from ..io.buffers import Workspace
 from ..io.checkpoints import Checkpoint, resolve_checkpoint_path
 from ..io.fingerprint import fingerprint_checkpoint, fingerprint_state_dict
+from ..io.safetensors_file import read_tensor
 from ..state import dedupe_tied, float_state_dict
 from ..task_vector import TaskVector
 
@@ -41,6 +43,10 @@ class TensorSource:
     def get(self, name: str) -> torch.Tensor: ...
     def fingerprint(self) -> str: ...
 
+    def read(self, name: str, ws: Workspace, role: str = "read") -> torch.Tensor:
+        """The raw tensor, possibly a view of ``ws``'s buffer for ``role`` (valid until reused)."""
+        return self.get(name)
+
 
 class CheckpointSource(TensorSource):
     fresh = True
@@ -60,6 +66,10 @@ class CheckpointSource(TensorSource):
 
     def fingerprint(self) -> str:
         return fingerprint_checkpoint(self.ckpt)
+
+    def read(self, name: str, ws: Workspace, role: str = "read") -> torch.Tensor:
+        info = self.ckpt.info(name)
+        return read_tensor(info, out=ws.raw(role, info.nbytes))
 
 
 class StateDictSource(TensorSource):
@@ -93,12 +103,21 @@ class DeltaSource:
     def meta(self, name: str) -> Meta: ...
     def delta(self, name: str, base: torch.Tensor) -> torch.Tensor: ...
     def raw(self, name: str) -> torch.Tensor: ...
+
+    def read(self, name: str, ws: Workspace, role: str = "read") -> torch.Tensor:
+        """The raw tensor (model weights, or stored delta), possibly in ``ws``."""
+        return self.raw(name)
+
+    #: True when :meth:`read` returns model weights (delta = weights - base)
+    is_model: bool = False
     expected_fingerprint: str | None = None
     base_model: str | None = None
 
 
 class ModelDelta(DeltaSource):
     """A fine-tuned model; its delta is ``model - base``."""
+
+    is_model = True
 
     def __init__(self, source: TensorSource):
         super().__init__(source.label)
@@ -112,6 +131,9 @@ class ModelDelta(DeltaSource):
 
     def raw(self, name: str) -> torch.Tensor:
         return self.source.get(name)
+
+    def read(self, name: str, ws: Workspace, role: str = "read") -> torch.Tensor:
+        return self.source.read(name, ws, role)
 
     def delta(self, name: str, base: torch.Tensor) -> torch.Tensor:
         return torch.sub(self.source.get(name), base)  # promotes to float32, one allocation
@@ -138,6 +160,10 @@ class TaskVectorDelta(DeltaSource):
 
     def delta(self, name: str, base: torch.Tensor) -> torch.Tensor:
         return self.tv[name].to(torch.float32, copy=not self.tv.lazy)
+
+    def read(self, name: str, ws: Workspace, role: str = "read") -> torch.Tensor:
+        store = self.tv._deltas
+        return store.read_into(name, ws, role) if hasattr(store, "read_into") else self.tv[name]
 
 
 def open_tensor_source(ref, *, label: str | None = None, revision: str | None = None) -> TensorSource:
