@@ -18,7 +18,23 @@ from .metadata import TaskVectorMetadata
 from .task_vector import TaskVector
 from .version import __version__
 
+_LAZY = {  # imported on first use: they pull in transformers' Trainer, which the merge CLI never needs
+    "LinearizedModel": ("hf_taskarith.linearize", "LinearizedModel"),
+    "LinearizedTrainer": ("hf_taskarith.training", "LinearizedTrainer"),
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'hf_taskarith' has no attribute {name!r}")
+
+
 __all__ = [
+    "LinearizedModel", "LinearizedTrainer",
     "TaskVector", "TaskVectorMetadata", "check_compatibility", "ApplyReport", "merge", "merge_from_config", "MergeConfig",
     "get_merge_method", "list_merge_methods", "register_merge_method", "compress",
     "push_task_vector", "pull_task_vector", "list_task_vector_versions",

@@ -1,0 +1,209 @@
+"""Training-step time and peak memory of LinearizedModel against two baselines.
+
+Variants (each a full step: forward, loss, backward, AdamW step, zero_grad):
+
+* ``ordinary``: ordinary fine-tuning of the same model (the speed we compare against).
+* ``naive``: the usual tangent-space wrapper (Ortiz-Jimenez et al. 2023): trainable ``theta``
+  and frozen ``theta0``; each step forms ``theta - theta0`` and calls ``torch.func.jvp`` over
+  ``functional_call``, with attention on SDPA's math backend.
+* ``ours``: :class:`hf_taskarith.linearize.LinearizedModel` (``engine="dual"``).
+* ``ours_jvp``: ``LinearizedModel(engine="jvp")``, torch.func.jvp with our parameterization
+  (shown for reference).
+
+Times are medians over interleaved rounds (variants alternate within each round, so load
+from other processes hits all of them alike). On a busy shared machine use
+``--threads 1 --clock cpu``: process CPU time is far less sensitive to other processes. Peak memory is each variant's peak resident
+set size in a fresh subprocess, minus the size after imports.
+
+Usage::
+
+    python benchmarks/linearized_step.py                 # MiniLM-sized BERT, batch 16 x 64
+    python benchmarks/linearized_step.py --rounds 9 --batch 32 --seq 64 --attn sdpa
+    python benchmarks/linearized_step.py --threads 1 --clock cpu   # shared / noisy machine
+
+Prints one line per variant and the three ratios the linearized fine-tuning issue asks for
+(ours/naive time, ours/ordinary time, ours/ordinary peak memory), then a JSON summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+VARIANTS = ("ordinary", "naive", "ours", "ours_jvp")
+
+
+def build_model(attn: str):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536,
+                     vocab_size=30522, num_labels=4, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                     attn_implementation=attn)
+    return BertForSequenceClassification(cfg).eval()
+
+
+class NaiveLinearized(torch.nn.Module):
+    """The common reference wrapper: theta trainable, theta0 frozen, jvp along theta - theta0."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        names = [n for n, _ in model.named_parameters()]
+        self.names = names
+        self.params = torch.nn.ParameterList([torch.nn.Parameter(p.detach().clone()) for _, p in model.named_parameters()])
+        for i, (_, p) in enumerate(model.named_parameters()):
+            self.register_buffer(f"theta0_{i}", p.detach().clone())
+        model.requires_grad_(False)
+
+    def forward(self, **inputs):
+        from torch.func import functional_call, jvp
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        theta0 = tuple(getattr(self, f"theta0_{i}") for i in range(len(self.names)))
+        dparams = tuple(p - p0 for p, p0 in zip(self.params, theta0))
+
+        def f(*params):
+            return functional_call(self.model, dict(zip(self.names, params)), (), inputs).logits
+
+        with sdpa_kernel(SDPBackend.MATH):
+            out, out_t = jvp(f, theta0, dparams)
+        return out + out_t
+
+
+def make_step(variant: str, attn: str):
+    """Returns (step_fn, model) for one variant; the step takes a batch dict."""
+    model = build_model(attn)
+    if variant == "ordinary":
+        net = model
+
+        def logits(batch):
+            return net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    elif variant == "naive":
+        net = NaiveLinearized(model)
+
+        def logits(batch):
+            return net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    else:
+        from hf_taskarith.linearize import LinearizedModel
+
+        net = LinearizedModel(model, engine="dual" if variant == "ours" else "jvp", copy_model=False)
+
+        def logits(batch):
+            return net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-5)
+
+    def step(batch):
+        loss = F.cross_entropy(logits(batch), batch["labels"])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    return step, net
+
+
+def make_batch(batch: int, seq: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {"input_ids": torch.randint(1000, 30000, (batch, seq), generator=g),
+            "attention_mask": torch.ones(batch, seq, dtype=torch.long),
+            "labels": torch.randint(0, 4, (batch,), generator=g)}
+
+
+def time_variants(args) -> dict[str, list[float]]:
+    batch = make_batch(args.batch, args.seq)
+    steps = {}
+    for v in VARIANTS:
+        steps[v] = make_step(v, args.attn)[0]
+        steps[v](batch)  # warm-up (allocations, first-call overheads)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    for r in range(args.rounds):
+        order = VARIANTS if r % 2 == 0 else tuple(reversed(VARIANTS))
+        for v in order:
+            t0 = clock()
+            steps[v](batch)
+            times[v].append(clock() - t0)
+    return times
+
+
+def _status_mib(key: str) -> float:
+    """``VmRSS`` / ``VmHWM`` (peak RSS of this process image; unlike ru_maxrss it is not
+    inherited across exec) from /proc/self/status, in MiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{key} not in /proc/self/status (Linux only)")
+
+
+def peak_memory_child(variant: str, args) -> None:
+    """Runs in a subprocess: prints the peak RSS growth (MiB) over 3 steps of one variant."""
+    import transformers  # noqa: F401  (count import memory in the baseline)
+
+    import hf_taskarith.linearize  # noqa: F401
+
+    base = _status_mib("VmRSS")
+    batch = make_batch(args.batch, args.seq)
+    step, _ = make_step(variant, args.attn)
+    for _ in range(3):
+        step(batch)
+    peak = _status_mib("VmHWM")
+    print(json.dumps({"variant": variant, "peak_mib": peak - base}))
+
+
+def peak_memory(variant: str, args) -> float:
+    cmd = [sys.executable, __file__, "--child-memory", variant, "--batch", str(args.batch), "--seq", str(args.seq),
+           "--attn", args.attn] + (["--threads", str(args.threads)] if args.threads else [])
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ}).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak_mib"]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--attn", choices=["sdpa", "eager"], default="sdpa")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="cpu: process CPU time, robust on a shared machine (use with --threads 1)")
+    p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--child-memory", choices=VARIANTS, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)  # AdamW moments of rarely used embedding rows get tiny
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if args.child_memory:
+        peak_memory_child(args.child_memory, args)
+        return
+
+    times = time_variants(args)
+    med = {v: statistics.median(ts) for v, ts in times.items()}
+    for v in VARIANTS:
+        print(f"{v:9s} step median {med[v] * 1000:8.1f} ms  (rounds: {', '.join(f'{t * 1000:.0f}' for t in times[v])})")
+    mem = {} if args.no_memory else {v: peak_memory(v, args) for v in ("ordinary", "naive", "ours")}
+    for v, m in mem.items():
+        print(f"{v:9s} peak RSS growth {m:8.1f} MiB")
+    ratios = {"ours/naive time": med["ours"] / med["naive"], "ours/ordinary time": med["ours"] / med["ordinary"],
+              "ours_jvp/naive time": med["ours_jvp"] / med["naive"]}
+    if mem:
+        ratios["ours/ordinary peak memory"] = mem["ours"] / mem["ordinary"]
+        ratios["naive/ordinary peak memory"] = mem["naive"] / mem["ordinary"]
+    for k, v in ratios.items():
+        print(f"{k:28s} {v:.2f}x")
+    print(json.dumps({"config": vars(args) | {"torch_threads": torch.get_num_threads()},
+                      "median_s": med, "peak_mib": mem, "ratios": ratios}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,5 @@
+"""Training in the tangent space: :class:`LinearizedTrainer`."""
+
+from .trainer import LinearizedTrainer
+
+__all__ = ["LinearizedTrainer"]

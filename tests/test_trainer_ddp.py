@@ -1,0 +1,84 @@
+"""LinearizedTrainer under DDP: two gloo CPU processes launched with ``accelerate launch``.
+
+(``--multi_gpu`` is accelerate's name for its torch.distributed launcher; without GPUs the
+processes run on CPU and ``ddp_backend="gloo"`` picks the gloo backend.)
+
+One SGD step on a global batch of 8 (4 per rank) must equal a single-process step on all 8
+examples, and both ranks must end with identical deltas. The worker is this file's
+``__main__`` block.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+N, LR = 8, 0.1
+
+
+def _model_and_data():
+    from datasets import Dataset
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64, vocab_size=64,
+        num_labels=2)).eval()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 64, (N, 8), generator=g)
+    ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist(),
+                            "labels": (torch.arange(N) % 2).tolist()})
+    return model, ds
+
+
+def worker(out_dir: str) -> None:
+    from transformers import TrainingArguments
+
+    from hf_taskarith.training import LinearizedTrainer
+
+    model, ds = _model_and_data()
+    args = TrainingArguments(output_dir=out_dir, per_device_train_batch_size=N // 2, max_steps=1, optim="sgd",
+                             learning_rate=LR, lr_scheduler_type="constant", weight_decay=0.0,
+                             max_grad_norm=0.0, save_strategy="no", report_to=[], use_cpu=True,
+                             disable_tqdm=True, ddp_backend="gloo", dataloader_num_workers=0)
+    trainer = LinearizedTrainer(model=model, args=args, train_dataset=ds)
+    trainer.train()
+    rank = trainer.args.process_index
+    deltas = {k: v.detach() for k, v in trainer.linearized_model.deltas().items()}
+    torch.save({"deltas": deltas, "world_size": trainer.args.world_size,
+                "wrapped": type(trainer.model_wrapped).__name__}, Path(out_dir) / f"rank{rank}.pt")
+
+
+@pytest.mark.slow
+def test_ddp_two_gloo_processes_match_single_process(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
+           __file__, str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{i}.pt") for i in (0, 1))
+    assert r0["world_size"] == 2 and r0["wrapped"] == "DistributedDataParallel", json.dumps(
+        {k: r0[k] for k in ("world_size", "wrapped")})
+    for name, d in r0["deltas"].items():
+        torch.testing.assert_close(r1["deltas"][name], d, rtol=0, atol=0, msg=name)
+
+    from hf_taskarith.linearize import LinearizedModel
+
+    model, ds = _model_and_data()
+    lin = LinearizedModel(model)
+    lin(**{k: torch.tensor(ds[k]) for k in ("input_ids", "attention_mask", "labels")}).loss.backward()
+    for name, d in r0["deltas"].items():
+        assert d.abs().sum() > 0, name
+        torch.testing.assert_close(d, -LR * lin.deltas()[name].grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
+if __name__ == "__main__":
+    worker(sys.argv[1])
