@@ -1,0 +1,183 @@
+"""Large files, git-lfs style: pointer files in the git tree, contents in ``.git/lfs/objects``.
+
+Layout (what git-lfs and olah read): the object with sha256 ``oid`` lives at
+``<repo>/.git/lfs/objects/<oid[0:2]>/<oid[2:4]>/<oid>`` and the tree holds the pointer::
+
+    version https://git-lfs.github.com/spec/v1
+    oid sha256:<oid>
+    size <bytes>
+
+Uploads follow the LFS batch API (basic transfer, which ``huggingface_hub`` uses without
+``hf_xet``): ``POST <repo>.git/info/lfs/objects/batch`` answers a signed PUT URL per missing
+object; the PUT streams into ``.git/lfs/tmp``, checks sha256 and size, and only then renames the
+file into place, so a dropped connection or a wrong hash leaves no object behind. Objects are
+immutable and content-addressed, so concurrent uploads of the same oid are harmless.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+from urllib.parse import urlencode
+
+from .errors import HubHTTPError
+from .limits import TruncatedBody
+from .messages import JSONResponse, Request
+from .names import URL_PREFIXES, validate_oid, validate_size
+
+logger = logging.getLogger(__name__)
+
+POINTER_VERSION = "https://git-lfs.github.com/spec/v1"
+_POINTER = re.compile(rb"version https://git-lfs\.github\.com/spec/v1\noid sha256:([0-9a-f]{64})\nsize (\d+)\n")
+#: pointers are ~130 bytes; blobs larger than this are never pointers
+MAX_POINTER_BYTES = 200
+LFS_CONTENT_TYPE = "application/vnd.git-lfs+json"
+MAX_BATCH_OBJECTS = 1000
+
+
+def format_pointer(oid: str, size: int) -> bytes:
+    return f"version {POINTER_VERSION}\noid sha256:{oid}\nsize {size}\n".encode()
+
+
+def parse_pointer(data: bytes) -> tuple[str, int] | None:
+    """``(oid, size)`` if ``data`` is exactly a git-lfs pointer, else ``None``."""
+    if len(data) > MAX_POINTER_BYTES:
+        return None
+    m = _POINTER.fullmatch(data)
+    return (m.group(1).decode(), int(m.group(2))) if m else None
+
+
+class LfsStore:
+    """The LFS objects of one repository."""
+
+    def __init__(self, git_dir: Path) -> None:
+        self.objects = Path(git_dir) / "lfs" / "objects"
+        self.tmp = Path(git_dir) / "lfs" / "tmp"
+
+    def path(self, oid: str) -> Path:
+        return self.objects / oid[0:2] / oid[2:4] / oid
+
+    def size(self, oid: str) -> int | None:
+        """Size of a stored object, or ``None`` if it is not stored."""
+        try:
+            return self.path(oid).stat().st_size
+        except FileNotFoundError:
+            return None
+
+    def has(self, oid: str, size: int | None = None) -> bool:
+        stored = self.size(oid)
+        return stored is not None and (size is None or stored == size)
+
+    def receive(self, oid: str, size: int, chunks) -> None:
+        """Store an object from an iterator of byte chunks, atomically.
+
+        Raises:
+            HubHTTPError: 400 if the bytes do not hash to ``oid`` or do not add up to ``size``.
+            TruncatedBody: the client disconnected; nothing was stored.
+        """
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f"{oid[:16]}-", suffix=".part", dir=self.tmp)
+        tmp = Path(tmp_name)
+        try:
+            digest = hashlib.sha256()
+            received = 0
+            with os.fdopen(fd, "wb") as f:
+                for chunk in chunks:
+                    received += len(chunk)
+                    if received > size:
+                        raise HubHTTPError(400, f"LFS upload of {oid} sent more than the announced {size} bytes.")
+                    digest.update(chunk)
+                    f.write(chunk)
+                f.flush()
+                os.fsync(f.fileno())
+            if received != size:
+                raise HubHTTPError(400, f"LFS upload of {oid}: received {received} bytes, expected {size}.")
+            if digest.hexdigest() != oid:
+                raise HubHTTPError(400, f"LFS upload does not match its oid: expected sha256 {oid}, "
+                                        f"got {digest.hexdigest()} (file changed during the upload?).")
+            final = self.path(oid)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, final)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+# -- endpoints ------------------------------------------------------------------------------
+
+def batch(req: Request) -> JSONResponse:
+    """``POST /<repo>.git/info/lfs/objects/batch``: upload instructions per object."""
+    server = req.server
+    repo = server.store.open_visible(req.params["repo_type"], req.params["repo_id"], req.caller)
+    server.auth.require_write(req.caller)
+    data = req.json()
+    if not isinstance(data, dict) or data.get("operation") != "upload":
+        raise HubHTTPError(400, "This LFS endpoint only accepts operation='upload'; download files through "
+                                "/<repo>/resolve/<revision>/<path>.")
+    transfers = data.get("transfers") or ["basic"]
+    if "basic" not in transfers:
+        raise HubHTTPError(400, f"Only the 'basic' LFS transfer is supported, the client offered {transfers}. "
+                                "With hf_xet installed, set HF_HUB_DISABLE_XET=1.")
+    objects = data.get("objects")
+    if not isinstance(objects, list) or len(objects) > MAX_BATCH_OBJECTS:
+        raise HubHTTPError(400, f"'objects' must be a list of at most {MAX_BATCH_OBJECTS} {{oid, size}} items.")
+    base = req.base_url()
+    prefix = URL_PREFIXES[repo.repo_type]
+    limit = server.config.max_upload_bytes
+    answers = []
+    for obj in objects:
+        if not isinstance(obj, dict):
+            raise HubHTTPError(400, "Each LFS batch object must be {oid, size}.")
+        oid, size = validate_oid(obj.get("oid")), validate_size(obj.get("size"), what="LFS size")
+        if size > limit:
+            answers.append({"oid": oid, "size": size, "error": {
+                "code": 413, "message": f"{size} bytes exceeds this server's LFS limit of {limit} bytes "
+                                        "(raise it with --max-upload-size)."}})
+            continue
+        if repo.lfs.has(oid, size):
+            answers.append({"oid": oid, "size": size, "authenticated": True})  # no actions: already there
+            continue
+        signed = server.auth.sign_upload(repo.key, oid, size, server.config.upload_url_ttl_s)
+        obj_url = f"{base}/{prefix}{repo.repo_id}.git/info/lfs/objects"
+        answers.append({"oid": oid, "size": size, "authenticated": True, "actions": {
+            "upload": {"href": f"{obj_url}/{oid}?{urlencode(signed)}", "expires_in": server.config.upload_url_ttl_s},
+            "verify": {"href": f"{obj_url}/verify", "expires_in": server.config.upload_url_ttl_s},
+        }})
+    return JSONResponse(body={"transfer": "basic", "objects": answers, "hash_algo": "sha256"},
+                        content_type=LFS_CONTENT_TYPE)
+
+
+def upload(req: Request) -> JSONResponse:
+    """``PUT /<repo>.git/info/lfs/objects/<oid>?size&expires&sig``: the bytes of one object."""
+    server = req.server
+    repo = server.store.open(req.params["repo_type"], req.params["repo_id"])  # the signature is the credential
+    oid = validate_oid(req.params["oid"])
+    size = server.auth.verify_upload(repo.key, oid, req.query)
+    reader = req.body_reader(server.config.max_upload_bytes)
+    if reader.length is not None and reader.length != size:
+        raise HubHTTPError(400, f"LFS upload of {oid}: Content-Length {reader.length} differs from the "
+                                f"announced size {size}.")
+    try:
+        repo.lfs.receive(oid, size, reader)
+    except TruncatedBody as e:
+        logger.warning("%s: interrupted LFS upload of %s discarded (%s)", repo.repo_id, oid, e)
+        raise
+    logger.info("%s: stored LFS object %s (%d bytes)", repo.repo_id, oid, size)
+    return JSONResponse(body={})
+
+
+def verify(req: Request) -> JSONResponse:
+    """``POST /<repo>.git/info/lfs/objects/verify``: is the object stored with that size?"""
+    server = req.server
+    repo = server.store.open_visible(req.params["repo_type"], req.params["repo_id"], req.caller)
+    server.auth.require_write(req.caller)
+    data = req.json()
+    if not isinstance(data, dict):
+        raise HubHTTPError(400, "Expected {oid, size}.")
+    oid, size = validate_oid(data.get("oid")), validate_size(data.get("size"), what="LFS size")
+    if not repo.lfs.has(oid, size):
+        raise HubHTTPError(404, f"LFS object {oid} ({size} bytes) was not uploaded to {repo.repo_id}.")
+    return JSONResponse(body={"oid": oid, "size": size}, content_type=LFS_CONTENT_TYPE)
