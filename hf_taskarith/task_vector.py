@@ -47,13 +47,25 @@ class _LazyTensors(Mapping):
     def __len__(self) -> int:
         return len(self._ckpt)
 
-    def read_into(self, name: str, ws, role: str) -> torch.Tensor:
-        """Read a tensor into a workspace buffer (streaming merges); converts dtype if asked."""
-        from .io.safetensors_file import read_tensor
+    def open_range(self, name: str):
+        """A range reader of one stored delta (streaming merges); converts dtype if asked."""
+        from .io.safetensors_file import RangeReader
 
-        info = self._ckpt.info(name)
-        t = read_tensor(info, out=ws.raw(role, info.nbytes))
-        return t if self._dtype is None else t.to(self._dtype)
+        reader = RangeReader(self._ckpt.info(name))
+        return reader if self._dtype is None else _ConvertedRange(reader, self._dtype)
+
+
+class _ConvertedRange:
+    """A range reader whose ranges are converted to ``dtype`` (as ``_LazyTensors`` converts whole tensors)."""
+
+    def __init__(self, reader, dtype: torch.dtype):
+        self._reader, self.dtype, self.numel = reader, dtype, reader.numel
+
+    def read(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+        return self._reader.read(start, stop, out).to(self.dtype)
+
+    def close(self) -> None:
+        self._reader.close()
 
 
 class TaskVector(Mapping):

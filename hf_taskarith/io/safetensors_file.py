@@ -1,7 +1,8 @@
 """Reading single safetensors files tensor by tensor, without mmap.
 
 The reader parses the header once, validates every entry against the file size, and
-reads one tensor at a time with ``os.pread`` into a fresh buffer. Unlike ``safe_open``
+reads one tensor at a time with ``os.pread`` into a fresh buffer (:func:`read_tensor`), or
+any flat range of one into a buffer the caller reuses (:class:`RangeReader`). Unlike ``safe_open``
 (which memory-maps the file), pages read here are not kept mapped by the process, so the
 resident memory of a streaming merge stays at "the tensors in flight" rather than growing
 with every file touched.
@@ -137,30 +138,69 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
     return ordered, dict(metadata)
 
 
-def read_tensor(info: TensorInfo, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Read one tensor's bytes from disk into a CPU tensor (no mmap, no pickle).
+def _pread_into(fd: int, view: memoryview, offset: int, info: TensorInfo) -> None:
+    got = 0
+    while got < len(view):
+        n = os.preadv(fd, [view[got:]], offset + got)
+        if n <= 0:
+            raise CorruptCheckpointError(
+                f"{info.path}: tensor {info.name!r} could not be read in full (got {got} of "
+                f"{len(view)} bytes at offset {offset}); the file changed or is truncated."
+            )
+        got += n
 
-    Args:
-        out: optional contiguous uint8 buffer of exactly ``info.nbytes`` to read into (see
-            :class:`~hf_taskarith.io.buffers.Workspace`); a new buffer otherwise.
-    """
-    buf = torch.empty(info.nbytes, dtype=torch.uint8) if out is None else out
+
+def read_tensor(info: TensorInfo) -> torch.Tensor:
+    """Read one tensor's bytes from disk into a new CPU tensor (no mmap, no pickle)."""
+    buf = torch.empty(info.nbytes, dtype=torch.uint8)
     if info.nbytes:
-        view = memoryview(buf.numpy()).cast("B")
         fd = os.open(info.path, os.O_RDONLY)
         try:
-            got = 0
-            while got < info.nbytes:
-                n = os.preadv(fd, [view[got:]], info.start + got)
-                if n <= 0:
-                    raise CorruptCheckpointError(
-                        f"{info.path}: tensor {info.name!r} could not be read in full "
-                        f"({got} of {info.nbytes} bytes); the file changed or is truncated."
-                    )
-                got += n
+            _pread_into(fd, memoryview(buf.numpy()).cast("B"), info.start, info)
         finally:
             os.close(fd)
     return buf.view(info.dtype).reshape(info.shape)
+
+
+class RangeReader:
+    """Reads any flat range of one stored tensor's elements, with positional reads.
+
+    Keeps the file open until :meth:`close`; :meth:`read` may be called from several
+    threads at once (``os.preadv`` has no shared file position, and releases the GIL).
+
+    Example:
+        >>> with RangeReader(ckpt.info("model.embed_tokens.weight")) as r:
+        ...     first_rows = r.read(0, 4096, torch.empty(8192, dtype=torch.uint8))
+    """
+
+    def __init__(self, info: TensorInfo):
+        self.info = info
+        self.numel = info.numel
+        self.dtype = info.dtype
+        self._item = torch.empty((), dtype=info.dtype).element_size()
+        self._fd: int | None = os.open(info.path, os.O_RDONLY)
+
+    def read(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+        """Elements ``start:stop`` (flat), read into the uint8 buffer ``out`` (at least
+        ``(stop - start) * itemsize`` bytes); returns a 1-D view of it in the stored dtype."""
+        nbytes = (stop - start) * self._item
+        buf = out[:nbytes]
+        if nbytes:
+            if self._fd is None:
+                raise ValueError(f"RangeReader for {self.info.name!r} is closed.")
+            _pread_into(self._fd, memoryview(buf.numpy()).cast("B"), self.info.start + start * self._item, self.info)
+        return buf.view(self.dtype)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> RangeReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def read_elements(info: TensorInfo, flat_indices: list[int]) -> torch.Tensor:

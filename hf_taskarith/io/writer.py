@@ -1,10 +1,11 @@
 """Streaming, sharded safetensors writing, and all-or-nothing output folders.
 
 Because every output tensor's name, shape and dtype is known before any is computed, the
-writer lays out each shard's header up front and then streams tensor bytes straight to
-disk as they are produced. Memory stays at one tensor, not one shard. Files are written in
-the standard safetensors layout (readable by ``safetensors.safe_open`` and transformers),
-with a ``*.safetensors.index.json`` when there is more than one shard.
+writer lays out each shard's header up front and then writes tensor bytes straight to their
+place on disk as they are produced: a whole tensor, or a tensor piece by piece from several
+threads (:class:`RangeWriter`). Memory stays at one tensor (or one piece), not one shard.
+Files are written in the standard safetensors layout (readable by ``safetensors.safe_open``
+and transformers), with a ``*.safetensors.index.json`` when there is more than one shard.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import re
 import shutil
 import struct
 import tempfile
+import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,46 +66,90 @@ class TensorSpec:
 
 
 class _Shard:
+    """One output file: its header written up front, tensor bytes written at their offsets."""
+
     def __init__(self, path: Path, specs: list[TensorSpec], metadata: Mapping[str, str]):
         self.path = path
         self.specs = {s.name: s for s in specs}
         header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+        self.offsets: dict[str, int] = {}
         offset = 0
         for s in specs:
             if s.dtype not in DTYPE_CODES:
                 raise MergeConfigError(f"cannot write tensor {s.name!r} of dtype {s.dtype}.")
             header[s.name] = {"dtype": DTYPE_CODES[s.dtype], "shape": list(s.shape),
                               "data_offsets": [offset, offset + s.nbytes]}
+            self.offsets[s.name] = offset
             offset += s.nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
+        self.data_start = 8 + len(raw)
         self.order = [s.name for s in specs]
         self.next = 0
-        self.file = open(path, "wb")
-        self.file.write(struct.pack("<Q", len(raw)))
-        self.file.write(raw)
+        self.fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        _pwrite_all(self.fd, struct.pack("<Q", len(raw)) + raw, 0)
+        os.ftruncate(self.fd, self.data_start + offset)  # full size now: ranges may land in any order
 
-    def write(self, name: str, tensor: torch.Tensor) -> bool:
-        """Write the next tensor; returns True when the shard is complete (and closed)."""
+    def check(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> TensorSpec:
         spec = self.specs[name]
         if self.order[self.next] != name:
             raise RuntimeError(f"tensor {name!r} written out of order; expected {self.order[self.next]!r}.")
-        if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
-            raise RuntimeError(
-                f"tensor {name!r}: planned {list(spec.shape)} {spec.dtype}, got "
-                f"{list(tensor.shape)} {tensor.dtype}."
-            )
-        t = tensor.detach().to("cpu").contiguous()
-        if t.numel():
-            self.file.write(memoryview(t.view(-1).view(torch.uint8).numpy()))
+        if tuple(shape) != spec.shape or dtype != spec.dtype:
+            raise RuntimeError(f"tensor {name!r}: planned {list(spec.shape)} {spec.dtype}, "
+                               f"got {list(shape)} {dtype}.")
+        return spec
+
+    def write_at(self, name: str, byte_offset: int, data: torch.Tensor) -> None:
+        """Write ``data``'s bytes at ``byte_offset`` within tensor ``name`` (thread-safe)."""
+        if data.numel():
+            flat = data.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+            _pwrite_all(self.fd, memoryview(flat.numpy()), self.data_start + self.offsets[name] + byte_offset)
+
+    def done(self, name: str) -> bool:
+        """Mark the next planned tensor complete; True when the shard is complete (and closed)."""
         self.next += 1
         if self.next == len(self.order):
-            self.file.close()
+            self.close()
             return True
         return False
 
     def close(self) -> None:
-        self.file.close()
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    view = memoryview(data).cast("B")
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)
+
+
+class RangeWriter:
+    """Writes one planned tensor in pieces, by flat element range, in any order and from any
+    thread; :meth:`close` checks every byte arrived. Get one from :meth:`ShardedWriter.open_range`."""
+
+    def __init__(self, writer: ShardedWriter, shard: _Shard, spec: TensorSpec):
+        self._writer, self._shard, self.spec = writer, shard, spec
+        self._item = torch.empty((), dtype=spec.dtype).element_size()
+        self._written = 0
+        self._lock = threading.Lock()
+
+    def write(self, start: int, block: torch.Tensor) -> None:
+        """Write ``block`` (1-D, the planned dtype) as elements ``start:start + len(block)``."""
+        if block.dtype != self.spec.dtype or start < 0 or (start + block.numel()) * self._item > self.spec.nbytes:
+            raise RuntimeError(f"tensor {self.spec.name!r}: cannot write {block.numel()} {block.dtype} elements at "
+                               f"{start}; planned {list(self.spec.shape)} {self.spec.dtype}.")
+        self._shard.write_at(self.spec.name, start * self._item, block)
+        with self._lock:
+            self._written += block.numel() * self._item
+
+    def close(self) -> None:
+        """Finish the tensor (every element must have been written exactly once)."""
+        if self._written != self.spec.nbytes:
+            raise RuntimeError(f"tensor {self.spec.name!r}: {self._written} of {self.spec.nbytes} bytes written.")
+        self._writer._tensor_done(self.spec.name)
 
 
 class ShardedWriter:
@@ -119,9 +165,11 @@ class ShardedWriter:
         metadata: ``__metadata__`` string pairs stored in every shard.
 
     Example:
-        >>> specs = [TensorSpec("w", (2, 2), torch.float32)]
+        >>> specs = [TensorSpec("w", (2, 2), torch.float32), TensorSpec("b", (4,), torch.float32)]
         >>> with ShardedWriter(folder, specs) as w:
         ...     w.write("w", torch.zeros(2, 2))
+        ...     out = w.open_range("b")      # or piece by piece, in any order
+        ...     out.write(2, torch.ones(2)); out.write(0, torch.zeros(2)); out.close()
     """
 
     def __init__(self, folder: str | os.PathLike, specs: list[TensorSpec], *, prefix: str = "model",
@@ -152,16 +200,32 @@ class ShardedWriter:
             _Shard(self.folder / names[0], [], self._metadata).close()
             self._done.add(names[0])
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def _shard(self, name: str) -> _Shard:
         fname = self.weight_map.get(name)
         if fname is None:
             raise RuntimeError(f"tensor {name!r} was not planned for writing.")
         shard = self._open.get(fname)
         if shard is None:
             shard = self._open[fname] = _Shard(self.folder / fname, self._groups[fname], self._metadata)
-        if shard.write(name, tensor):
+        return shard
+
+    def _tensor_done(self, name: str) -> None:
+        fname = self.weight_map[name]
+        if self._open[fname].done(name):
             del self._open[fname]
             self._done.add(fname)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write the next planned tensor, whole."""
+        shard = self._shard(name)
+        shard.check(name, tuple(tensor.shape), tensor.dtype)
+        shard.write_at(name, 0, tensor)
+        self._tensor_done(name)
+
+    def open_range(self, name: str) -> RangeWriter:
+        """Write the next planned tensor in pieces (see :class:`RangeWriter`)."""
+        shard = self._shard(name)
+        return RangeWriter(self, shard, shard.check(name, shard.specs[name].shape, shard.specs[name].dtype))
 
     def finish(self) -> None:
         """Check every planned tensor was written, and write the index for multi-shard output."""

@@ -111,7 +111,7 @@ def merge(base: Any, models: Sequence[Any], *, method: str = "task_arithmetic",
     with atomic_output_dir(output_dir, overwrite=overwrite) as tmp:
         with ShardedWriter(tmp, plan.specs(), prefix="model", max_shard_size=max_shard_size,
                            metadata={"format": "pt"}) as writer:
-            report = run_merge(plan, writer.write, progress=progress)
+            report = run_merge(plan, writer.write, progress=progress, open_output=writer.open_range)
         write_side_files(tmp, plan, report, dtype=out_dtype, seed=seed, config_yaml=config_yaml)
     _log_report(report)
     return Path(output_dir)
@@ -121,7 +121,7 @@ def _merge_into_module(plan: MergePlan, base: torch.nn.Module, *, inplace: bool,
     import copy
 
     out: dict[str, torch.Tensor] = {}
-    report = run_merge(plan, lambda name, t: out.__setitem__(name, t.clone()), progress=progress)
+    report = run_merge(plan, out.__setitem__, progress=progress)
     model = base if inplace else copy.deepcopy(base)
     state = model.state_dict()
     with torch.no_grad():

@@ -3,8 +3,17 @@
 For each tensor of the base: read the base tensor and the matching tensor of every input,
 form float32 deltas, call the merge method, add the result to the base, check it is finite,
 convert to the output dtype, and hand it to a sink (a streaming safetensors writer, or a
-dict for in-memory merges). Peak memory is about one tensor per input plus the method's
-working set; whole models are never loaded.
+dict for in-memory merges). Whole models are never loaded.
+
+Two paths, same results bit for bit:
+
+- block by block (:mod:`.blockwise`), for methods that are elementwise or become so after
+  a whole-tensor prepare pass (task_arithmetic, linear, ties, magnitude_prune): inputs are
+  read by range, float32 exists only in cache-sized blocks on a few worker threads, and each
+  output block is written to its place in the output file. Peak memory is a few blocks per
+  thread, whatever the tensor size.
+- whole tensors, for the rest (randomized, outlier-dropping and SVD-based methods) and for
+  vocabulary-aligned rows: one float32 delta per input plus the method's working set.
 """
 
 from __future__ import annotations
@@ -20,8 +29,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import IncompatibleBaseError, KeyMismatchError, NonFiniteError, ShapeMismatchError, format_names
-from ..io.buffers import Workspace
 from ..io.writer import TensorSpec
+from .blockwise import BlockKernel, BlockRunner, DeltaBlocks, RangeSink, finite, kernel_for, merge_blocks
 from .registry import MergeMethod
 from .sources import DeltaSource, ModelDelta, TensorSource
 from .vocab import VocabAlignment, is_vocab_tensor, rows_differ_only
@@ -165,74 +174,80 @@ def _generator(seed: int, name: str) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
 
 
-def _finite(t: torch.Tensor) -> bool:
-    # a sum is one fast pass; NaN/inf propagate into it (an overflow is re-checked exactly)
-    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+#: the finiteness check applied to every merged tensor (and block)
+_finite = finite
 
 
-def run_merge(plan: MergePlan, sink: Callable[[str, torch.Tensor], None], *, progress: bool = True) -> MergeReport:
+def run_merge(plan: MergePlan, sink: Callable[[str, torch.Tensor], None], *, progress: bool = True,
+              open_output: Callable[[str], RangeSink] | None = None, workers: int | None = None) -> MergeReport:
     """Execute a plan, sending each finished output tensor to ``sink(name, tensor)``.
 
-    The tensor given to ``sink`` may be a view of a reused buffer: consume it (write it,
-    or copy it) before returning.
+    Args:
+        plan: from :func:`plan_merge`.
+        sink: receives whole output tensors, in plan order.
+        progress: show a progress bar over tensors.
+        open_output: for tensors merged block by block, ``open_output(name)`` gives a
+            :class:`~.blockwise.RangeSink` that receives the blocks instead of ``sink``
+            (:meth:`~hf_taskarith.io.writer.ShardedWriter.open_range`): no output tensor is
+            ever held whole. Default: blocks are gathered into a tensor for ``sink``.
+        workers: threads for block work (default: torch's thread count, at most the CPUs and 8).
     """
     disable = not progress or os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") in ("1", "true", "TRUE")
     method, report = plan.method, plan.report
-    ws = Workspace()
-    for job in tqdm(plan.jobs, desc=f"merging ({method.name})", unit="tensor", disable=disable):
-        if not job.is_float:
-            sink(job.name, plan.base.get(job.name))
-            continue
-        if method.coefficients is not None and job.common_rows is None:
-            out = _merge_fused(plan, job, ws)
-        else:
-            out = _merge_general(plan, job)
-        sink(job.name, out)
-        report.merged += 1
+    with BlockRunner(workers) as runner:
+        for job in tqdm(plan.jobs, desc=f"merging ({method.name})", unit="tensor", disable=disable):
+            if not job.is_float:
+                sink(job.name, plan.base.get(job.name))
+                continue
+            kernel = kernel_for(method, _job_params(plan, job)) if job.common_rows is None else None
+            if kernel is None:
+                sink(job.name, _merge_general(plan, job))
+            elif open_output is not None:
+                out = open_output(job.name)
+                _merge_blockwise(plan, job, kernel, out, runner)
+                out.close()
+            else:
+                tensor = torch.empty(job.out_shape, dtype=job.out_dtype)
+                _merge_blockwise(plan, job, kernel, _IntoTensor(tensor), runner)
+                sink(job.name, tensor)
+            report.merged += 1
     return report
 
 
-def _bad_input(plan: MergePlan, job: _TensorJob) -> NonFiniteError | None:
-    """Name the input (or base) holding NaN/inf in ``job``'s tensor, if any."""
-    candidates = [(plan.base.label, plan.base.get(job.name))]
-    candidates += [(plan.inputs[i].label, plan.inputs[i].raw(job.name)) for i in job.inputs]
-    for label, t in candidates:
-        if not bool(torch.isfinite(t).all()):
-            return NonFiniteError(f"input {label}: tensor {job.name!r} contains NaN or inf. Fix or re-export that "
-                                  "checkpoint; merging it would spread the bad values.")
-    return None
+def _job_params(plan: MergePlan, job: _TensorJob) -> dict[str, Any]:
+    """The method's parameters for one tensor: per-model ones for its contributing inputs only."""
+    return {k: ([v[i] for i in job.inputs] if plan.method.param_index[k].per_model else v)
+            for k, v in plan.params.items()}
 
 
-def _merge_fused(plan: MergePlan, job: _TensorJob, ws: Workspace) -> torch.Tensor:
-    """Fixed linear combinations (task arithmetic, linear) in reused float32 buffers.
+def _merge_blockwise(plan: MergePlan, job: _TensorJob, kernel: BlockKernel, out: RangeSink,
+                     runner: BlockRunner) -> None:
+    """One tensor, block by block (see :mod:`.blockwise`): inputs are read by range as stored,
+    float32 exists only block by block, the result goes to ``out`` block by block."""
+    srcs = [plan.inputs[i] for i in job.inputs]
+    readers = [plan.base.open_range(job.name)]
+    try:
+        readers += [src.open_range(job.name) for src in srcs]
+        deltas = DeltaBlocks(job.name, readers[0], readers[1:], is_model=[src.is_model for src in srcs],
+                             labels=[src.label for src in srcs], runner=runner)
+        merge_blocks(deltas, kernel, out, out_dtype=job.out_dtype, runner=runner, is_finite=_finite,
+                     what=f"method {plan.method.name!r}, params {plan.params}")
+    finally:
+        for reader in readers:
+            reader.close()
 
-    ``out = (1 + extra) * base + sum_i c_i * delta_i``, with each model input's delta formed in
-    a reused scratch buffer (``x_i - base``, the same rounding as the general path) and added
-    in place. Each input is read once into a reused byte buffer; no memory is allocated after
-    the first (largest) tensor.
-    """
-    params = {k: ([v[i] for i in job.inputs] if plan.method.param_index[k].per_model else v)
-              for k, v in plan.params.items()}
-    coefs, extra = plan.method.coefficients(params)
-    base = ws.take("base", job.out_shape, torch.float32)
-    base.copy_(plan.base.read(job.name, ws))
-    acc = ws.take("acc", job.out_shape, torch.float32)
-    torch.mul(base, 1.0 + extra, out=acc)
-    scratch = ws.take("scratch", job.out_shape, torch.float32)
-    for c, i in zip(coefs, job.inputs):
-        src = plan.inputs[i]
-        raw = src.read(job.name, ws)
-        if src.is_model:
-            acc.add_(scratch.copy_(raw).sub_(base), alpha=c)
-        else:
-            acc.add_(raw if raw.dtype == torch.float32 else scratch.copy_(raw), alpha=c)
-    if not _finite(acc):
-        raise _bad_input(plan, job) or NonFiniteError(
-            f"merged tensor {job.name!r} is not finite (method {plan.method.name!r}, params {plan.params}). "
-            "Check the weights for extreme values.")
-    if job.out_dtype == torch.float32:
-        return acc
-    return ws.take("out", job.out_shape, job.out_dtype).copy_(acc)
+
+class _IntoTensor:
+    """A :class:`~.blockwise.RangeSink` filling a tensor in memory."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self._flat = tensor.view(-1)
+
+    def write(self, start: int, block: torch.Tensor) -> None:
+        self._flat[start:start + block.numel()].copy_(block)
+
+    def close(self) -> None:
+        pass
 
 
 def _merge_general(plan: MergePlan, job: _TensorJob) -> torch.Tensor:
@@ -254,8 +269,7 @@ def _merge_general(plan: MergePlan, job: _TensorJob) -> torch.Tensor:
             )
         deltas.append(d)
     if deltas:
-        params = {k: ([v[i] for i in job.inputs] if method.param_index[k].per_model else v)
-                  for k, v in plan.params.items()}
+        params = _job_params(plan, job)
         gen = _generator(plan.seed, job.name) if method.randomized else None
         merged = (method.fn(deltas, params, gen, base=base_c) if method.takes_base
                   else method.fn(deltas, params, gen))

@@ -86,10 +86,11 @@ class MergeMethod:
             base model, the first model is the reference point.
         elementwise: True if each output entry depends only on the same entry of the inputs.
         takes_base: the function also receives the reference tensor as ``base=`` (float32).
-        coefficients: for methods whose result is a fixed linear combination,
-            ``coefficients(params) -> (c, extra)`` such that the merged delta is
-            ``sum_i c[i] * delta_i + extra * base``. The engine then uses a fused streaming
-            path (no per-input delta tensors). Must agree with ``fn``.
+        block_kernel: for methods that are not elementwise but can be evaluated block by
+            block after looking at each whole tensor (TIES trimming): ``block_kernel(params)``
+            returns a :class:`~hf_taskarith.merging.blockwise.BlockKernel` that must agree
+            with ``fn`` exactly, or ``None`` where it does not apply. Elementwise methods need
+            none: their ``fn`` is run on blocks.
     """
 
     name: str
@@ -101,7 +102,7 @@ class MergeMethod:
     needs_base: bool = True
     elementwise: bool = False
     takes_base: bool = False
-    coefficients: Callable[[dict[str, Any]], tuple[list[float], float]] | None = None
+    block_kernel: Callable[[dict[str, Any]], Any] | None = None
     param_index: dict[str, ParamSpec] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:

@@ -14,10 +14,9 @@ from pathlib import Path
 
 import torch
 
-from ..io.buffers import Workspace
 from ..io.checkpoints import Checkpoint, resolve_checkpoint_path
 from ..io.fingerprint import fingerprint_checkpoint, fingerprint_state_dict
-from ..io.safetensors_file import read_tensor
+from ..io.safetensors_file import RangeReader
 from ..state import dedupe_tied, float_state_dict
 from ..task_vector import TaskVector
 
@@ -26,6 +25,21 @@ from ..task_vector import TaskVector
 class Meta:
     shape: tuple[int, ...]
     dtype: torch.dtype
+
+
+class MemoryRange:
+    """The :class:`~hf_taskarith.io.safetensors_file.RangeReader` interface over a tensor in
+    memory: ranges are views, nothing is copied."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self._flat = tensor.detach().reshape(-1)
+        self.numel, self.dtype = self._flat.numel(), self._flat.dtype
+
+    def read(self, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        return self._flat[start:stop]
+
+    def close(self) -> None:
+        pass
 
 
 class TensorSource:
@@ -43,9 +57,9 @@ class TensorSource:
     def get(self, name: str) -> torch.Tensor: ...
     def fingerprint(self) -> str: ...
 
-    def read(self, name: str, ws: Workspace, role: str = "read") -> torch.Tensor:
-        """The raw tensor, possibly a view of ``ws``'s buffer for ``role`` (valid until reused)."""
-        return self.get(name)
+    def open_range(self, name: str) -> RangeReader | MemoryRange:
+        """A reader of any flat range of the stored tensor (see :mod:`..blockwise`); close it after use."""
+        return MemoryRange(self.get(name))
 
 
 class CheckpointSource(TensorSource):
@@ -67,9 +81,8 @@ class CheckpointSource(TensorSource):
     def fingerprint(self) -> str:
         return fingerprint_checkpoint(self.ckpt)
 
-    def read(self, name: str, ws: Workspace, role: str = "read") -> torch.Tensor:
-        info = self.ckpt.info(name)
-        return read_tensor(info, out=ws.raw(role, info.nbytes))
+    def open_range(self, name: str) -> RangeReader:
+        return RangeReader(self.ckpt.info(name))
 
 
 class StateDictSource(TensorSource):
@@ -104,11 +117,11 @@ class DeltaSource:
     def delta(self, name: str, base: torch.Tensor) -> torch.Tensor: ...
     def raw(self, name: str) -> torch.Tensor: ...
 
-    def read(self, name: str, ws: Workspace, role: str = "read") -> torch.Tensor:
-        """The raw tensor (model weights, or stored delta), possibly in ``ws``."""
-        return self.raw(name)
+    def open_range(self, name: str) -> RangeReader | MemoryRange:
+        """A range reader of the raw tensor (model weights, or stored delta); close it after use."""
+        return MemoryRange(self.raw(name))
 
-    #: True when :meth:`read` returns model weights (delta = weights - base)
+    #: True when the raw tensor is model weights (delta = weights - base), not a stored delta
     is_model: bool = False
     expected_fingerprint: str | None = None
     base_model: str | None = None
@@ -132,8 +145,8 @@ class ModelDelta(DeltaSource):
     def raw(self, name: str) -> torch.Tensor:
         return self.source.get(name)
 
-    def read(self, name: str, ws: Workspace, role: str = "read") -> torch.Tensor:
-        return self.source.read(name, ws, role)
+    def open_range(self, name: str) -> RangeReader | MemoryRange:
+        return self.source.open_range(name)
 
     def delta(self, name: str, base: torch.Tensor) -> torch.Tensor:
         return torch.sub(self.source.get(name), base)  # promotes to float32, one allocation
@@ -161,9 +174,11 @@ class TaskVectorDelta(DeltaSource):
     def delta(self, name: str, base: torch.Tensor) -> torch.Tensor:
         return self.tv[name].to(torch.float32, copy=not self.tv.lazy)
 
-    def read(self, name: str, ws: Workspace, role: str = "read") -> torch.Tensor:
+    def open_range(self, name: str) -> RangeReader | MemoryRange:
         store = self.tv._deltas
-        return store.read_into(name, ws, role) if hasattr(store, "read_into") else self.tv[name]
+        if hasattr(store, "open_range"):  # stored on disk: read by range
+            return store.open_range(name)
+        return MemoryRange(self.tv[name])  # in memory, or decoded whole (compressed)
 
 
 def open_tensor_source(ref, *, label: str | None = None, revision: str | None = None) -> TensorSource:

@@ -6,8 +6,8 @@ as DARE and DELLA prescribe). Randomized ones take an explicit ``torch.Generator
 Differences from mergekit 0.1.5, on purpose:
 - ``magnitude`` keeps *exactly* ``k = max(1, int(density * n))`` entries, breaking ties
   between equal magnitudes by position (lowest index first), so results do not depend on
-  the sort algorithm. Selection is linear-time (a radix select on the float bits for large
-  tensors, ``kthvalue`` for small ones), never a full sort.
+  the sort algorithm. Selection is linear-time (:func:`top_k_rules`: a sampled bracket, one
+  counting pass, ``kthvalue`` on the few scores inside the bracket), never a full sort.
 - ``magnitude_outliers`` (breadcrumbs) keeps at least one entry for any positive density,
   so tensors with fewer than ``1 / gamma`` (100 at the default) elements are never wiped
   out; mergekit versions before 0.1.5 zeroed such tensors.
@@ -15,10 +15,16 @@ Differences from mergekit 0.1.5, on purpose:
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 
 
-def _count(n: int, density: float) -> int:
+def kept_count(n: int, density: float) -> int:
+    """How many of ``n`` entries a ``density`` keeps: ``max(1, int(density * n))`` (0 if ``n`` is 0)."""
     return max(1, int(density * n)) if n else 0
 
 
@@ -34,29 +40,130 @@ def _top_k_small(flat: torch.Tensor, k: int) -> torch.Tensor:
     return mask
 
 
-_RADIX_MIN = 1 << 20
+@dataclass(frozen=True)
+class TopKRule:
+    """The entries an exact top-k selection keeps: every score above ``threshold``, and the
+    scores equal to it whose flat index is below ``tie_end`` (ties go lowest index first).
 
-
-def _top_k_radix(flat: torch.Tensor, k: int) -> torch.Tensor:
-    """Exact top-k mask of non-negative float32 values by a radix select on their bit patterns.
-
-    For non-negative IEEE floats the int32 bit pattern orders like the value, so a histogram
-    of the top 16 bits finds the bucket holding the k-th largest in one pass; only that
-    bucket is resolved exactly (with :func:`_top_k_small`). About 4 passes over the data
-    instead of a quickselect, and the same result, ties included.
+    Found by :func:`top_k_rules`; applied to any block of the scores with :meth:`mask`.
     """
-    bits = flat.view(torch.int32)
-    hi = bits >> 16
-    counts = torch.bincount(hi, minlength=1 << 15)
-    at_least = counts.flip(0).cumsum(0).flip(0)  # at_least[b] = #entries with hi >= b
-    bucket = int((at_least >= k).nonzero().max())
-    mask = hi > bucket
-    need = k - int(torch.count_nonzero(mask))
-    if need > 0:
-        candidates = (hi == bucket).nonzero().reshape(-1)
-        low = (bits[candidates] & 0xFFFF).to(torch.float32)  # exact: < 2**16
-        mask[candidates[_top_k_small(low, need)]] = True
-    return mask
+
+    threshold: float
+    tie_end: int
+
+    def mask(self, scores: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Boolean mask of the kept entries of ``scores``, a block starting at flat index ``start``."""
+        flat = scores.reshape(-1)
+        stop = start + flat.numel()
+        if self.tie_end >= stop:
+            return (flat >= self.threshold).reshape(scores.shape)
+        mask = flat > self.threshold
+        if self.tie_end > start:
+            head = self.tie_end - start
+            mask[:head] |= flat[:head] == self.threshold
+        return mask.reshape(scores.shape)
+
+    def keep(self, scores: torch.Tensor, start: int, out: torch.Tensor) -> torch.Tensor:
+        """:meth:`mask` of a 1-D block as floats (1.0 kept, 0.0 dropped), written to ``out``."""
+        stop = start + scores.numel()
+        if self.tie_end >= stop:  # ties in this block are kept
+            return torch.ge(scores, self.threshold, out=out)
+        if self.tie_end <= start:
+            return torch.gt(scores, self.threshold, out=out)
+        head = self.tie_end - start
+        torch.ge(scores[:head], self.threshold, out=out[:head])
+        torch.gt(scores[head:], self.threshold, out=out[head:])
+        return out
+
+
+def _brackets(n: int, ks: list[int], sample: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Per row, scores ``lo <= hi`` that very likely enclose the k-th largest, from a sample
+    of each row's scores ``(rows, m)``."""
+    m = sample.shape[1]
+    values = sample.sort(dim=1).values
+    lo, hi = [], []
+    for r, k in enumerate(ks):
+        below = (n - k) / n  # fraction of scores under the k-th largest
+        # 12 standard errors of a sample quantile: samples may come in correlated runs
+        spread = 12.0 * math.sqrt(below * (1.0 - below) / m) + 2.0 / m
+        lo_rank, hi_rank = math.floor((below - spread) * m), math.ceil((below + spread) * m)
+        lo.append(float(values[r, lo_rank]) if lo_rank >= 0 else -math.inf)
+        hi.append(float(values[r, hi_rank]) if hi_rank < m else math.inf)
+    return lo, hi
+
+
+def _scan_block(start: int, block: torch.Tensor, work: torch.Tensor | None, lo: torch.Tensor, hi: torch.Tensor
+                ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Per row of a block of scores: how many exceed ``hi``, and the (values, flat indices)
+    of those in ``[lo, hi]``. Comparisons write float masks (much faster than bool ones)."""
+    if work is None:
+        work = torch.empty((2,) + tuple(block.shape), dtype=block.dtype)
+    above = torch.gt(block, hi, out=work[0])
+    counts = above.sum(dim=1).to(torch.int64)  # exact per block (< 2**24); summed as integers
+    inside = torch.ge(block, lo, out=work[1]).sub_(above)  # lo <= x <= hi
+    found = []
+    for row, mask in zip(block, inside):
+        where = mask.nonzero().reshape(-1)
+        found.append((row.index_select(0, where), where.add_(start)))
+    return counts, found
+
+
+def top_k_rules(n: int, ks: list[int], *, sample: torch.Tensor | None,
+                scan: Callable[[Callable[[int, torch.Tensor, torch.Tensor | None], Any]], list[Any]]
+                ) -> list[TopKRule]:
+    """Exact top-k selections over rows of ``n`` finite scores seen only block by block.
+
+    Args:
+        n: scores per row.
+        ks: per row, how many to keep (``0 < k < n``).
+        sample: some of each row's scores, ``(rows, m)``, to bracket the k-th largest; ``None``
+            to scan without a bracket (fine for small ``n``).
+        scan: ``scan(fn)`` calls ``fn(start, scores[:, start:stop], work)`` on blocks covering
+            all scores (in any order, on any thread) and returns the results in block order;
+            ``work`` is ``None`` or a float32 scratch buffer of shape ``(2, *scores.shape)``.
+            It is called once, or again when the sample misleads.
+
+    Returns:
+        Per row, the rule selecting exactly ``k`` scores: the largest, ties broken lowest
+        index first.
+
+    Note:
+        The sample brackets each k-th largest score; one pass counts the scores above the
+        bracket and collects the few (several %) inside it, and ``kthvalue`` on those
+        finishes exactly. Linear time, a small fraction of a sort. The sample only steers the
+        speed: a row whose bracket misses is redone with an open bracket. NaN scores are not
+        supported (:func:`top_k_mask` handles them).
+    """
+    rows = len(ks)
+    lo, hi = _brackets(n, ks, sample) if sample is not None else ([-math.inf] * rows, [math.inf] * rows)
+    while True:
+        lo_t, hi_t = torch.tensor(lo).unsqueeze(1), torch.tensor(hi).unsqueeze(1)
+        results = scan(lambda start, block, work: _scan_block(start, block, work, lo_t, hi_t))
+        above = torch.stack([counts for counts, _ in results]).sum(dim=0).tolist() if results else [0] * rows
+        values = [torch.cat([found[r][0] for _, found in results]) for r in range(rows)]
+        index = [torch.cat([found[r][1] for _, found in results]) for r in range(rows)]
+        del results
+        needs = [k - a for k, a in zip(ks, above)]
+        retry = False
+        for r in range(rows):
+            if needs[r] <= 0:  # more than k above the bracket: the k-th largest is above hi
+                lo[r], hi[r], retry = hi[r], math.inf, True
+            elif needs[r] > values[r].numel():  # fewer than k at or above lo: it is below lo
+                lo[r], hi[r], retry = -math.inf, lo[r], True
+        if not retry:
+            break
+    rules = []
+    for r in range(rows):
+        vals, idx = values[r], index[r]  # in flat-index order
+        threshold = torch.kthvalue(vals, vals.numel() - needs[r] + 1).values
+        ties_needed = needs[r] - int(torch.count_nonzero(vals > threshold))
+        tie_end = int(idx[vals == threshold][ties_needed - 1]) + 1
+        rules.append(TopKRule(float(threshold), tie_end))
+    return rules
+
+
+#: a sample this large brackets the k-th largest of a big tensor; smaller tensors use ``kthvalue``
+_SAMPLE = 1 << 14
 
 
 def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -67,10 +174,16 @@ def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
         return torch.ones_like(scores, dtype=torch.bool)
     if k <= 0:
         return torch.zeros_like(scores, dtype=torch.bool)
-    use_radix = (n >= _RADIX_MIN and flat.dtype == torch.float32 and flat.is_contiguous()
-                 and bool(flat.min() >= 0) and bool(torch.isfinite(flat.max())))
-    mask = _top_k_radix(flat, k) if use_radix else _top_k_small(flat, k)
-    return mask.reshape(scores.shape)
+    finite = bool(torch.isfinite(flat.sum())) or bool(torch.isfinite(flat).all())
+    if n <= 8 * _SAMPLE or not finite:
+        return _top_k_small(flat, k).reshape(scores.shape)  # small, or NaN/inf (kthvalue orders those)
+    block = 1 << 16
+    stride = n // _SAMPLE
+    gen = torch.Generator().manual_seed(0)  # fixed: the sample only steers the speed
+    index = torch.arange(_SAMPLE) * stride + torch.randint(stride, (_SAMPLE,), generator=gen)
+    (rule,) = top_k_rules(n, [k], sample=flat.index_select(0, index).unsqueeze(0),
+                          scan=lambda fn: [fn(s, flat[s:s + block].unsqueeze(0), None) for s in range(0, n, block)])
+    return rule.mask(flat).reshape(scores.shape)
 
 
 def rescale_l1(delta: torch.Tensor, kept: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
@@ -85,14 +198,14 @@ def magnitude(delta: torch.Tensor, density: float, *, rescale: bool = False,
               generator: torch.Generator | None = None, inplace: bool = False) -> torch.Tensor:
     """Keep the ``density`` fraction of entries with the largest magnitude (TIES trimming).
 
-    With ``inplace=True`` (and no rescale) ``delta`` itself is zeroed where dropped and
+    With ``inplace=True`` (and no rescale) ``delta`` itself is multiplied by the mask and
     returned, saving a full-size copy; the merge pipeline does this with deltas it owns.
     """
     if density >= 1:
         return delta
-    mask = top_k_mask(delta.abs(), _count(delta.numel(), density))
+    mask = top_k_mask(delta.abs(), kept_count(delta.numel(), density))
     if not rescale:
-        return delta.masked_fill_(~mask, 0.0) if inplace else delta * mask
+        return delta.mul_(mask) if inplace else delta * mask
     return rescale_l1(delta, delta * mask)
 
 
@@ -113,7 +226,7 @@ def magnitude_outliers(delta: torch.Tensor, density: float, *, gamma: float = 0.
     if density >= 1:
         return delta
     n = delta.numel()
-    keep = _count(n, density)
+    keep = kept_count(n, density)
     n_top = min(int(gamma * n), n - keep)  # shrink outlier removal to keep the target density
     scores = delta.abs().reshape(-1)
     outliers = top_k_mask(scores, n_top).reshape(-1)

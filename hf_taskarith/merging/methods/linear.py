@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from ..blockwise import ElementwiseKernel
 from ..registry import MergeMethod, ParamSpec, register_merge_method, weight_param
 
 
@@ -29,19 +30,10 @@ def linear_merge(deltas: list[torch.Tensor], p: dict[str, Any], gen: torch.Gener
     return merged.add_(base, alpha=total - 1.0)
 
 
-def linear_coefficients(p: dict[str, Any]) -> tuple[list[float], float]:
-    weights = p["weight"]
-    total = float(sum(weights))
-    if p["normalize"]:
-        norm = total if abs(total) >= 1e-8 else 1.0
-        return [w / norm for w in weights], 0.0
-    return list(weights), total - 1.0
-
-
 register_merge_method(MergeMethod(
     name="linear", fn=linear_merge,
     params=(weight_param(), ParamSpec("normalize", True, kind=bool, help="divide by the sum of weights")),
     description="Weighted average of the models' weights (normalized by the sum of weights).",
     reference="https://arxiv.org/abs/2203.05482", needs_base=False, elementwise=True, takes_base=True,
-    coefficients=linear_coefficients,
+    block_kernel=lambda p: ElementwiseKernel(linear_merge, p, takes_base=True, linear=True),
 ))
