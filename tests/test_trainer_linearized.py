@@ -144,3 +144,88 @@ def test_custom_loss_and_frozen_head_through_linearize_kwargs(tmp_path):
     assert not tv["head.weight"].any() and tv["body.0.weight"].any()
     with pytest.raises(TypeError, match="already a LinearizedModel"):
         LinearizedTrainer(model=trainer.linearized_model, linearize_kwargs={"engine": "jvp"})
+
+
+def test_nonlinear_mode_is_ordinary_fine_tuning_with_the_same_code(tmp_path):
+    model = tiny_bert()
+    original = copy.deepcopy(model)
+    trainer = LinearizedTrainer(model=model, mode="nonlinear", train_dataset=pair_dataset(8),
+                                args=args(tmp_path, max_steps=2, per_device_train_batch_size=4))
+    trainer.train()
+    trained = trainer.trained_model
+    assert not isinstance(trained, LinearizedModel) and trained is not model
+    for name, p in model.named_parameters():  # the user's model is untouched, as in linear mode
+        torch.testing.assert_close(p, original.get_parameter(name), rtol=0, atol=0)
+    tv = trainer.task_vector()
+    reference = TaskVector.from_models(original, trained)
+    assert list(tv) == list(reference) == list(float_state_dict(original))
+    for name in tv:
+        torch.testing.assert_close(tv[name], reference[name], msg=name)
+    assert tv.norm() > 0 and tv.metadata.created_with == "fine-tuning"
+    assert tv.metadata.base_fingerprint == reference.metadata.base_fingerprint
+    assert tv.metadata.extra["training"]["linearized"] is False
+    trainer.save_model()
+    assert TaskVector.is_task_vector_folder(tmp_path / "out" / "task_vector")
+    with pytest.raises(ValueError, match="nonlinear"):
+        trainer.linearized_model
+    with pytest.raises(TypeError, match="LinearizedModel"):
+        LinearizedTrainer(model=LinearizedModel(original), mode="nonlinear")
+    with pytest.raises(ValueError, match="mode"):
+        LinearizedTrainer(model=original, mode="tangent")
+
+
+def test_training_details_model_card_and_push_to_hub(tmp_path, monkeypatch):
+    trainer = LinearizedTrainer(model=tiny_bert(), train_dataset=pair_dataset(4), args=args(
+        tmp_path, max_steps=1, per_device_train_batch_size=2, gradient_accumulation_steps=2, learning_rate=1e-3,
+        seed=3, hub_model_id="me/linear-bert"))
+    trainer.train()
+    training = trainer.task_vector().metadata.extra["training"]
+    assert training["learning_rate"] == 1e-3 and training["global_step"] == 1 and training["seed"] == 3
+    assert training["linearized"] is True and training["mode"] == "linear"
+    assert training["per_device_train_batch_size"] == 2 and training["total_train_batch_size"] == 4
+    assert "train_loss" in trainer.task_vector().metadata.extra["metrics"]
+
+    calls = []
+
+    def fake_push(self, repo_id, **kwargs):
+        calls.append((self, repo_id, kwargs))
+        return "pushed"
+
+    monkeypatch.setattr(TaskVector, "push_to_hub", fake_push)
+    assert trainer.push_to_hub(tag="v1", revision="dev", commit_message="first", dataset="pairs") == "pushed"
+    (tv, repo_id, kwargs), = calls
+    assert repo_id == "me/linear-bert"
+    assert kwargs["tag"] == "v1" and kwargs["branch"] == "dev" and kwargs["commit_message"] == "first"
+    assert tv.metadata.created_with == "linearized" and tv.metadata.extra["training"]["dataset"] == "pairs"
+    assert tv.metadata.extra["training"]["learning_rate"] == 1e-3
+    assert TaskVector.is_task_vector_folder(tmp_path / "out" / "task_vector")  # saved locally, like Trainer
+    with pytest.raises(TypeError, match="unsupported"):
+        trainer.push_to_hub(blocking=True, frobnicate=1)
+
+    trainer.create_model_card(dataset="pairs")
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "linearized" in card and "learning_rate" in card and "train_loss" in card
+
+
+def test_partial_linearization_checkpoints_and_resumes_both_kinds(tmp_path):
+    import safetensors.torch
+
+    model = tiny_bert()
+    ds = pair_dataset(8)
+    kw = {"linearize": r"encoder\.layer\.1\.", "rest": "train"}
+    trainer = LinearizedTrainer(model=model, train_dataset=ds, linearize_kwargs=kw, args=args(
+        tmp_path, max_steps=2, per_device_train_batch_size=4, save_strategy="steps", save_steps=2))
+    trainer.train()
+    lin = trainer.linearized_model
+    ckpt = tmp_path / "out" / "checkpoint-2"
+    saved = safetensors.torch.load_file(ckpt / "model.safetensors")
+    assert sorted(saved) == sorted([f"delta.{n}" for n in lin.trainable_names]
+                                   + [f"nonlinear.{n}" for n in lin.nonlinear_names])
+    tv = TaskVector.from_pretrained(ckpt / "task_vector")
+    assert tv["bert.embeddings.word_embeddings.weight"].any()  # trained non-linearly, in the vector
+    assert tv.metadata.extra["linearization"]["rest"] == "train"
+
+    fresh = LinearizedTrainer(model=model, train_dataset=ds, linearize_kwargs=kw, args=args(tmp_path / "b"))
+    fresh._load_from_checkpoint(str(ckpt))
+    for name, p in lin.named_parameters():
+        torch.testing.assert_close(fresh.linearized_model.get_parameter(name), p, rtol=0, atol=0, msg=name)

@@ -149,13 +149,28 @@ def _is_none(x: Any) -> bool:
     return x is None
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
 def add_tangent(output: Any, tangent: Any) -> Any:
-    """``output + tangent`` leaf by leaf (floating-point tensors with a tangent only)."""
+    """``output + tangent`` leaf by leaf (floating-point tensors with a tangent only).
+
+    Half-precision leaves (``float16``/``bfloat16``, e.g. under autocast) are summed and
+    returned in float32: the tangent term is typically orders of magnitude smaller than
+    ``f(x; theta0)``, and a half-precision sum (8 or 11 mantissa bits) would round most of it
+    away.
+    """
     leaves, spec = pytree.tree_flatten(output, is_leaf=_is_none)
     t_leaves = pytree.tree_flatten(tangent, is_leaf=_is_none)[0]
     if len(t_leaves) != len(leaves):
         raise ValueError(f"tangent output has {len(t_leaves)} leaves, the output {len(leaves)}; "
                          "their structures differ.")
-    out = [p + t if isinstance(p, torch.Tensor) and isinstance(t, torch.Tensor) and p.is_floating_point() else p
+    out = [_add(p, t) if isinstance(p, torch.Tensor) and isinstance(t, torch.Tensor) and p.is_floating_point() else p
            for p, t in zip(leaves, t_leaves)]
     return pytree.tree_unflatten(out, spec)
+
+
+def _add(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    if p.dtype in _HALF or t.dtype in _HALF:
+        return p.float() + t.float()
+    return p + t

@@ -11,7 +11,9 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
-from collections.abc import Callable, Mapping
+import os
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -23,6 +25,10 @@ from ..state import float_state_dict
 from .attention import make_attention_jvp_safe
 from .functional import ENGINES, Engine, add_tangent, linearized_call
 from .losses import get_linearized_loss, infer_loss_type
+from .persistence import (
+    TaskVectors, auto_class_name, check_bases, load_base_model, recorded_spec, scaled_pairs,
+)
+from .selection import RESTS, ParameterSelector, Rest, select_parameters, selector_record
 
 if TYPE_CHECKING:
     from ..task_vector import TaskVector
@@ -34,7 +40,7 @@ LossFn = Callable[..., torch.Tensor]
 
 
 class _DeltaTree(nn.Module):
-    """Holds ``delta`` parameters at the wrapped model's own dotted names (``delta.<name>``)."""
+    """Holds parameters at the wrapped model's own dotted names (``delta.<name>``, ``nonlinear.<name>``)."""
 
     def add(self, name: str, value: torch.Tensor) -> nn.Parameter:
         *path, attr = name.split(".")
@@ -66,15 +72,20 @@ class LinearizedModel(nn.Module):
     """A model linearized around its pre-trained weights: ``f(x; theta0) + J f(x; theta0) delta``.
 
     ``theta0`` is held as buffers (the wrapped model's parameters, turned into buffers) and
-    ``delta = theta - theta0`` as the only parameters, named ``delta.<original name>``, so any
-    optimizer, ``Trainer``, DDP or FSDP trains ``delta`` alone. One forward pass evaluates the
-    model at ``theta0`` and the Jacobian-vector product along ``delta`` (forward-mode AD).
+    ``delta = theta - theta0`` as parameters named ``delta.<original name>``, so any optimizer,
+    ``Trainer`` or DDP trains ``delta`` alone (FSDP and DeepSpeed are untested). One forward
+    pass evaluates the model at ``theta0`` and the Jacobian-vector product along ``delta``
+    (forward-mode AD).
 
     * The wrapped model stays in ``eval()`` mode: dropout is off at the linearization point
       whatever ``train()``/``eval()`` is called on the wrapper.
     * Attention is made jvp-safe automatically (:mod:`~hf_taskarith.linearize.attention`).
     * Parameters with ``requires_grad=False`` at wrap time (e.g. a frozen zero-shot head)
       are held constant: they get no ``delta``.
+    * Partial linearization: ``linearize=`` picks which trainable parameters get a ``delta``
+      (:mod:`~hf_taskarith.linearize.selection`); the others are held constant
+      (``rest="frozen"``) or trained normally, non-linearly, as parameters named
+      ``nonlinear.<original name>`` (``rest="train"``).
     * The forward returns the wrapped model's output type; every floating-point output
       (logits, hidden states, embeddings) is linearized. With ``labels``, ``loss`` is computed
       from the linearized logits by the model's own loss function (see
@@ -85,24 +96,34 @@ class LinearizedModel(nn.Module):
             config and attention handled).
         engine: ``"dual"`` (default; dual tensors with hand-written rules for linear layers and
             attention) or ``"jvp"`` (``torch.func.jvp``, the plain reference).
+        linearize: which trainable parameters are linearized: ``None`` (all), a regex or list
+            of regexes searched in parameter names, or ``(name, tensor) -> bool``.
+        rest: what the trainable parameters ``linearize`` leaves out do: ``"frozen"`` (held at
+            ``theta0``) or ``"train"`` (ordinary parameters, entering the model non-linearly).
         copy_model: wrap a deep copy (default), leaving ``model`` untouched so a task vector
             can later be applied to it. ``False`` takes ``model`` over (its parameters become
             buffers) and saves one copy of the weights.
         loss_type: a registered loss type (``"ForCausalLM"``, ``"ForSequenceClassification"``,
             ...) overriding the one inferred from the model class.
         loss_fn: ``loss_fn(outputs, labels, num_items_in_batch=None)`` for other models.
-        base_model, base_revision: recorded in task vectors; default to the model config's
-            ``_name_or_path`` and ``_commit_hash``.
+        base_model, base_revision: recorded in task vectors (and used by :meth:`from_pretrained`
+            to reload the base); default to the model config's ``_name_or_path`` and
+            ``_commit_hash``.
 
     Raises:
-        ValueError: unknown ``engine``, or the model has no trainable floating-point parameter.
+        ValueError: unknown ``engine`` or ``rest``; the model has no parameters, no
+            floating-point parameters (quantized weights: dequantize first) or no trainable
+            ones; a ``linearize`` pattern matches nothing.
 
     Note:
         Cost: a training step does ~5 matmuls per linear layer against 3 for ordinary
         fine-tuning (measured 1.85x an ordinary step with AdamW on a MiniLM-sized BERT, CPU;
         see ``benchmarks/linearized_step.py`` and docs/linearized.md); peak memory 1.47x;
-        ``theta0`` and ``delta`` together hold two copies of the weights. Generation
-        (``generate``) is not supported; call :meth:`task_vector` and apply it instead.
+        ``theta0`` and ``delta`` together hold two copies of the weights (so do ``theta0`` and
+        the ``nonlinear`` parameters). Half-precision bases keep ``delta`` in float32 and
+        return linearized outputs in float32, so the small tangent term is not rounded away
+        (see docs/linearized.md). Generation (``generate``) is not supported; call
+        :meth:`task_vector` and apply it instead.
 
     Example:
         >>> lin = LinearizedModel(AutoModelForSequenceClassification.from_pretrained(path))
@@ -110,17 +131,23 @@ class LinearizedModel(nn.Module):
         >>> out.loss.backward(); optimizer.step()
         >>> tv = lin.task_vector()                                      # names = model's names
         >>> tv.apply_to(original_model)
+        >>> LinearizedModel(model, linearize=r"attention", rest="train")   # partial
     """
 
-    def __init__(self, model: nn.Module, *, engine: Engine = "dual", copy_model: bool = True,
-                 loss_type: str | None = None, loss_fn: LossFn | None = None,
-                 base_model: str | None = None, base_revision: str | None = None):
+    def __init__(self, model: nn.Module, *, engine: Engine = "dual", linearize: ParameterSelector | None = None,
+                 rest: Rest = "frozen", copy_model: bool = True, loss_type: str | None = None,
+                 loss_fn: LossFn | None = None, base_model: str | None = None, base_revision: str | None = None):
         super().__init__()
         if engine not in ENGINES:
             raise ValueError(f"engine={engine!r} is not one of {ENGINES}.")
+        if rest not in RESTS:
+            raise ValueError(f"rest={rest!r} is not one of {RESTS}: 'frozen' holds the parameters linearize= "
+                             "leaves out at theta0, 'train' trains them normally.")
         if loss_type is not None:
             get_linearized_loss(loss_type)  # validates
+        _check_float_parameters(model)
         self.engine: Engine = engine
+        self.rest: Rest = rest
         self.loss_fn = loss_fn
         self.loss_type = loss_type
         cfg = getattr(model, "config", None)
@@ -147,20 +174,151 @@ class LinearizedModel(nn.Module):
         self.tv_names: list[str] = list(base_state)  # the task vector's names
         self._aliases: dict[str, list[str]] = {n: a for n, a in canonical.items() if a}
         self._param_names: list[str] = list(canonical)  # every theta0 entry, canonical names
-        self._trainable: list[str] = [n for n in self._param_names
-                                      if (n in trainable_src or any(a in trainable_src for a in canonical[n]))
-                                      and inner.get_parameter(n).is_floating_point()]
-        if not self._trainable:
+        trainable = [n for n in self._param_names
+                     if (n in trainable_src or any(a in trainable_src for a in canonical[n]))
+                     and inner.get_parameter(n).is_floating_point()]
+        if not trainable:
             raise ValueError(f"{type(model).__name__} has no trainable floating-point parameter "
                              "(all have requires_grad=False); nothing to linearize.")
+        selected = select_parameters({n: canonical[n] for n in trainable},
+                                     {n: inner.get_parameter(n) for n in trainable}, linearize)
+        self._trainable: list[str] = selected
+        self._nonlinear: list[str] = [n for n in trainable if n not in selected] if rest == "train" else []
+        self._linearize_record = selector_record(linearize, selected)
+        self._model_class = type(inner).__name__
+        self._auto_class = auto_class_name(inner)
 
         self.delta = _DeltaTree()
         self._delta_params: dict[str, nn.Parameter] = {}
         for n in self._trainable:
-            self._delta_params[n] = self.delta.add(n, torch.zeros_like(inner.get_parameter(n).detach()))
+            w = inner.get_parameter(n).detach()
+            self._delta_params[n] = self.delta.add(n, torch.zeros_like(w, dtype=_delta_dtype(w.dtype)))
+        self.nonlinear = _DeltaTree()
+        self._nonlinear_params: dict[str, nn.Parameter] = {}
+        for n in self._nonlinear:
+            self._nonlinear_params[n] = self.nonlinear.add(n, inner.get_parameter(n).detach().clone())
         _parameters_to_buffers(inner)
         self.model = inner
         self._accepts_use_cache = "use_cache" in _forward_params(inner)
+
+    # -- construction from task vectors and saved folders ------------------------------
+    @classmethod
+    def from_task_vector(cls, base_model: nn.Module, task_vector: TaskVectors,
+                         scaling: float | Iterable[float] = 1.0, *, allow_mismatch: bool = False,
+                         **kwargs: Any) -> "LinearizedModel":
+        """The linearized model at ``theta0 + sum_i s_i tau_i``: how tangent-space task vectors are used.
+
+        Evaluates ``f_lin(x; theta0 + sum_i s_i tau_i) = f(x; theta0) + sum_i s_i J tau_i``,
+        exactly linear in the coefficients. This differs from ``tv.apply_to(model)``, which
+        puts ``theta0 + s tau`` into the *non-linear* model: for a linearized task vector
+        that is only a first-order approximation of what was trained (the error grows with
+        ``|tau|^2``), but it needs no tangent pass at inference. Both are supported; the
+        paper evaluates linearized task vectors with this one.
+
+        Args:
+            base_model: the pre-trained model the vectors were trained from (not modified;
+                pass ``copy_model=False`` to take it over instead of copying it).
+            task_vector: a :class:`~hf_taskarith.TaskVector`, a list of ``(task_vector,
+                coefficient)`` pairs, or a list of task vectors.
+            scaling: one number (for a list of vectors: every coefficient; for pairs: a
+                global factor), or one coefficient per vector.
+            allow_mismatch: load even if a vector records another base (fingerprint, or id
+                and revision without one), or its names or shapes differ; mismatched tensors
+                are skipped and reported in a warning.
+            **kwargs: for the constructor (``engine``, ``loss_fn``, ``linearize``, ``rest``,
+                ...). ``linearize``, ``rest`` and ``loss_type`` default to what the vectors
+                record (a vector trained with ``rest="train"`` has non-linear parts).
+
+        Returns:
+            A :class:`LinearizedModel` with ``delta`` (and the ``nonlinear`` parameters) set.
+
+        Raises:
+            IncompatibleBaseError: a vector was made from another base and ``allow_mismatch``
+                is False.
+            KeyMismatchError, ShapeMismatchError: names or shapes differ (not lenient).
+            ValueError: a vector has non-zero entries for parameters this model holds
+                constant (e.g. it was trained with ``rest="train"`` and ``rest="frozen"`` is
+                asked for), or the vectors record different linearization settings.
+
+        Note:
+            Cost: the coefficients are summed tensor by tensor into ``delta``; lazily loaded
+            vectors are read one tensor at a time. Forward cost is the linearized model's.
+
+        Example:
+            >>> lin = LinearizedModel.from_task_vector(base, [(tv_a, 0.5), (tv_b, 0.5)])
+            >>> lin = LinearizedModel.from_task_vector(base, [tv_a, tv_b], [0.5, 0.3])
+            >>> logits = lin(**batch).logits
+        """
+        pairs = scaled_pairs(task_vector, scaling)
+        compatible = check_bases(pairs, base_model, allow_mismatch=allow_mismatch)
+        for key, value in recorded_spec(pairs).items():
+            if key not in kwargs and value is not None:
+                kwargs[key] = value
+        lin = cls(base_model, **kwargs)
+        return lin._load_combination(pairs, strict=compatible or not allow_mismatch)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, base_model: nn.Module | str | os.PathLike | None = None, *,
+                        revision: str | None = None, allow_mismatch: bool = False,
+                        model_kwargs: Mapping[str, Any] | None = None, **kwargs: Any) -> "LinearizedModel":
+        """Rebuild a linearized model saved by :meth:`save_pretrained` (a task vector) on its base.
+
+        Args:
+            path: the saved folder (or a Hub repo holding a task vector).
+            base_model: the base as a model; or an id/folder to load it from; ``None`` loads
+                the recorded ``base_model`` id at its recorded revision with the recorded
+                transformers Auto class (falls back to the concrete class).
+            revision: Hub revision of ``path``.
+            allow_mismatch: see :meth:`from_task_vector`. The base fingerprint is always checked.
+            model_kwargs: for the base's ``from_pretrained`` (e.g. ``torch_dtype``).
+            **kwargs: for the constructor (``engine``, ``loss_fn``, ...).
+
+        Raises:
+            ValueError: ``base_model`` is None and no id (or no transformers class) is recorded.
+            IncompatibleBaseError: the loaded base's fingerprint differs (e.g. a classification
+                head initialised at random when the id is reloaded; save the base with its
+                head and record that folder) and ``allow_mismatch`` is False.
+
+        Example:
+            >>> lin.save_pretrained("out/lin")              # the task vector only
+            >>> lin = LinearizedModel.from_pretrained("out/lin")                # reloads the base
+            >>> lin = LinearizedModel.from_pretrained("out/lin", base_model=base)
+        """
+        from ..task_vector import TaskVector
+
+        tv = TaskVector.from_pretrained(path, revision=revision)
+        if base_model is None or isinstance(base_model, (str, os.PathLike)):
+            base_model = load_base_model(tv.metadata, base_model, model_kwargs)
+            kwargs.setdefault("copy_model", False)  # nobody else holds the freshly loaded base
+        return cls.from_task_vector(base_model, tv, allow_mismatch=allow_mismatch, **kwargs)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *, overwrite: bool = False, **extra: Any) -> Path:
+        """Write the task vector and a reference to the base, never the base weights.
+
+        The folder holds ``task_vector.safetensors`` (``delta``, and ``theta - theta0`` of
+        the ``nonlinear`` parameters, over the wrapped model's names) and
+        ``task_vector_config.json`` with the base id, revision and weight fingerprint, the
+        transformers class to reload it with, and the linearization settings. Read it back
+        with :meth:`from_pretrained`, or as a plain task vector with
+        :meth:`TaskVector.from_pretrained <hf_taskarith.TaskVector.from_pretrained>`.
+
+        Args:
+            save_directory: the folder (written atomically).
+            overwrite: replace an existing folder.
+            **extra: recorded in the metadata (``training={...}``, ``metrics={...}``).
+
+        Returns:
+            The folder path.
+
+        Raises:
+            NonFiniteError: ``delta`` holds NaN or inf (nothing is written).
+            FileExistsError: the folder exists and ``overwrite`` is False.
+        """
+        if not self.base_model:
+            logger.warning("LinearizedModel.save_pretrained: no base model id is recorded (the base was built from "
+                           "a config); from_pretrained will need base_model=. Pass base_model='id or folder' when "
+                           "wrapping to record one.")
+        return self.task_vector(**extra).save_pretrained(save_directory, overwrite=overwrite)
 
     # -- modes ------------------------------------------------------------------------
     def train(self, mode: bool = True) -> "LinearizedModel":
@@ -188,6 +346,11 @@ class LinearizedModel(nn.Module):
         """Names (the wrapped model's) of the linearized parameters."""
         return list(self._trainable)
 
+    @property
+    def nonlinear_names(self) -> list[str]:
+        """Names (the wrapped model's) of the parameters trained non-linearly (``rest="train"``)."""
+        return list(self._nonlinear)
+
     def theta0(self) -> dict[str, torch.Tensor]:
         """Name -> pre-trained value of every parameter of the wrapped model (canonical names)."""
         return {n: self.model.get_buffer(n) for n in self._param_names}
@@ -196,6 +359,10 @@ class LinearizedModel(nn.Module):
         """Name -> ``delta`` parameter, keyed by the wrapped model's names."""
         return dict(self._delta_params)
 
+    def nonlinear_parameters(self) -> dict[str, nn.Parameter]:
+        """Name -> parameter trained non-linearly (``rest="train"``; empty otherwise)."""
+        return dict(self._nonlinear_params)
+
     # -- forward ----------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Linearized forward; accepts the wrapped model's inputs (plus ``labels``)."""
@@ -203,8 +370,20 @@ class LinearizedModel(nn.Module):
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         if self._accepts_use_cache:
             kwargs.setdefault("use_cache", False)
-        out, out_t = linearized_call(self.model, self.theta0(), self._delta_params, args, kwargs,
-                                     engine=self.engine, aliases=self._aliases)
+        primals = self.theta0()
+        primals.update(self._nonlinear_params)
+        tangents = {n: d if d.dtype == primals[n].dtype else d.to(primals[n].dtype)
+                    for n, d in self._delta_params.items()}
+        try:
+            out, out_t = linearized_call(self.model, primals, tangents, args, kwargs,
+                                         engine=self.engine, aliases=self._aliases)
+        except NotImplementedError as e:
+            raise NotImplementedError(
+                f"{e}\nThe linearized forward needs forward-mode AD through every operation downstream of a "
+                "linearized parameter, and this one has none. Workarounds: linearize only parameters after that "
+                "operation (linearize=[...] with rest='frozen' or 'train'); give the operation a rule with "
+                "hf_taskarith.linearize.register_tangent_rule(torch_function); for a custom "
+                "torch.autograd.Function, implement its jvp staticmethod; or try engine='jvp'.") from e
         out = add_tangent(out, out_t)
         if labels is None:
             return out
@@ -233,49 +412,102 @@ class LinearizedModel(nn.Module):
         return get_linearized_loss(loss_type)(self.model, outputs, labels, num_items_in_batch)
 
     # -- task vectors -----------------------------------------------------------------
-    def task_vector(self, *, dtype: torch.dtype = torch.float32, **extra: Any) -> "TaskVector":
-        """``delta`` as a :class:`~hf_taskarith.TaskVector` over the wrapped model's names.
+    def linearization_record(self) -> dict[str, Any]:
+        """The settings recorded in task vectors (``extra["linearization"]``), JSON-serializable."""
+        return {"engine": self.engine, "linearize": self._linearize_record, "rest": self.rest,
+                "loss_type": self.loss_type, "linearized_parameters": len(self._trainable),
+                "nonlinear_parameters": len(self._nonlinear), "model_class": self._model_class,
+                "auto_class": self._auto_class}
 
-        Names equal ``float_state_dict(model)`` (tied weights once, float buffers and frozen
-        parameters included with zero deltas), so ``tv.apply_to(original_model)`` and
-        :func:`~hf_taskarith.merge` accept it. ``extra`` is recorded in the metadata.
+    def task_vector(self, *, dtype: torch.dtype = torch.float32, **extra: Any) -> "TaskVector":
+        """``theta - theta0`` as a :class:`~hf_taskarith.TaskVector` over the wrapped model's names.
+
+        ``delta`` for linearized parameters, ``theta - theta0`` for parameters trained
+        non-linearly (``rest="train"``), zeros for the rest. Names equal
+        ``float_state_dict(model)`` (tied weights once, float buffers and frozen parameters
+        included with zero deltas), so ``tv.apply_to(original_model)`` and
+        :func:`~hf_taskarith.merge` accept it. The metadata records the base (id, revision,
+        fingerprint) and :meth:`linearization_record` under ``extra["linearization"]``;
+        ``extra`` is recorded too.
         """
         from ..metadata import TaskVectorMetadata
         from ..task_vector import TaskVector
 
-        shapes = {n: t for n, t in self._theta0_state().items()}
         deltas = {}
-        for name, ref in shapes.items():
+        for name, ref in self._theta0_state().items():
             d = self._delta_params.get(name)
-            deltas[name] = (d.detach().to(dtype=dtype, copy=True) if d is not None
-                            else torch.zeros(ref.shape, dtype=dtype, device=ref.device))
+            w = self._nonlinear_params.get(name)
+            if d is not None:
+                deltas[name] = d.detach().to(dtype=dtype, copy=True)
+            elif w is not None:
+                work = torch.float64 if torch.float64 in (w.dtype, ref.dtype) else torch.float32
+                deltas[name] = (w.detach().to(work) - ref.to(work)).to(dtype)
+            else:
+                deltas[name] = torch.zeros(ref.shape, dtype=dtype, device=ref.device)
         meta = TaskVectorMetadata(base_model=self.base_model, base_revision=self.base_revision,
                                   base_fingerprint=self.base_fingerprint, created_with="linearized",
-                                  extra={"engine": self.engine, "linearized_parameters": len(self._trainable),
-                                         **extra})
+                                  extra={"linearization": self.linearization_record(), **extra})
         return TaskVector(deltas, meta)
 
     def load_task_vector(self, tv: Mapping[str, torch.Tensor], *, scaling: float = 1.0,
                          strict: bool = True) -> "LinearizedModel":
-        """Set ``delta = scaling * tv`` (e.g. a sum of tangent-space task vectors) and return self.
+        """Set ``delta = scaling * tv`` (and ``nonlinear = theta0 + scaling * tv``); return self.
+
+        Use :meth:`from_task_vector` to build a model from vectors with base checks.
 
         Raises:
             KeyMismatchError: ``strict`` and the names differ from :meth:`task_vector`'s.
-            ShapeMismatchError: a tensor has another shape.
+            ShapeMismatchError: ``strict`` and a tensor has another shape.
+            ValueError: ``strict`` and ``tv`` is non-zero on a parameter this model holds
+                constant (frozen, a float buffer, or left out by ``linearize=`` with
+                ``rest="frozen"``). With ``strict=False`` these are skipped with a warning,
+                and names absent from ``tv`` are left as they are.
         """
+        return self._load_combination([(tv, float(scaling))], strict=strict)
+
+    def _load_combination(self, pairs: list[tuple[Mapping[str, torch.Tensor], float]], *,
+                          strict: bool) -> "LinearizedModel":
         expected = set(self.tv_names)
-        if strict and set(tv.keys()) != expected:
-            raise KeyMismatchError(
-                f"task vector names differ from this model's: missing [{format_names(sorted(expected - set(tv)))}]"
-                f"; unexpected [{format_names(sorted(set(tv) - expected))}]. Pass strict=False to load the overlap.")
+        for tv, _ in pairs:
+            if strict and set(tv.keys()) != expected:
+                raise KeyMismatchError(
+                    f"task vector names differ from this model's: missing [{format_names(sorted(expected - set(tv)))}]"
+                    f"; unexpected [{format_names(sorted(set(tv) - expected))}]. Pass strict=False (or "
+                    "allow_mismatch=True) to load the overlap.")
+        theta0 = self._theta0_state()
+        skipped: list[str] = []
         with torch.no_grad():
-            for name, p in self._delta_params.items():
-                if name not in tv:
+            for name in self.tv_names:
+                ref = theta0[name]
+                present = [(tv, s) for tv, s in pairs if name in tv]
+                if not present:
                     continue
-                value = tv[name]
-                if tuple(value.shape) != tuple(p.shape):
-                    raise ShapeMismatchError(f"{name}: task vector {list(value.shape)} vs model {list(p.shape)}.")
-                p.copy_(value.to(device=p.device, dtype=p.dtype) * scaling)
+                bad = [f"{name}: task vector {list(tv[name].shape)} vs model {list(ref.shape)}"
+                       for tv, _ in present if tuple(tv[name].shape) != tuple(ref.shape)]
+                if bad:
+                    if strict:
+                        raise ShapeMismatchError("; ".join(bad) + ". Pass strict=False (or allow_mismatch=True) "
+                                                 "to skip mismatched tensors.")
+                    skipped += bad
+                    continue
+                work = torch.float64 if ref.dtype == torch.float64 else torch.float32
+                total = sum(tv[name].to(device=ref.device, dtype=work) * s for tv, s in present)
+                if name in self._delta_params:
+                    p = self._delta_params[name]
+                    p.copy_(total.to(p.dtype))
+                elif name in self._nonlinear_params:
+                    p = self._nonlinear_params[name]
+                    p.copy_((ref.to(work) + total).to(p.dtype))
+                elif bool(torch.as_tensor(total).any()):
+                    if strict:
+                        raise ValueError(
+                            f"the task vector changes {name!r}, which this linearized model holds constant (a frozen "
+                            "parameter, a float buffer, or one linearize= leaves out with rest='frozen'). Build the "
+                            "model with the settings it was trained with (linearize=..., rest='train'), or pass "
+                            "strict=False (allow_mismatch=True) to ignore it.")
+                    skipped.append(f"{name}: non-zero but held constant")
+        if skipped:
+            logger.warning("loading task vector: skipped %d tensors: %s", len(skipped), "; ".join(skipped[:20]))
         return self
 
     def _theta0_state(self) -> dict[str, torch.Tensor]:
@@ -287,7 +519,27 @@ class LinearizedModel(nn.Module):
 
     def extra_repr(self) -> str:
         n = sum(p.numel() for p in self._delta_params.values())
-        return f"engine={self.engine!r}, linearized_parameters={len(self._trainable)}, numel={n}"
+        s = f"engine={self.engine!r}, linearized_parameters={len(self._trainable)}, numel={n}"
+        if self._nonlinear:
+            s += f", rest='train', nonlinear_parameters={len(self._nonlinear)}"
+        return s
+
+
+def _delta_dtype(dtype: torch.dtype) -> torch.dtype:
+    """``delta``'s dtype: the parameter's, but float32 for half precision (a master copy)."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _check_float_parameters(model: nn.Module) -> None:
+    params = list(model.named_parameters())
+    if not params:
+        raise ValueError(f"{type(model).__name__} has no parameters; there is nothing to linearize.")
+    if not any(p.is_floating_point() for _, p in params):
+        dtypes = sorted({str(p.dtype).replace("torch.", "") for _, p in params})
+        raise ValueError(
+            f"{type(model).__name__} has no floating-point parameters (found {dtypes}, e.g. "
+            f"{params[0][0]!r}); forward-mode AD and task vectors need float weights. Quantized models must be "
+            "loaded unquantized (torch_dtype=torch.float32 or torch.bfloat16) to be linearized.")
 
 
 def _forward_params(model: nn.Module) -> Mapping[str, inspect.Parameter]:

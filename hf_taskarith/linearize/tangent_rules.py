@@ -20,6 +20,7 @@ string-free registry keyed by the torch function; :func:`register_tangent_rule` 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 from collections.abc import Callable
@@ -116,7 +117,9 @@ def linear_rule(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         return NotImplemented
     x, x_t = _split(input)
     b0, b_t = _split(bias)
-    if x.requires_grad:  # a caller differentiating w.r.t. the input: let autograd see everything
+    if x.requires_grad or (b0 is not None and b0.requires_grad):
+        # a caller differentiating w.r.t. the input, or a bias trained non-linearly (rest="train"):
+        # let autograd see everything
         return NotImplemented
     with torch.no_grad():
         y = F.linear(x, w0, b0)
@@ -164,7 +167,9 @@ def sdpa_rule(*args: Any, **kwargs: Any):
         v_t = None if v_t is None else v_t.repeat_interleave(rep, dim=-3)
     scale = a.get("scale")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    with torch.no_grad():
+    # primals need a graph only when they depend on parameters trained non-linearly (rest="train")
+    primal_grad = q.requires_grad or k.requires_grad or v.requires_grad
+    with contextlib.nullcontext() if primal_grad else torch.no_grad():
         s = (q @ k.transpose(-2, -1)) * scale
         if a.get("is_causal", False):
             causal = torch.ones(s.shape[-2], s.shape[-1], dtype=torch.bool, device=s.device).tril()
