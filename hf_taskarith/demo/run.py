@@ -23,7 +23,7 @@ from .report import DemoResults
 logger = logging.getLogger(__name__)
 
 MARKER = ".hf_taskarith_demo"
-MANAGED = ("checkpoints", "heads", "task_vectors", "merged", "results.json", "results.md")
+MANAGED = ("checkpoints", "heads", "task_vectors", "merged", "hub", "hub_cache", "plots", "results.json", "results.md")
 
 
 def run_demo(config: DemoConfig | None = None, *, tasks: Sequence[TaskData] | None = None,

@@ -21,6 +21,7 @@ Later features add steps with :func:`register_demo_step`.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import shutil
@@ -42,6 +43,7 @@ from .data import load_task
 from .evaluate import mean
 from .models import load_encoder, load_tokenizer, make_head, progress_disabled, quiet_transformers, save_heads
 from .report import DemoResults, NegationResult, ResultRow
+from ..linearize import LinearizedModel
 from .train import finetune_encoder
 
 logger = logging.getLogger(__name__)
@@ -87,30 +89,66 @@ def step_finetune(ctx: DemoContext) -> None:
     own: dict[str, float] = {}
     for i, t in enumerate(ctx.tasks):
         encoder = copy.deepcopy(ctx.base_encoder)
-        fit = finetune_encoder(encoder, ctx.heads[t.name], ctx.tokenizer, t.train, steps=c.steps,
+        model = LinearizedModel(encoder, copy_model=False) if ctx.linear else encoder
+        fit = finetune_encoder(model, ctx.heads[t.name], ctx.tokenizer, t.train, steps=c.steps,
                                batch_size=c.batch_size, learning_rate=c.learning_rate,
                                weight_decay=c.weight_decay, warmup_ratio=c.warmup_ratio,
                                max_length=c.max_length, seed=c.seed + 1 + i, progress=c.progress,
-                               desc=f"fine-tune {t.name}")
-        folder = ctx.output_dir / "checkpoints" / "finetuned" / t.name
-        _save_encoder(encoder, ctx.tokenizer, folder)
-        ctx.finetuned_dirs[t.name] = folder
-        tv = TaskVector.from_models(ctx.base_encoder, encoder, base_model=ctx.base_model_id,
-                                    finetuned_model=f"{ctx.base_model_id}+{t.name}")
-        tv.metadata.extra.update({"task": t.name, "steps": c.steps, "batch_size": c.batch_size,
-                                  "learning_rate": c.learning_rate, "seed": c.seed + 1 + i})
+                               desc=f"fine-tune {t.name} ({c.mode})")
+        details = {"task": t.name, "mode": c.mode, "steps": c.steps, "batch_size": c.batch_size,
+                   "learning_rate": c.learning_rate, "seed": c.seed + 1 + i}
+        row = {"train_seconds": round(fit.seconds, 2), "first_loss": fit.first_loss, "last_loss": fit.last_loss}
+        if ctx.linear:  # the trained model is f_lin(x; theta0 + tau): its task vector is all there is to keep
+            tv = model.task_vector(base_model=ctx.base_model_id, finetuned_model=f"{ctx.base_model_id}+{t.name}")
+        else:
+            folder = ctx.output_dir / "checkpoints" / "finetuned" / t.name
+            _save_encoder(encoder, ctx.tokenizer, folder)
+            ctx.finetuned_dirs[t.name] = row["path"] = folder
+            tv = TaskVector.from_models(ctx.base_encoder, encoder, base_model=ctx.base_model_id,
+                                        finetuned_model=f"{ctx.base_model_id}+{t.name}")
+        tv.metadata.extra.update(details)
         ctx.task_vector_dirs[t.name] = tv.save_pretrained(ctx.output_dir / "task_vectors" / t.name, overwrite=True)
-        acc = ctx.evaluate(encoder, "test", desc=f"fine-tuned {t.name}")
+        ctx.task_vectors[t.name] = TaskVector.from_pretrained(ctx.task_vector_dirs[t.name])
+        acc = ctx.evaluate(model, "test", desc=f"fine-tuned {t.name}")
         own[t.name] = acc[t.name]
-        ctx.results.rows.append(ResultRow(f"fine-tuned on {t.name}", "finetuned", acc, {
-            "path": str(folder), "train_seconds": round(fit.seconds, 2), "first_loss": fit.first_loss,
-            "last_loss": fit.last_loss}))
-        del encoder, tv
+        ctx.results.rows.append(ResultRow(f"fine-tuned on {t.name}", "finetuned", acc, row))
+        del encoder, model, tv
     ctx.results.rows.append(ResultRow("fine-tuned (each task's own model)", "individual", own))
 
 
+def step_hub(ctx: DemoContext) -> None:
+    """Push every task vector to an embedded Hub (tag ``v1``), pull it back by tag, check it."""
+    c = ctx.config
+    if not c.hub:
+        return
+    from ..hub.pull import list_task_vector_versions, pull_task_vector
+    from ..hub.push import push_task_vector
+    from ..hub.server import embedded_hub
+
+    root, cache = ctx.output_dir / "hub", ctx.output_dir / "hub_cache"
+    record: dict[str, Any] = {"root": str(root), "repos": {}}
+    with embedded_hub(root) as url:
+        record["endpoint"] = url
+        bar = tqdm(ctx.tasks, desc="hub: push, tag v1, pull v1", unit="vector", disable=progress_disabled(c.progress))
+        for t in bar:
+            repo = f"demo/minilm-{t.name}-{c.mode}"
+            local = ctx.task_vectors[t.name]
+            pushed = push_task_vector(local, repo, tag="v1", endpoint=url,
+                                      commit_message=f"{t.name} task vector ({c.mode} fine-tuning, {c.steps} steps)")
+            versions = list_task_vector_versions(repo, endpoint=url)
+            pulled = pull_task_vector(repo, revision="v1", endpoint=url, cache_dir=cache)
+            different = [k for k in local.keys() if not torch.equal(local[k], pulled[k])]
+            if different or set(local.keys()) != set(pulled.keys()):
+                raise TaskArithError(f"{repo}@v1 pulled back different tensors than were pushed: {different[:5]}.")
+            ctx.task_vectors[t.name] = pulled
+            record["repos"][t.name] = {"repo_id": repo, "tag": "v1", "commit_sha": pulled.metadata.extra["hub"]["commit_sha"],
+                                       "pushed_commit": pushed.commit_sha,
+                                       "versions": [{"name": v.name, "kind": v.kind, "commit": v.commit_sha,
+                                                     "date": str(v.date) if v.date else None} for v in versions]}
+    ctx.hub = record
+    ctx.results.hub = record
 def step_task_vectors(ctx: DemoContext) -> None:
-    tvs = {name: TaskVector.from_pretrained(d).materialize() for name, d in ctx.task_vector_dirs.items()}
+    tvs = {name: tv.materialize() for name, tv in ctx.task_vectors.items()}
     ctx.results.task_vectors = {
         "paths": {k: str(v) for k, v in ctx.task_vector_dirs.items()},
         "norms": {k: tv.norm() for k, tv in tvs.items()},
@@ -121,7 +159,7 @@ def step_task_vectors(ctx: DemoContext) -> None:
 def step_merge(ctx: DemoContext) -> None:
     c = ctx.config
     names = [t.name for t in ctx.tasks]
-    models = [str(ctx.task_vector_dirs[n]) for n in names]
+    models = [ctx.task_vectors[n] for n in names]  # pulled from the Hub by tag when c.hub
     search_root = ctx.output_dir / "merged" / "_search"
     for method_name in c.merge_methods:
         method = get_merge_method(method_name)
@@ -165,7 +203,7 @@ def step_negation(ctx: DemoContext) -> None:
     if target is None:
         return
     controls = [t.name for t in ctx.tasks if t.name != target]
-    tv = TaskVector.from_pretrained(ctx.task_vector_dirs[target])
+    tv = ctx.task_vectors[target]
     floor = c.control_threshold * mean(ctx.val_pretrained[k] for k in controls)
     search_root = ctx.output_dir / "merged" / "_negation_search"
     search, chosen = [], None
@@ -200,6 +238,82 @@ def step_negation(ctx: DemoContext) -> None:
         control_negated=mean(test[k] for k in controls), path=str(final), val_search=search)
 
 
+def step_disentanglement(ctx: DemoContext) -> None:
+    """xi over ``config.xi_alphas`` for the first two tasks, on their validation inputs.
+
+    In linear mode the encoder's features are exactly linear in the task-vector
+    coefficients (``f_lin(x; theta0 + a1 tau1 + a2 tau2) = f0 + a1 (f1 - f0) + a2 (f2 - f0)``,
+    and mean pooling is linear), so three tangent-space passes per task give every grid
+    point; in non-linear mode each grid point is a forward pass of the edited encoder.
+    """
+    c = ctx.config
+    if not c.xi_alphas:
+        return
+    from ..evaluation import ModelEditor, disentanglement_error
+    from .models import encode
+
+    t1, t2 = (t.name for t in ctx.tasks[:2])
+    by_name = {t.name: t for t in ctx.tasks}
+
+    def features(model: nn.Module, task: str) -> torch.Tensor:
+        return encode(model, ctx.tokenizer, by_name[task].val.texts, batch_size=c.eval_batch_size,
+                      max_length=c.max_length)
+
+    if ctx.linear:
+        lin = ctx.tangent_model()
+        feats = {}
+        for task in (t1, t2):
+            f0 = features(lin.load_task_vector(ctx.task_vectors[t1], scaling=0.0), task)
+            feats[task] = (f0, features(ctx.edited_encoder(ctx.task_vectors[t1]), task) - f0,
+                           features(ctx.edited_encoder(ctx.task_vectors[t2]), task) - f0)
+        editor = _CoefficientEditor()
+
+        def predict(coefs: dict[str, float], task: str) -> torch.Tensor:
+            f0, d1, d2 = feats[task]
+            return ctx.heads[task](f0 + coefs.get(t1, 0.0) * d1 + coefs.get(t2, 0.0) * d2).argmax(-1)
+    else:
+        tvs = {t: ctx.task_vectors[t].materialize() for t in (t1, t2)}
+        editor = ModelEditor(copy.deepcopy(ctx.base_encoder), tvs)
+
+        def predict(model: nn.Module, task: str) -> torch.Tensor:
+            return ctx.heads[task](features(model, task)).argmax(-1)
+
+    grid = disentanglement_error(editor, predict, (t1, t2), alphas=c.xi_alphas,
+                                 progress=not progress_disabled(c.progress))
+    ctx.xi_grid = grid
+    ctx.results.disentanglement = {"tasks": [t1, t2], "alphas": list(grid.alphas), "xi": grid.xi.tolist(),
+                                   "split": "val", "mode": c.mode}
+
+
+class _CoefficientEditor:
+    """Hands the coefficients themselves to ``predict`` (features are linear in them)."""
+
+    def edited(self, coefficients: dict[str, float]):
+        return contextlib.nullcontext(dict(coefficients))
+
+
+def step_plots(ctx: DemoContext) -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        logger.warning("plots skipped: matplotlib is not installed (pip install 'hf_taskarith[plots]').")
+        return
+    from ..evaluation.plots import plot_cosine_matrix, plot_disentanglement
+    from .plots import plot_accuracies
+
+    folder = ctx.output_dir / "plots"
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {"accuracy": plot_accuracies(ctx.results, folder / "accuracy.png"),
+             "cosine": plot_cosine_matrix({k: v.materialize() for k, v in ctx.task_vectors.items()},
+                                          folder / "cosine.png", title=f"task vector cosine ({ctx.config.mode})")}
+    grid = ctx.xi_grid
+    if grid is not None:
+        paths["disentanglement"] = plot_disentanglement(
+            grid, folder / f"xi_{grid.tasks[0]}_{grid.tasks[1]}.png",
+            title=f"xi ({ctx.config.mode}): {grid.tasks[0]} + {grid.tasks[1]}")
+    ctx.results.plots = {k: str(v) for k, v in paths.items()}
+
+
 def step_report(ctx: DemoContext) -> None:
     if not ctx.config.keep_checkpoints:
         for sub in ("checkpoints/finetuned", "merged"):
@@ -211,9 +325,13 @@ register_demo_step("prepare", step_prepare, description="load the pre-trained en
 register_demo_step("heads", step_heads, description="fit a frozen head per task")
 register_demo_step("pretrained", step_pretrained, description="evaluate the pre-trained encoder")
 register_demo_step("finetune", step_finetune, description="fine-tune on each task, extract task vectors")
+register_demo_step("hub", step_hub, description="push the task vectors to an embedded Hub (tag v1), pull them back by tag")
 register_demo_step("task_vectors", step_task_vectors, description="task-vector norms and cosine similarities")
 register_demo_step("merge", step_merge, description="merge the task vectors (coefficient chosen on validation)")
 register_demo_step("negation", step_negation, description="negate one task vector")
+register_demo_step("disentanglement", step_disentanglement,
+                   description="weight disentanglement error of the first two tasks (validation)")
+register_demo_step("plots", step_plots, description="heat maps (cosine similarity, disentanglement) and accuracy bars")
 register_demo_step("report", step_report, description="write results.json and results.md")
 
 

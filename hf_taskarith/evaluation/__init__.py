@@ -3,7 +3,7 @@
 from .arithmetic import AdditionResult, NegationResult, normalized, task_addition, task_negation
 from .coefficients import learn_coefficients
 from .disentanglement import DisentanglementGrid, disentanglement_error
-from .editing import ModelEditor
+from .editing import ModelEditor, TangentEditor
 
-__all__ = ["ModelEditor", "task_addition", "task_negation", "normalized", "AdditionResult", "NegationResult",
+__all__ = ["ModelEditor", "TangentEditor", "task_addition", "task_negation", "normalized", "AdditionResult", "NegationResult",
            "disentanglement_error", "DisentanglementGrid", "learn_coefficients"]

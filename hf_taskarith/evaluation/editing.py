@@ -81,3 +81,55 @@ class ModelEditor:
                 self.reset()
 
         return ctx()
+
+
+class TangentEditor:
+    """:class:`ModelEditor`'s interface for a :class:`~hf_taskarith.LinearizedModel`.
+
+    Each edit sets the linearized model to ``f_lin(x; theta0 + sum_t coef_t * tau_t)``, how
+    tangent-space task vectors are meant to be combined (exactly linear in the coefficients).
+    Only one coefficient per task is supported (no per-layer mappings).
+
+    Example:
+        >>> editor = TangentEditor(LinearizedModel(model), {"spam": tv_spam, "movies": tv_movies})
+        >>> with editor.edited({"spam": 0.5, "movies": 0.5}) as lin:
+        ...     accuracy = evaluate(lin)
+    """
+
+    def __init__(self, model: torch.nn.Module, task_vectors: Mapping[str, TaskVector]):
+        if not hasattr(model, "load_task_vector"):
+            raise TypeError(f"TangentEditor needs a LinearizedModel, got {type(model).__name__}; use ModelEditor "
+                            "to edit the weights of an ordinary model.")
+        if not task_vectors:
+            raise ValueError("TangentEditor needs at least one task vector.")
+        self.model = model
+        self.task_vectors = {t: tv.materialize() if hasattr(tv, "materialize") else tv
+                             for t, tv in task_vectors.items()}
+
+    @torch.no_grad()
+    def set(self, coefficients: Coefficients) -> torch.nn.Module:
+        unknown = sorted(set(coefficients) - set(self.task_vectors))
+        if unknown:
+            raise KeyMismatchError(f"no task vector for {unknown}; known: {sorted(self.task_vectors)}.")
+        layered = [t for t, c in coefficients.items() if isinstance(c, Mapping)]
+        if layered:
+            raise TypeError(f"TangentEditor takes one coefficient per task; got per-layer mappings for {layered}.")
+        # every vector takes part (coefficient 0 when absent), so every delta is rewritten
+        pairs = [(tv, float(coefficients.get(t, 0.0))) for t, tv in self.task_vectors.items()]
+        return self.model.load_task_vectors(pairs)
+
+    def reset(self) -> torch.nn.Module:
+        return self.set({})
+
+    def edited(self, coefficients: Coefficients):
+        """Context manager: edit, yield the model, restore ``delta = 0`` afterwards."""
+        import contextlib
+
+        @contextlib.contextmanager
+        def ctx():
+            try:
+                yield self.set(coefficients)
+            finally:
+                self.reset()
+
+        return ctx()

@@ -465,6 +465,15 @@ class LinearizedModel(nn.Module):
         """
         return self._load_combination([(tv, float(scaling))], strict=strict)
 
+    def load_task_vectors(self, task_vectors: TaskVectors, scaling: float | Iterable[float] = 1.0, *,
+                          strict: bool = True) -> "LinearizedModel":
+        """Set ``delta = sum_i s_i tau_i`` from several vectors (same forms as :meth:`from_task_vector`).
+
+        Names absent from every vector keep their current ``delta`` when ``strict=False``.
+        Raises as :meth:`load_task_vector` does.
+        """
+        return self._load_combination(scaled_pairs(task_vectors, scaling), strict=strict)
+
     def _load_combination(self, pairs: list[tuple[Mapping[str, torch.Tensor], float]], *,
                           strict: bool) -> "LinearizedModel":
         expected = set(self.tv_names)

@@ -13,5 +13,6 @@ from __future__ import annotations
 
 from .app import HubServer, serve_in_thread
 from .config import HubServerConfig
+from .session import client_settings, embedded_hub
 
-__all__ = ["HubServer", "HubServerConfig", "serve_in_thread"]
+__all__ = ["HubServer", "HubServerConfig", "serve_in_thread", "embedded_hub", "client_settings"]
