@@ -136,3 +136,29 @@ def test_learned_coefficients_improve_the_objective(setup):
         after = sum(evaluate(m, "val").values())
     assert after > before
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), base.state_dict().values()))
+
+
+def test_tangent_editor_sums_in_the_tangent_space_and_restores(setup):
+    from hf_taskarith import LinearizedModel
+    from hf_taskarith.evaluation import TangentEditor
+
+    base, tvs, data, _ = setup
+    x = data["a"]["val"][0][:16]
+    lin = LinearizedModel(base)
+    editor = TangentEditor(lin, tvs)
+    with torch.no_grad():
+        f0 = lin(x, "a").clone()
+        with editor.edited({"a": 0.7, "b": -0.4}) as model:
+            both = model(x, "a").clone()
+        assert torch.equal(lin(x, "a"), f0)  # restored to delta = 0
+        ref = LinearizedModel.from_task_vector(base, [(tvs["a"], 0.7), (tvs["b"], -0.4)])(x, "a")
+        singles = [LinearizedModel.from_task_vector(base, tvs[t])(x, "a") - f0 for t in "ab"]
+    torch.testing.assert_close(both, ref)
+    torch.testing.assert_close(both - f0, 0.7 * singles[0] - 0.4 * singles[1], rtol=1e-4, atol=1e-5)  # exactly linear
+    assert not torch.allclose(both, f0)
+    with pytest.raises(TypeError, match="per-layer"):
+        editor.set({"a": {"trunk.0.weight": 1.0}})
+    with pytest.raises(KeyError, match="no task vector"):
+        editor.set({"c": 1.0})
+    with pytest.raises(TypeError, match="LinearizedModel"):
+        TangentEditor(base, tvs)
