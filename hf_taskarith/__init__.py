@@ -21,6 +21,9 @@ from .version import __version__
 _LAZY = {  # imported on first use: they pull in transformers' Trainer, which the merge CLI never needs
     "LinearizedModel": ("hf_taskarith.linearize", "LinearizedModel"),
     "LinearizedTrainer": ("hf_taskarith.training", "LinearizedTrainer"),
+    # peft adapters: importing them registers the methods with peft
+    "LinearizedLoraConfig": ("hf_taskarith.adapters", "LinearizedLoraConfig"),
+    "TangentConfig": ("hf_taskarith.adapters", "TangentConfig"),
 }
 
 
@@ -34,7 +37,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "LinearizedModel", "LinearizedTrainer",
+    "LinearizedModel", "LinearizedTrainer", "LinearizedLoraConfig", "TangentConfig",
     "TaskVector", "TaskVectorMetadata", "check_compatibility", "ApplyReport", "merge", "merge_from_config", "MergeConfig",
     "get_merge_method", "list_merge_methods", "register_merge_method", "compress",
     "push_task_vector", "pull_task_vector", "list_task_vector_versions",

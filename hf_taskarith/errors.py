@@ -72,3 +72,7 @@ class ConcurrentPushError(HubError):
 
 class NotATaskVectorRepoError(HubError, FileNotFoundError):
     """A Hub repo/revision exists but does not hold a task vector."""
+
+
+class AdapterConfigError(TaskArithError, ValueError):
+    """An adapter configuration does not fit the model (unknown target modules, a rank <= 0, ...)."""

@@ -197,6 +197,18 @@ class TaskVector(Mapping):
                                   finetuned_model=str(finetuned), created_with="from_checkpoints")
         return cls(deltas, meta)
 
+    @classmethod
+    def from_peft(cls, model_or_dir: Any, **kwargs: Any) -> "TaskVector":
+        """A LoRA, L-LoRA or tangent adapter (``PeftModel`` or adapter folder) as a dense task vector.
+
+        LoRA becomes ``scaling * B @ A`` under the base's names (``...query.weight``), so every
+        merge method applies. See :func:`hf_taskarith.adapters.convert.task_vector_from_peft`
+        for the arguments (``adapter_name=``, ``base_model=``, ``dtype=``).
+        """
+        from .adapters.convert import task_vector_from_peft
+
+        return task_vector_from_peft(model_or_dir, **kwargs)
+
     # -- algebra ----------------------------------------------------------------------
     def _combine(self, other: "TaskVector", op, name: str) -> "TaskVector":
         if not isinstance(other, TaskVector):
@@ -289,9 +301,20 @@ class TaskVector(Mapping):
             dtype: convert tensors to this dtype on access.
 
         Raises:
-            CheckpointNotFoundError: no such folder/repo, or it holds no task vector config.
+            CheckpointNotFoundError: ``path`` is neither an existing folder nor a valid repo id,
+                or the folder holds no task vector config.
+            HubError, NotATaskVectorRepoError: for a repo id, as :func:`~hf_taskarith.hub.pull.pull_task_vector`.
         """
         if not Path(path).exists():
+            from huggingface_hub.errors import HFValidationError
+            from huggingface_hub.utils import validate_repo_id
+
+            try:
+                validate_repo_id(str(path))
+            except HFValidationError:
+                raise CheckpointNotFoundError(
+                    f"{path}: no such folder, and not a Hub repo id ('namespace/name'). Check the path."
+                ) from None
             from .hub.pull import pull_task_vector
 
             return pull_task_vector(str(path), revision=revision)

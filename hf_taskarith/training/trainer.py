@@ -57,7 +57,9 @@ class LinearizedTrainer(Trainer):
     """Fine-tune ``delta`` of a linearized model with the ordinary Trainer loop.
 
     Args:
-        model: a :class:`LinearizedModel`, or any model to wrap in one.
+        model: a :class:`LinearizedModel`; a ``PeftModel`` with an L-LoRA or tangent adapter
+            (:mod:`hf_taskarith.adapters`), trained as it is, its checkpoints the adapter files
+            and ``task_vector()`` its dense task vector; or any model to wrap in a ``LinearizedModel``.
         args: ``TrainingArguments`` (``ddp_broadcast_buffers`` defaults to ``False`` here).
         mode: ``"linear"`` (default: tangent-space fine-tuning) or ``"nonlinear"`` (ordinary
             fine-tuning of a copy of ``model``, so both modes run with the same code;
@@ -99,8 +101,13 @@ class LinearizedTrainer(Trainer):
             raise TypeError("LinearizedTrainer needs a model (model_init is not supported).")
         self.mode: Mode = mode
         self._base: _BaseSnapshot | None = None
+        self._adapter = mode == "linear" and _is_linearized_adapter(model)
         if mode == "nonlinear":
             model = self._prepare_nonlinear(model, dict(linearize_kwargs or {}), kwargs)
+        elif self._adapter:  # a PeftModel with an L-LoRA or tangent adapter is linearized already
+            if linearize_kwargs:
+                raise TypeError("linearize_kwargs were given but the model is a PeftModel with a linearized adapter; "
+                                "set those options in its LinearizedLoraConfig / TangentConfig.")
         elif isinstance(model, LinearizedModel):
             if linearize_kwargs:
                 raise TypeError("linearize_kwargs were given but the model is already a LinearizedModel; "
@@ -112,7 +119,7 @@ class LinearizedTrainer(Trainer):
         if args.ddp_broadcast_buffers is None and mode == "linear":
             args.ddp_broadcast_buffers = False
         super().__init__(model=model, args=args, **kwargs)
-        if self.args.label_names is None and mode == "linear":
+        if self.args.label_names is None and mode == "linear" and not self._adapter:
             self.label_names = find_labels(type(self.linearized_model.model)) or ["labels"]
 
     def _prepare_nonlinear(self, model: torch.nn.Module, lk: dict[str, Any], kwargs: dict[str, Any]) -> torch.nn.Module:
@@ -147,7 +154,7 @@ class LinearizedTrainer(Trainer):
         return self.accelerator.unwrap_model(self.model) if hasattr(self, "accelerator") else self.model
 
     def _set_signature_columns_if_needed(self) -> None:
-        if self.mode == "nonlinear":
+        if self.mode == "nonlinear" or self._adapter:
             return super()._set_signature_columns_if_needed()
         if self._signature_columns is None:
             inner = self.linearized_model.model
@@ -189,6 +196,12 @@ class LinearizedTrainer(Trainer):
         """
         details = {**self.training_details(), **extra}
         more = {"metrics": m} if (m := self.metrics()) else {}
+        if self._adapter:
+            from ..adapters.convert import task_vector_from_peft
+
+            tv = task_vector_from_peft(self.trained_model)
+            tv.metadata.extra.update(training=details, **more)
+            return tv
         if self.mode == "linear":
             return self.linearized_model.task_vector(training=details, **more)
         return self._base.task_vector(self.trained_model, training=details, **more)
@@ -196,7 +209,7 @@ class LinearizedTrainer(Trainer):
     # -- saving -------------------------------------------------------------------------
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
-        if self.mode == "nonlinear":
+        if self.mode == "nonlinear" or self._adapter:  # ordinary checkpoint (a PeftModel saves its adapter)
             super()._save(output_dir, state_dict)
             if self.args.should_save:
                 self.task_vector().save_pretrained(Path(output_dir) / TASK_VECTOR_DIR, overwrite=True)
@@ -219,7 +232,7 @@ class LinearizedTrainer(Trainer):
         logger.info("saved linearized delta and task vector to %s", output_dir)
 
     def _issue_warnings_after_load(self, load_result) -> None:
-        if self.mode == "nonlinear":
+        if self.mode == "nonlinear" or self._adapter:
             return super()._issue_warnings_after_load(load_result)
         # theta0 buffers are not in delta-only checkpoints by design; report anything else
         missing = [k for k in load_result.missing_keys if not k.startswith("model.")]
@@ -301,6 +314,15 @@ class LinearizedTrainer(Trainer):
     def _repo_id(self, repo_id: str | None, model_name: str | None) -> str:
         return (repo_id or getattr(self, "hub_model_id", None) or self.args.hub_model_id or model_name
                 or Path(self.args.output_dir).absolute().name)
+
+
+def _is_linearized_adapter(model: torch.nn.Module) -> bool:
+    """A ``PeftModel`` whose active adapter is an L-LoRA or tangent adapter (peft imported only if in use)."""
+    if not hasattr(model, "peft_config") or not hasattr(model, "active_peft_config"):
+        return False
+    from ..adapters import is_linearized_adapter
+
+    return is_linearized_adapter(model)
 
 
 class _BaseSnapshot:
