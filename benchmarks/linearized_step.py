@@ -17,7 +17,8 @@ set size in a fresh subprocess, minus the size after imports.
 
 Usage::
 
-    python benchmarks/linearized_step.py                 # MiniLM-sized BERT, batch 16 x 64
+    python benchmarks/linearized_step.py                 # the issue's ViT, batch 16, image 64, patch 8
+    python benchmarks/linearized_step.py --model bert    # MiniLM-sized BERT, batch 16 x 64
     python benchmarks/linearized_step.py --rounds 9 --batch 32 --seq 64 --attn sdpa
     python benchmarks/linearized_step.py --threads 1 --clock cpu   # shared / noisy machine
 
@@ -41,7 +42,8 @@ import torch.nn.functional as F
 VARIANTS = ("ordinary", "naive", "ours", "ours_jvp")
 
 
-def build_model(attn: str):
+def build_bert(attn: str):
+    """MiniLM-sized BERT classifier (6 layers, hidden 384, vocab 30,522)."""
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(0)
@@ -49,6 +51,39 @@ def build_model(attn: str):
                      vocab_size=30522, num_labels=4, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
                      attn_implementation=attn)
     return BertForSequenceClassification(cfg).eval()
+
+
+def build_vit(attn: str):
+    """The issue's ViT classifier: hidden 192, 6 layers, 3 heads, image 64, patch 8."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    cfg = ViTConfig(hidden_size=192, num_hidden_layers=6, num_attention_heads=3, intermediate_size=768,
+                    image_size=64, patch_size=8, num_labels=4, hidden_dropout_prob=0.0,
+                    attention_probs_dropout_prob=0.0, attn_implementation=attn)
+    return ViTForImageClassification(cfg).eval()
+
+
+def bert_batch(batch: int, seq: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {"input_ids": torch.randint(1000, 30000, (batch, seq), generator=g),
+            "attention_mask": torch.ones(batch, seq, dtype=torch.long),
+            "labels": torch.randint(0, 4, (batch,), generator=g)}
+
+
+def vit_batch(batch: int, seq: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {"pixel_values": torch.randn(batch, 3, 64, 64, generator=g),
+            "labels": torch.randint(0, 4, (batch,), generator=g)}
+
+
+#: --model -> (builder, batch maker)
+MODELS = {"vit": (build_vit, vit_batch), "bert": (build_bert, bert_batch)}
+MODEL = "vit"
+
+
+def build_model(attn: str):
+    return MODELS[MODEL][0](attn)
 
 
 class NaiveLinearized(torch.nn.Module):
@@ -86,19 +121,19 @@ def make_step(variant: str, attn: str):
         net = model
 
         def logits(batch):
-            return net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            return net(**model_inputs(batch)).logits
     elif variant == "naive":
         net = NaiveLinearized(model)
 
         def logits(batch):
-            return net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            return net(**model_inputs(batch))
     else:
         from hf_taskarith.linearize import LinearizedModel
 
         net = LinearizedModel(model, engine="dual" if variant == "ours" else "jvp", copy_model=False)
 
         def logits(batch):
-            return net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            return net(**model_inputs(batch)).logits
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-5)
 
     def step(batch):
@@ -112,10 +147,11 @@ def make_step(variant: str, attn: str):
 
 
 def make_batch(batch: int, seq: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    return {"input_ids": torch.randint(1000, 30000, (batch, seq), generator=g),
-            "attention_mask": torch.ones(batch, seq, dtype=torch.long),
-            "labels": torch.randint(0, 4, (batch,), generator=g)}
+    return MODELS[MODEL][1](batch, seq)
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in batch.items() if k != "labels"}
 
 
 def time_variants(args) -> dict[str, list[float]]:
@@ -161,7 +197,7 @@ def peak_memory_child(variant: str, args) -> None:
 
 
 def peak_memory(variant: str, args) -> float:
-    cmd = [sys.executable, __file__, "--child-memory", variant, "--batch", str(args.batch), "--seq", str(args.seq),
+    cmd = [sys.executable, __file__, "--child-memory", variant, "--model", MODEL, "--batch", str(args.batch), "--seq", str(args.seq),
            "--attn", args.attn] + (["--threads", str(args.threads)] if args.threads else [])
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ}).stdout
     return json.loads(out.strip().splitlines()[-1])["peak_mib"]
@@ -169,6 +205,8 @@ def peak_memory(variant: str, args) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", choices=sorted(MODELS), default="vit",
+                   help="vit: the issue's ViT (hidden 192, 6 layers, image 64, patch 8); bert: MiniLM-sized BERT")
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq", type=int, default=64)
@@ -179,6 +217,8 @@ def main() -> None:
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--child-memory", choices=VARIANTS, help=argparse.SUPPRESS)
     args = p.parse_args()
+    global MODEL
+    MODEL = args.model
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # AdamW moments of rarely used embedding rows get tiny

@@ -4,8 +4,8 @@
 Jacobian-vector product along ``delta`` (forward-mode AD). Two engines compute it:
 
 * ``"dual"`` (default): :mod:`torch.autograd.forward_ad` dual tensors, with hand-written
-  rules for ``F.linear`` and ``F.scaled_dot_product_attention``
-  (:mod:`hf_taskarith.linearize.tangent_rules`). The primal pass runs outside autograd;
+  rules for ``F.linear``, ``F.layer_norm``, ``F.scaled_dot_product_attention`` and
+  first-layer convolutions (:mod:`hf_taskarith.linearize.tangent_rules`). The primal pass runs outside autograd;
   only tangent operations are recorded for the backward pass.
 * ``"jvp"``: ``torch.func.jvp`` over the module call with attention forced onto SDPA's math
   backend: the straightforward wrapper, kept as an independent reference for tests and

@@ -117,8 +117,9 @@ class LinearizedModel(nn.Module):
 
     Note:
         Cost: a training step does ~5 matmuls per linear layer against 3 for ordinary
-        fine-tuning (measured 1.85x an ordinary step with AdamW on a MiniLM-sized BERT, CPU;
-        see ``benchmarks/linearized_step.py`` and docs/linearized.md); peak memory 1.47x;
+        fine-tuning (measured 1.68x an ordinary step with AdamW on a small ViT and 1.61x on a
+        MiniLM-sized BERT, CPU; see ``benchmarks/linearized_step.py`` and docs/linearized.md);
+        peak memory 1.3x;
         ``theta0`` and ``delta`` together hold two copies of the weights (so do ``theta0`` and
         the ``nonlinear`` parameters). Half-precision bases keep ``delta`` in float32 and
         return linearized outputs in float32, so the small tangent term is not rounded away

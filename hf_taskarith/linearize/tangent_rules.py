@@ -9,20 +9,25 @@ linearized models of this package two operators deserve better:
   autograd (``W0`` is frozen), and the tangent ``x_t W0^T + x W_t^T + b_t`` is one
   :class:`torch.autograd.Function` whose backward does exactly two matmuls
   (``g W0`` and ``g^T x``), the same as an ordinary linear layer.
+* ``F.layer_norm``: PyTorch's formula decomposes into some twenty elementwise operations
+  whose intermediates autograd keeps. Here the primal is one ``native_layer_norm`` (giving
+  ``x_hat`` and ``rstd``) plus the affine map, and the tangent
+  ``rstd (x_t - mean(x_t) - x_hat mean(x_hat x_t)) w0 + x_hat w_t + b_t`` is one
+  :class:`torch.autograd.Function` saving ``x_hat`` and ``rstd`` only.
 * ``F.scaled_dot_product_attention``: its fused CPU/CUDA kernels have no forward-mode
-  formula at all. The rule below computes attention explicitly (the math backend) with the
-  analytic tangent of softmax attention, so models using ``attn_implementation="sdpa"``
-  work unchanged.
+  formula at all; :mod:`~hf_taskarith.linearize.attention_rule` computes attention
+  explicitly with the analytic tangent of softmax attention, so models using
+  ``attn_implementation="sdpa"`` work unchanged.
 
-Every other operator falls through to PyTorch's own JVP formulas. Rules live in a
-string-free registry keyed by the torch function; :func:`register_tangent_rule` adds one.
+Every rule steps aside (returns :data:`NotImplemented`) under autocast, and where a primal
+needs a graph (a caller differentiating w.r.t. the input, or parameters trained
+non-linearly with ``rest="train"``). Every other operator falls through to PyTorch's own JVP
+formulas. Rules live in a registry keyed by the torch function; :func:`register_tangent_rule`
+adds one.
 """
 
 from __future__ import annotations
 
-import contextlib
-import inspect
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -73,7 +78,8 @@ class TangentRulesMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _split(t: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def split_dual(t: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(primal, tangent)`` of a possibly dual tensor; ``(None, None)`` for ``None``."""
     if t is None:
         return None, None
     p, tangent = fwAD.unpack_dual(t)
@@ -112,11 +118,11 @@ class _LinearTangent(torch.autograd.Function):
 @register_tangent_rule(F.linear)
 def linear_rule(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
     """Tangent rule for ``F.linear`` when the weight carries a tangent (a trained layer)."""
-    w0, w_t = _split(weight)
+    w0, w_t = split_dual(weight)
     if w_t is None or torch.is_autocast_enabled(input.device.type) or input.dim() == 0:
         return NotImplemented
-    x, x_t = _split(input)
-    b0, b_t = _split(bias)
+    x, x_t = split_dual(input)
+    b0, b_t = split_dual(bias)
     if x.requires_grad or (b0 is not None and b0.requires_grad):
         # a caller differentiating w.r.t. the input, or a bias trained non-linearly (rest="train"):
         # let autograd see everything
@@ -127,70 +133,99 @@ def linear_rule(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     return fwAD.make_dual(y, y_t)
 
 
-_SDPA_SIGNATURE = inspect.Signature([
-    inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=d) for n, d in [
-        ("query", inspect.Parameter.empty), ("key", inspect.Parameter.empty),
-        ("value", inspect.Parameter.empty), ("attn_mask", None), ("dropout_p", 0.0),
-        ("is_causal", False), ("scale", None), ("enable_gqa", False),
-    ]
-])
+class _LayerNormTangent(torch.autograd.Function):
+    """``rstd (x_t - mean(x_t) - x_hat mean(x_hat x_t)) w0 + x_hat w_t + b_t``; ``x_hat``, ``rstd``, ``w0`` constant.
 
-
-@register_tangent_rule(F.scaled_dot_product_attention)
-def sdpa_rule(*args: Any, **kwargs: Any):
-    """Tangent rule for ``F.scaled_dot_product_attention`` (the explicit "math" computation).
-
-    With ``P = softmax(S)``, ``S = scale * Q K^T + mask`` and ``O = P V``:
-    ``S_t = scale (Q_t K^T + Q K_t^T)``, ``P_t = P * (S_t - rowsum(P * S_t))`` and
-    ``O_t = P_t V + P V_t``. Fully masked rows give zeros, as PyTorch's math backend does.
+    Means run over the last ``n`` dimensions. The map ``x_t -> rstd (x_t - mean(x_t) - x_hat
+    mean(x_hat x_t))`` is symmetric, so the backward applies it to ``g w0``.
     """
-    bound = _SDPA_SIGNATURE.bind(*args, **kwargs)
-    a = bound.arguments
-    q, q_t = _split(a["query"])
-    k, k_t = _split(a["key"])
-    v, v_t = _split(a["value"])
-    mask = a.get("attn_mask")
-    if q_t is None and k_t is None and v_t is None:
+
+    @staticmethod
+    def forward(ctx, x_hat: torch.Tensor, rstd: torch.Tensor, w0: torch.Tensor | None, n: int,
+                x_t: torch.Tensor | None, w_t: torch.Tensor | None, b_t: torch.Tensor | None) -> torch.Tensor:
+        dims = tuple(range(-n, 0))
+        y_t = None
+        if x_t is not None:
+            y_t = _normalized_tangent(x_hat, rstd, x_t, dims)
+            if w0 is not None:
+                y_t.mul_(w0)
+        if w_t is not None:
+            y_t = x_hat * w_t if y_t is None else y_t.addcmul_(x_hat, w_t)
+        if b_t is not None:
+            y_t = torch.zeros_like(x_hat).add_(b_t) if y_t is None else y_t.add_(b_t)
+        ctx.save_for_backward(x_hat, rstd, w0)
+        ctx.n = n
+        ctx.has = (x_t is not None, w_t is not None, b_t is not None)
+        return y_t
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        x_hat, rstd, w0 = ctx.saved_tensors
+        dims = tuple(range(-ctx.n, 0))
+        rows = tuple(range(g.dim() - ctx.n))
+        has_x, has_w, has_b = ctx.has
+        g_x = g_w = g_b = None
+        if has_x and ctx.needs_input_grad[4]:
+            g_x = _normalized_tangent(x_hat, rstd, g * w0 if w0 is not None else g, dims)
+        if has_w and ctx.needs_input_grad[5]:
+            g_w = (g * x_hat).sum(rows)
+        if has_b and ctx.needs_input_grad[6]:
+            g_b = g.sum(rows)
+        return None, None, None, None, g_x, g_w, g_b
+
+
+def _normalized_tangent(x_hat: torch.Tensor, rstd: torch.Tensor, t: torch.Tensor,
+                        dims: tuple[int, ...]) -> torch.Tensor:
+    """``rstd (t - mean(t) - x_hat mean(x_hat t))`` (a new tensor)."""
+    m2 = (x_hat * t).mean(dims, keepdim=True)
+    out = t - t.mean(dims, keepdim=True)
+    return out.addcmul_(x_hat, m2, value=-1).mul_(rstd)
+
+
+@register_tangent_rule(F.layer_norm)
+def layer_norm_rule(input: torch.Tensor, normalized_shape: Any, weight: torch.Tensor | None = None,
+                    bias: torch.Tensor | None = None, eps: float = 1e-5):
+    """Tangent rule for ``F.layer_norm`` (float32/float64; other dtypes use PyTorch's formula)."""
+    x, x_t = split_dual(input)
+    w0, w_t = split_dual(weight)
+    b0, b_t = split_dual(bias)
+    if x_t is None and w_t is None and b_t is None:
         return NotImplemented
-    if mask is not None and fwAD.unpack_dual(mask).tangent is not None:
+    if x.dtype not in (torch.float32, torch.float64) or torch.is_autocast_enabled(x.device.type):
         return NotImplemented
-    if a.get("dropout_p", 0.0):
-        raise ValueError(
-            f"scaled_dot_product_attention was called with dropout_p={a['dropout_p']} inside a "
-            "linearized model; the linearization point must be deterministic. Put the wrapped "
-            "model in eval mode (LinearizedModel does this itself)."
-        )
-    if a.get("enable_gqa", False) and k.shape[-3] != q.shape[-3]:
-        rep = q.shape[-3] // k.shape[-3]
-        k, v = k.repeat_interleave(rep, dim=-3), v.repeat_interleave(rep, dim=-3)
-        k_t = None if k_t is None else k_t.repeat_interleave(rep, dim=-3)
-        v_t = None if v_t is None else v_t.repeat_interleave(rep, dim=-3)
-    scale = a.get("scale")
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    # primals need a graph only when they depend on parameters trained non-linearly (rest="train")
-    primal_grad = q.requires_grad or k.requires_grad or v.requires_grad
-    with contextlib.nullcontext() if primal_grad else torch.no_grad():
-        s = (q @ k.transpose(-2, -1)) * scale
-        if a.get("is_causal", False):
-            causal = torch.ones(s.shape[-2], s.shape[-1], dtype=torch.bool, device=s.device).tril()
-            s = s.masked_fill(~causal, float("-inf"))
-        if mask is not None:
-            s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask
-        p = torch.softmax(s, dim=-1)
-        p = torch.where(torch.isnan(p), torch.zeros((), dtype=p.dtype, device=p.device), p)
-        out = p @ v
-    s_t = None
-    if q_t is not None:
-        s_t = (q_t @ k.transpose(-2, -1)) * scale
-    if k_t is not None:
-        term = (q @ k_t.transpose(-2, -1)) * scale
-        s_t = term if s_t is None else s_t + term
-    out_t = None
-    if s_t is not None:
-        ps = p * s_t
-        p_t = ps - p * ps.sum(dim=-1, keepdim=True)
-        out_t = p_t @ v
-    if v_t is not None:
-        term = p @ v_t
-        out_t = term if out_t is None else out_t + term
-    return fwAD.make_dual(out, out_t)
+    if any(t is not None and (t.requires_grad or t.dtype != x.dtype) for t in (x, w0, b0)):
+        return NotImplemented
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    with torch.no_grad():
+        y, mean, rstd = torch.native_layer_norm(x, shape, w0, b0, eps)
+        x_hat = (x - mean).mul_(rstd)  # cheaper than a second, non-affine layer norm
+    y_t = _LayerNormTangent.apply(x_hat, rstd, w0, len(shape), x_t, w_t, b_t)
+    return fwAD.make_dual(y, y_t)
+
+
+def _weight_only_conv_rule(conv: Callable[..., torch.Tensor]) -> TangentRule:
+    def rule(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *args: Any, **kwargs: Any):
+        x, x_t = split_dual(input)
+        w0, w_t = split_dual(weight)
+        b0, b_t = split_dual(bias)
+        if x_t is not None or w_t is None or torch.is_autocast_enabled(x.device.type):
+            return NotImplemented
+        if x.requires_grad or w0.requires_grad or (b0 is not None and b0.requires_grad):
+            return NotImplemented
+        with torch.no_grad():
+            y = conv(x, w0, b0, *args, **kwargs)
+        return fwAD.make_dual(y, conv(x, w_t, b_t, *args, **kwargs))
+
+    rule.__name__ = rule.__qualname__ = f"{conv.__name__}_rule"
+    rule.__doc__ = (f"Tangent rule for ``F.{conv.__name__}`` on an input without tangent (a first layer, e.g. a "
+                    "patch embedding): ``conv(x, W_t) + b_t``, one convolution, where PyTorch's formula also "
+                    "convolves a zero input tangent.")
+    return rule
+
+
+for _conv in (F.conv1d, F.conv2d, F.conv3d):
+    register_tangent_rule(_conv)(_weight_only_conv_rule(_conv))
+
+
+# the attention rule lives in its own module; importing it registers it
+from . import attention_rule  # noqa: E402,F401
