@@ -21,7 +21,7 @@ from ..state import float_state_dict
 from ..task_vector import TaskVector
 
 Forward = Callable[[torch.nn.Module, Any, str], torch.Tensor]  # (model, batch, task) -> logits
-_LAYER = re.compile(r"\.(layers?|h|blocks?)\.(\d+)\.")
+_LAYER = re.compile(r"(?:^|\.)(layers?|h|blocks?)\.(\d+)\.")  # also at the start: blocks.0.attn...
 
 
 def layer_of(name: str) -> str:

@@ -55,8 +55,10 @@ def plot_disentanglement(grid: DisentanglementGrid, path: str | os.PathLike, *, 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(4.6, 4))
     a = list(grid.alphas)
+    half = (a[-1] - a[0]) / (2 * (len(a) - 1)) if len(a) > 1 else 0.5  # cells centred on their alphas
+    lo, hi = a[0] - half, a[-1] + half
     im = ax.imshow(grid.xi.T.numpy(), origin="lower", cmap="viridis", vmin=0,
-                   extent=(a[0], a[-1], a[0], a[-1]), aspect="auto")
+                   extent=(lo, hi, lo, hi), aspect="auto")
     ax.set_xlabel(f"alpha ({grid.tasks[0]})")
     ax.set_ylabel(f"alpha ({grid.tasks[1]})")
     fig.colorbar(im, ax=ax, label="disentanglement error xi")

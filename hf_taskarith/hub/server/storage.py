@@ -311,7 +311,7 @@ class RepoStore:
     """All repos under ``root``; opens, creates and deletes them."""
 
     def __init__(self, root: Path, *, user: str) -> None:
-        self.root = Path(root)
+        self.root = Path(root).absolute()  # git runs with cwd set to repo folders: relative paths would break
         self.user = user
         self.root.mkdir(parents=True, exist_ok=True)
         self._tmp = self.root / ".tmp"
