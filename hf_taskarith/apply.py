@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .errors import IncompatibleBaseError, format_names
+from .errors import IncompatibleBaseError, NonFiniteError, format_names
 from .io.fingerprint import fingerprint_state_dict
 from .state import float_state_dict
 
@@ -87,9 +87,40 @@ def check_compatibility(tv: "TaskVector", base: torch.nn.Module | dict[str, torc
     return report
 
 
+def _updated(tv: "TaskVector", state: dict[str, torch.Tensor], name: str, scaling: float) -> torch.Tensor:
+    """``state[name] + scaling * tv[name]`` in the parameter's dtype.
+
+    Raises:
+        NonFiniteError: the delta, or the result (overflow in the parameter's dtype), holds NaN/inf.
+    """
+    p = state[name]
+    delta = tv[name].to(device=p.device, dtype=torch.float32)
+    if not bool(torch.isfinite(delta).all()):
+        raise NonFiniteError(
+            f"task vector tensor {name!r} contains NaN or inf; nothing was applied. The vector is damaged: "
+            "re-create or re-download it (pull_task_vector verifies downloads against the Hub's hashes)."
+        )
+    new = (p.to(torch.float32) + delta * scaling).to(p.dtype)
+    if new.is_floating_point() and not bool(torch.isfinite(new).all()):
+        raise NonFiniteError(
+            f"applying the task vector with scaling {scaling} makes {name!r} overflow to inf in {p.dtype}; "
+            "nothing was applied. Use a smaller scaling or a wider dtype."
+        )
+    return new
+
+
 def apply_to_module(tv: "TaskVector", model: torch.nn.Module, scaling: float, *,
                     allow_mismatch: bool = False) -> torch.nn.Module:
-    """Add ``scaling * tv`` to ``model``'s parameters in place; see :meth:`TaskVector.apply_to`."""
+    """Add ``scaling * tv`` to ``model``'s parameters in place; see :meth:`TaskVector.apply_to`.
+
+    Raises:
+        IncompatibleBaseError: see :func:`check_compatibility` (unless ``allow_mismatch``).
+        NonFiniteError: a delta holds NaN/inf, or a result overflows; the model is left unchanged.
+
+    Note:
+        Every tensor is computed twice (a checking pass, then the update), so that a refusal
+        leaves the model untouched without holding a second copy of its weights.
+    """
     state = float_state_dict(model)
     report = check_compatibility(tv, model)
     problems = not report.compatible
@@ -104,9 +135,9 @@ def apply_to_module(tv: "TaskVector", model: torch.nn.Module, scaling: float, *,
     elif report.identity_notes:
         logger.info("base weights match the vector's fingerprint (%s)", "; ".join(report.identity_notes))
     with torch.no_grad():
+        for name in report.applied:  # check everything first: a refusal leaves the model unchanged
+            _updated(tv, state, name, scaling)
         for name in report.applied:
-            p = state[name]
-            delta = tv[name].to(device=p.device, dtype=torch.float32) * scaling
-            p.copy_((p.to(torch.float32) + delta).to(p.dtype))
+            state[name].copy_(_updated(tv, state, name, scaling))
     model.hf_taskarith_apply_report = report
     return model

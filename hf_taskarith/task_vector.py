@@ -318,27 +318,45 @@ class TaskVector(Mapping):
             from .hub.pull import pull_task_vector
 
             return pull_task_vector(str(path), revision=revision)
-        folder = Path(path)
+        return cls._open_folder(Path(path), dtype=dtype)
+
+    @classmethod
+    def _open_folder(cls, folder: Path, *, dtype: torch.dtype | None = None,
+                     config_label: str | None = None) -> "TaskVector":
+        """Open a saved task-vector folder; ``config_label`` names the config in messages
+        (default: its path; :func:`~hf_taskarith.hub.pull.pull_task_vector` passes repo, revision and file)."""
         cfg = folder / CONFIG_NAME
+        label = config_label or str(cfg)
         if not cfg.is_file():
             raise CheckpointNotFoundError(
-                f"{path} is not a task vector: {CONFIG_NAME} is missing (found "
+                f"{folder} is not a task vector: {CONFIG_NAME} is missing (found "
                 f"{sorted(p.name for p in folder.iterdir())[:10]}). To build one from model "
                 "checkpoints use TaskVector.from_checkpoints(base, finetuned)."
             )
         try:
             data = json.loads(cfg.read_text())
-        except json.JSONDecodeError as e:
-            raise TaskArithError(f"{cfg}: invalid JSON ({e}).") from None
-        meta = TaskVectorMetadata.from_dict(data, source=str(cfg))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise TaskArithError(f"{label}: invalid JSON ({e}).") from None
+        if not isinstance(data, dict):
+            raise TaskArithError(f"{label}: expected a JSON object (task-vector metadata), got a "
+                                 f"{type(data).__name__}.")
+        meta = TaskVectorMetadata.from_dict(data, source=label)
         tensors: Mapping[str, torch.Tensor] = _LazyTensors(Checkpoint(folder, weights_prefix=WEIGHTS_PREFIX), dtype)
         compression = meta.extra.get("compression")
         if compression and "shapes" in compression:
             from .compression.compressed import open_compressed
+            from .errors import MergeConfigError
+            from .version import __version__
 
             shapes = compression.pop("shapes")
             parts = _LazyTensors(Checkpoint(folder, weights_prefix=WEIGHTS_PREFIX))  # parts keep their dtypes
-            tensors = open_compressed(parts, compression, shapes)
+            try:
+                tensors = open_compressed(parts, compression, shapes)
+            except MergeConfigError as e:  # e.g. a codec added by a newer version
+                raise MergeConfigError(
+                    f"{label}: cannot decode this compressed vector: {e} It was written by hf_taskarith "
+                    f"{meta.library_version}; this is {__version__}. Upgrade hf_taskarith to read it."
+                ) from None
         return cls(tensors, meta)
 
     def compress(self, method: str = "topk", **params: Any) -> "TaskVector":
@@ -382,6 +400,8 @@ class TaskVector(Mapping):
         Raises:
             IncompatibleBaseError: fingerprint, names or shapes differ and ``allow_mismatch``
                 is False. The message lists what differs.
+            NonFiniteError: a delta holds NaN/inf (or the result overflows); the message names
+                the tensor, and nothing is changed or written.
         """
         if isinstance(base, torch.nn.Module):
             from .apply import apply_to_module

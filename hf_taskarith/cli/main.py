@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from ..errors import TaskArithError
@@ -37,13 +38,32 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe surfaces here, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        return _stdout_closed()
     except (TaskArithError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted; no output was written.", file=sys.stderr)
         return 130
+
+
+def _stdout_closed() -> int:
+    """The reader of stdout went away (``hf-taskarith versions | head -1``): stop quietly.
+
+    Python ignores SIGPIPE, so the write raises ``BrokenPipeError``; stdout is pointed at
+    ``/dev/null`` so the final flush at exit does not raise again. Exit status 141 (128 +
+    SIGPIPE), as a command killed by the signal would have.
+    """
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout has no file descriptor (embedded use)
+        pass
+    return 141
 
 
 if __name__ == "__main__":

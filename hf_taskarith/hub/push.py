@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import ConcurrentPushError, HubError
+from .network import network_errors
 
 if TYPE_CHECKING:
     from ..task_vector import TaskVector
@@ -64,13 +65,24 @@ def push_task_vector(tv: "TaskVector", repo_id: str, *, tag: str | None = None, 
             pull, re-apply your change and push again).
         HubError: the tag already exists, or the Hub refused the request (message included).
     """
-    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=endpoint, token=token)
+    target = branch or "main"
+    with network_errors(f"{repo_id}@{target}: push", endpoint):
+        return _push(api, tv, repo_id, target=target, tag=tag, branch=branch, commit_message=commit_message,
+                     private=private, create_pr=create_pr, parent_commit=parent_commit, tag_message=tag_message,
+                     license=license, max_shard_size=max_shard_size)
+
+
+def _push(api, tv: "TaskVector", repo_id: str, *, target: str, tag: str | None, branch: str | None,
+          commit_message: str | None, private: bool, create_pr: bool, parent_commit: str | None,
+          tag_message: str | None, license: str, max_shard_size: int | str) -> PushResult:
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete
     from huggingface_hub.errors import HfHubHTTPError, RevisionNotFoundError
 
     from .card import render_task_vector_card
 
-    api = HfApi(endpoint=endpoint, token=token)
-    target = branch or "main"
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
         refs = api.list_repo_refs(repo_id)
@@ -110,7 +122,8 @@ def push_task_vector(tv: "TaskVector", repo_id: str, *, tag: str | None = None, 
     sha = info.oid
     if tag:
         try:
-            api.create_tag(repo_id, tag=tag, revision=sha, tag_message=tag_message or message)
+            with network_errors(f"{repo_id}: pushed commit {sha} but tagging it {tag!r} failed", api.endpoint):
+                api.create_tag(repo_id, tag=tag, revision=sha, tag_message=tag_message or message)
         except HfHubHTTPError as e:
             raise HubError(f"{repo_id}: pushed commit {sha} but tagging it {tag!r} failed: {e}") from e
     logger.info("pushed task vector to %s@%s (commit %s%s)", repo_id, target, sha, f", tag {tag}" if tag else "")

@@ -8,11 +8,14 @@ No ``X-Xet-Hash`` is ever sent, so clients with ``hf_xet`` still download over p
 
 from __future__ import annotations
 
+import logging
 import re
 
 from .errors import HubHTTPError
 from .messages import FileResponse, Request, Response, StreamResponse
 from .names import validate_path
+
+logger = logging.getLogger(__name__)
 
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
 
@@ -58,6 +61,16 @@ def resolve(req: Request) -> Response:
                         "X-Linked-Size": str(entry.size)})
     else:
         headers["ETag"] = f'"{entry.oid}"'
+    if entry.lfs_oid and req.method == "GET":
+        # Checked on GET only: huggingface_hub retries a 5xx answer to its HEAD for ~25 s, but fails a
+        # 5xx GET at once, with this message. Sending a damaged object would hang (truncated: the
+        # client waits for bytes never sent) or deliver wrong bytes.
+        problem = repo.lfs.damage(entry.lfs_oid, entry.size)
+        if problem:
+            logger.error("%s@%s: refusing to serve %s: %s", repo.repo_id, sha, path, problem)
+            raise HubHTTPError(500, f"File {path!r} of {repo.repo_id} at revision {revision!r} (commit {sha}) is "
+                                    f"damaged on this server: {problem}. Push the file again (a new commit), "
+                                    "or restore the object from a backup.", headers={"X-Repo-Commit": sha})
     span = parse_range(req.headers.get("Range"), entry.size) if req.method == "GET" else None
     status, (start, end) = (206, span) if span else (200, (0, entry.size))
     if span:
