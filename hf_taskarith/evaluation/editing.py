@@ -121,15 +121,4 @@ class TangentEditor:
     def reset(self) -> torch.nn.Module:
         return self.set({})
 
-    def edited(self, coefficients: Coefficients):
-        """Context manager: edit, yield the model, restore ``delta = 0`` afterwards."""
-        import contextlib
-
-        @contextlib.contextmanager
-        def ctx():
-            try:
-                yield self.set(coefficients)
-            finally:
-                self.reset()
-
-        return ctx()
+    edited = ModelEditor.edited  # edit, yield the model, restore delta = 0 afterwards
