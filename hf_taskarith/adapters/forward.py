@@ -18,6 +18,8 @@ a post-hook (:class:`LinearizedForwardHooks`):
 
 from __future__ import annotations
 
+from ..linearize.functional import unpack_output
+
 import contextlib
 import inspect
 from collections.abc import Callable, Mapping
@@ -25,7 +27,6 @@ from typing import Any
 
 import torch
 import torch.autograd.forward_ad as fwAD
-import torch.utils._pytree as pytree
 from torch import nn
 
 from ..linearize.functional import add_tangent
@@ -98,19 +99,7 @@ class LinearizedForwardHooks:
         return attach_loss(out, loss)
 
 
-def split_dual(output: Any) -> tuple[Any, Any]:
-    """``(primal, tangent)`` pytrees of an output holding dual tensors (tangent ``None`` where absent)."""
-    leaves, spec = pytree.tree_flatten(output, is_leaf=lambda x: x is None)
-    prim, tang = [], []
-    for leaf in leaves:
-        if isinstance(leaf, torch.Tensor):
-            p, t = fwAD.unpack_dual(leaf)
-            prim.append(p)
-            tang.append(t)
-        else:
-            prim.append(leaf)
-            tang.append(None)
-    return pytree.tree_unflatten(prim, spec), pytree.tree_unflatten(tang, spec)
+split_dual = unpack_output  # (primal, tangent) pytrees of an output holding dual tensors
 
 
 def attach_loss(out: Any, loss: torch.Tensor) -> Any:

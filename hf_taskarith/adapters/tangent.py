@@ -11,6 +11,8 @@ parameters (frozen): the peft life cycle (``save_pretrained``, ``PeftModel.from_
 
 from __future__ import annotations
 
+from ..linearize.model import _DeltaTree
+
 import contextlib
 import logging
 from collections.abc import Iterator
@@ -33,19 +35,8 @@ logger = logging.getLogger(__name__)
 DELTA_ATTR = "tangent_delta"
 
 
-class DeltaTree(nn.Module):
+class DeltaTree(_DeltaTree):
     """Parameters at a model's dotted names (``a.b.weight`` -> submodule ``a.b``, parameter ``weight``)."""
-
-    def add(self, name: str, value: torch.Tensor) -> nn.Parameter:
-        *path, attr = name.split(".")
-        mod: nn.Module = self
-        for part in path:
-            if part not in mod._modules:
-                mod.add_module(part, nn.Module())
-            mod = mod._modules[part]
-        param = nn.Parameter(value)
-        mod.register_parameter(attr, param)
-        return param
 
     def flat(self) -> dict[str, nn.Parameter]:
         return dict(self.named_parameters())

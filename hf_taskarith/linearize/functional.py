@@ -119,16 +119,24 @@ def linearized_call(module: torch.nn.Module, primals: Mapping[str, torch.Tensor]
         values = {n: (fwAD.make_dual(p, tangents[n]) if n in tangents else p) for n, p in primals.items()}
         with swapped_parameters(module, values, aliases):
             out = module(*args, **kwargs)
-        leaves, spec = pytree.tree_flatten(out, is_leaf=_is_none)
-        prim, tang = [], []
-        for leaf in leaves:
-            if isinstance(leaf, torch.Tensor):
-                p, t = fwAD.unpack_dual(leaf)
-                prim.append(p)
-                tang.append(t)
-            else:
-                prim.append(leaf)
-                tang.append(None)
+        return unpack_output(out)
+
+
+def unpack_output(output: Any) -> tuple[Any, Any]:
+    """``(primal, tangent)`` pytrees of an output holding dual tensors (tangent ``None`` where absent).
+
+    Call inside the ``fwAD.dual_level()`` that made the duals.
+    """
+    leaves, spec = pytree.tree_flatten(output, is_leaf=_is_none)
+    prim, tang = [], []
+    for leaf in leaves:
+        if isinstance(leaf, torch.Tensor):
+            p, t = fwAD.unpack_dual(leaf)
+            prim.append(p)
+            tang.append(t)
+        else:
+            prim.append(leaf)
+            tang.append(None)
     return pytree.tree_unflatten(prim, spec), pytree.tree_unflatten(tang, spec)
 
 

@@ -89,7 +89,8 @@ class Git:
         """Yield a blob's bytes ``[start, start+length)`` without holding it in memory."""
         proc = subprocess.Popen(self._cmd(["cat-file", "blob", sha]), stdout=subprocess.PIPE,
                                 stderr=subprocess.DEVNULL, cwd=self.git_dir, env=self._env)
-        assert proc.stdout is not None
+        if proc.stdout is None:  # cannot happen with stdout=PIPE; a clear error rather than an assert
+            raise RuntimeError(f"git cat-file gave no output pipe for blob {sha}")
         try:
             to_skip, remaining = start, length
             while True:
