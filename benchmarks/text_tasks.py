@@ -1,10 +1,19 @@
 """Task addition and negation on real MiniLM with 6+ real text tasks: linearized vs non-linear.
 
 The small-scale check of the central claim of Ortiz-Jimenez et al. (2023): task vectors
-fine-tuned in the tangent space add (and negate) better than ordinary ones. For each seed
-and each mode (``nonlinear``: ordinary fine-tuning; ``linear``: :class:`LinearizedModel`),
+fine-tuned in the tangent space add (and negate) better than ordinary ones; and of its
+parameter-efficient version (Tang et al., ICLR 2024): L-LoRA against LoRA. For each seed and
+each mode --
+
+* ``nonlinear``: ordinary full fine-tuning;
+* ``linear``: full linearized fine-tuning (:class:`LinearizedModel`);
+* ``lora``: peft LoRA (dense task vector ``B A scaling``, edits applied to the non-linear model);
+* ``llora``: L-LoRA (:class:`~hf_taskarith.adapters.LinearizedLoraConfig`, the paper's "model"
+  linearization), edits evaluated in the adapters' tangent space --
+
 every task's encoder is fine-tuned through a frozen linear-probe head (closed-vocabulary
-setting), then:
+setting); the checkpoint with the best validation accuracy (scored every ``--eval-every``
+steps) is kept, so each task is trained to convergence on its validation split. Then:
 
 * **single task**: each task's own fine-tuned model on its test split;
 * **addition**: ``theta0 + lambda * sum_t tau_t`` with one shared ``lambda`` chosen on the
@@ -14,15 +23,20 @@ setting), then:
   grid whose control accuracy (the other tasks) stays >= 95% of the pre-trained one on
   validation; target and control test accuracy, averaged over tasks.
 
-Linearized edits are evaluated as the paper does, in the tangent space
+* **weight disentanglement** xi (alpha1, alpha2) for the first two tasks on a grid of
+  ``-2 ... 2`` (first seed only), as heat maps under ``benchmarks/results/text/``.
+
+Linearized edits (``linear``, ``llora``) are evaluated as the papers do, in the tangent space
 (``f_lin(x; theta0 + sum lambda_t tau_t)``). There the features are exactly linear in the
-coefficients, so ``1 + T`` tangent-space passes per split give every grid point; non-linear
-edits need a forward pass per grid point (:class:`~hf_taskarith.evaluation.ModelEditor`).
+coefficients, so the pre-trained features and each fine-tuned model's features give every
+grid point; non-linear edits need a forward pass per grid point
+(:class:`~hf_taskarith.evaluation.ModelEditor`).
 
 Usage::
 
-    python benchmarks/text_tasks.py                               # 6 tasks, seeds 0 1, ~1 h on 2 cores
-    python benchmarks/text_tasks.py --seeds 0 --steps 40          # a quicker look
+    python benchmarks/text_tasks.py                               # 6 tasks, 4 modes, seeds 0 1 2 (hours on 2 cores)
+    python benchmarks/text_tasks.py --seeds 0 --modes nonlinear linear --steps 40   # a quicker look
+    python benchmarks/text_tasks.py --resume --seeds 0 1 2        # add missing (seed, mode) runs
     python benchmarks/text_tasks.py --tasks sms_spam trec ...     # any registered demo tasks
 
 Writes ``benchmarks/results/text_tasks.json`` and prints a markdown table (mean and spread
@@ -32,6 +46,7 @@ over seeds). Needs the offline assets of ``scripts/setup.sh``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -48,15 +63,33 @@ from hf_taskarith.demo.data import load_task
 from hf_taskarith.demo.models import encode, load_encoder, load_tokenizer, make_head
 from hf_taskarith.demo.train import finetune_encoder
 from hf_taskarith.evaluation import ModelEditor
+from hf_taskarith.evaluation.disentanglement import disentanglement_error
+from hf_taskarith.evaluation.plots import plot_disentanglement
 
 TASKS = ("sms_spam", "movie_sentiment", "trec", "disaster_tweets", "tweet_sentiment", "amazon_sentiment")
+MODES = ("nonlinear", "linear", "lora", "llora")
+TANGENT_MODES = {"linear", "llora"}  # edits evaluated in tangent space: features linear in the coefficients
 GRID = tuple(round(0.05 * i, 2) for i in range(21))
 NEG_GRID = tuple(round(0.25 * i, 2) for i in range(1, 9))  # 0.25 ... 2
+XI_ALPHAS = tuple(round(-2.0 + 0.5 * i, 2) for i in range(9))  # -2 ... 2
 RESULTS = Path(__file__).parent / "results" / "text_tasks.json"
+PLOTS = Path(__file__).parent / "results" / "text"
+# knobs that change results: a --resume run only reuses runs made with the same values
+RESULT_KNOBS = ("tasks", "steps", "lr", "adapter_lr", "batch_size", "max_length", "train_size", "val_size",
+                "test_size", "eval_every", "rank", "adapter_targets")
 
 
 def accuracy(logits: torch.Tensor, labels) -> float:
     return float((logits.argmax(-1) == torch.as_tensor(labels)).float().mean())
+
+
+class _CoefficientEditor:
+    """The slice of :class:`ModelEditor` that :func:`disentanglement_error` uses, for tangent-space
+    edits: the "edited model" is just the coefficients; predictions come from cached features."""
+
+    @contextlib.contextmanager
+    def edited(self, coefs):
+        yield dict(coefs)
 
 
 class Study:
@@ -70,56 +103,111 @@ class Study:
         self.heads = {t.name: make_head("probe", self.base, self.tokenizer, t.train.texts, t.train.labels,
                                         t.num_labels, generator=g, max_length=args.max_length)
                       for t in self.tasks}
-        self.pre = {s: self.scores(self.base, s) for s in ("val", "test")}
+        self.f0 = self.all_feats(self.base)
+        self.pre = {s: {t.name: self.acc(self.f0[(t.name, s)], t, s) for t in self.tasks} for s in ("val", "test")}
 
     def feats(self, model, task, split):
         return encode(model, self.tokenizer, task.split(split).texts, batch_size=64, max_length=self.args.max_length)
 
+    def all_feats(self, model) -> dict[tuple[str, str], torch.Tensor]:
+        return {(t.name, s): self.feats(model, t, s) for t in self.tasks for s in ("val", "test")}
+
+    def acc(self, feats, task, split) -> float:
+        return accuracy(self.heads[task.name](feats), task.split(split).labels)
+
     def scores(self, model, split) -> dict[str, float]:
-        return {t.name: accuracy(self.heads[t.name](self.feats(model, t, split)), t.split(split).labels)
-                for t in self.tasks}
+        return {t.name: self.acc(self.feats(model, t, split), t, split) for t in self.tasks}
 
     # -- fine-tuning ---------------------------------------------------------------------
-    def finetune(self, mode: str, seed: int) -> tuple[dict[str, TaskVector], dict[str, float], dict[str, float]]:
+    def build(self, mode: str, seed: int):
         a = self.args
-        tvs, own, secs = {}, {}, {}
+        enc = copy.deepcopy(self.base)
+        if mode == "nonlinear":
+            return enc
+        if mode == "linear":
+            return LinearizedModel(enc, copy_model=False)
+        import peft
+
+        if mode == "lora":
+            config = peft.LoraConfig(r=a.rank, lora_alpha=2 * a.rank, lora_dropout=0.0,
+                                     target_modules=list(a.adapter_targets))
+        else:
+            from hf_taskarith.adapters import LinearizedLoraConfig
+
+            config = LinearizedLoraConfig(r=a.rank, lora_alpha=2 * a.rank, target_modules=list(a.adapter_targets),
+                                          init_seed=seed)
+        torch.manual_seed(seed)  # LoRA's A init
+        return peft.get_peft_model(enc, config)
+
+    def finetune(self, mode: str, seed: int):
+        """Fine-tune every task; keep each task's best-on-validation checkpoint.
+
+        Returns ``(task vectors, own test accuracy, features of each fine-tuned model, log)``.
+        """
+        a = self.args
+        tvs, own, feats, log = {}, {}, {}, {}
+        lr = a.adapter_lr if mode in ("lora", "llora") else a.lr
         for i, t in enumerate(self.tasks):
-            enc = copy.deepcopy(self.base)
-            model = LinearizedModel(enc, copy_model=False) if mode == "linear" else enc
+            model = self.build(mode, seed)
+            trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+            best = {"acc": -1.0, "step": 0, "state": None}
+            curve = []
+
+            def on_step(step, model=model, t=t, trainable=trainable, best=best, curve=curve):
+                if step % a.eval_every and step != a.steps:
+                    return
+                acc = self.acc(self.feats(model, t, "val"), t, "val")
+                curve.append((step, round(acc, 4)))
+                if acc > best["acc"]:
+                    best.update(acc=acc, step=step, state={n: p.detach().clone() for n, p in trainable.items()})
+
             fit = finetune_encoder(model, self.heads[t.name], self.tokenizer, t.train, steps=a.steps,
-                                   batch_size=a.batch_size, learning_rate=a.lr, max_length=a.max_length,
-                                   seed=1000 * seed + i, progress=not a.no_progress, desc=f"{mode} {t.name} s{seed}")
-            tvs[t.name] = model.task_vector() if mode == "linear" else TaskVector.from_models(self.base, enc)
-            own[t.name] = accuracy(self.heads[t.name](self.feats(model, t, "test")), t.test.labels)
-            secs[t.name] = round(fit.seconds, 1)
-        return tvs, own, secs
+                                   batch_size=a.batch_size, learning_rate=lr, max_length=a.max_length,
+                                   seed=1000 * seed + i, progress=not a.no_progress, desc=f"{mode} {t.name} s{seed}",
+                                   on_step=on_step)
+            with torch.no_grad():
+                for n, p in trainable.items():
+                    p.copy_(best["state"][n])
+            model.eval()
+            if mode == "nonlinear":
+                tvs[t.name] = TaskVector.from_models(self.base, model)
+            elif mode == "linear":
+                tvs[t.name] = model.task_vector()
+            else:
+                tvs[t.name] = TaskVector.from_peft(model)
+            if mode in TANGENT_MODES:
+                feats[t.name] = self.all_feats(model)
+                own[t.name] = self.acc(feats[t.name][(t.name, "test")], t, "test")
+            else:
+                own[t.name] = self.acc(self.feats(model, t, "test"), t, "test")
+            log[t.name] = {"seconds": round(fit.seconds, 1), "best_step": best["step"],
+                           "best_val": round(best["acc"], 4), "val_curve": curve,
+                           "trainable_params": sum(p.numel() for p in trainable.values())}
+            del model, trainable, best
+        return tvs, own, feats, log
 
-    # -- edited models: a function coefficients -> {task: logits on split} ----------------
-    def linear_evaluator(self, tvs):
-        """Features at every coefficient from 1 + T tangent passes per split (exact)."""
-        lin = LinearizedModel(self.base)
-        names = list(tvs)
-        cache = {}
-        for split in ("val", "test"):
-            for t in self.tasks:
-                f0 = self.feats(lin.load_task_vector(tvs[names[0]], scaling=0.0), t, split)
-                d = [self.feats(lin.load_task_vector(tvs[n]), t, split) - f0 for n in names]
-                cache[(t.name, split)] = (f0, d)
+    # -- edited models: a function (coefficients, split) -> {task: accuracy} --------------
+    def tangent_logits(self, feats):
+        """Logits at any coefficients from the pre-trained and fine-tuned features (exact in tangent space)."""
+        names = list(feats)
 
-        def evaluate(coefs: dict[str, float], split: str) -> dict[str, float]:
-            out = {}
-            for t in self.tasks:
-                f0, d = cache[(t.name, split)]
-                f = f0 + sum(coefs.get(n, 0.0) * di for n, di in zip(names, d))
-                out[t.name] = accuracy(self.heads[t.name](f), t.split(split).labels)
-            return out
+        def logits(coefs, task, split):
+            f = self.f0[(task.name, split)] + sum(coefs.get(n, 0.0) * (feats[n][(task.name, split)] -
+                                                                       self.f0[(task.name, split)]) for n in names)
+            return self.heads[task.name](f)
+
+        return logits
+
+    def tangent_evaluator(self, feats):
+        logits = self.tangent_logits(feats)
+
+        def evaluate(coefs, split):
+            return {t.name: accuracy(logits(coefs, t, split), t.split(split).labels) for t in self.tasks}
 
         return evaluate
 
-    def nonlinear_evaluator(self, tvs):
-        editor = ModelEditor(copy.deepcopy(self.base), {k: v.materialize() for k, v in tvs.items()})
-
-        def evaluate(coefs: dict[str, float], split: str) -> dict[str, float]:
+    def nonlinear_evaluator(self, editor):
+        def evaluate(coefs, split):
             with editor.edited(coefs) as model:
                 return self.scores(model, split)
 
@@ -151,39 +239,83 @@ class Study:
         return {"per_task": rows, "target": statistics.mean(r["target"] for r in rows.values()),
                 "control": statistics.mean(r["control"] for r in rows.values())}
 
-    def run(self):
-        runs = []
+    def disentanglement(self, mode, seed, names, editor, feats):
+        pair = (names[0], names[1])
+        by_name = {t.name: t for t in self.tasks}
+        if mode in TANGENT_MODES:
+            logits = self.tangent_logits(feats)
+            editor = _CoefficientEditor()
+
+            def predict(coefs, task):
+                return logits(coefs, by_name[task], "val").argmax(-1)
+        else:
+            def predict(model, task):
+                return self.heads[task](self.feats(model, by_name[task], "val")).argmax(-1)
+
+        grid = disentanglement_error(editor, predict, pair, alphas=XI_ALPHAS, progress=not self.args.no_progress)
+        path = plot_disentanglement(grid, PLOTS / f"xi_{mode}_s{seed}.png",
+                                    title=f"xi, {mode} (MiniLM, {pair[0]} / {pair[1]})", vmax=1.0)
+        return {"tasks": list(pair), "alphas": list(XI_ALPHAS), "xi": grid.xi.tolist(),
+                "mean_within_1": grid.mean_within(1.0), "mean_within_2": grid.mean_within(2.0), "plot": str(path)}
+
+    def run(self, runs):
+        done = {(r["seed"], r["mode"]) for r in runs}
         for seed in self.args.seeds:
             for mode in self.args.modes:
+                if (seed, mode) in done:
+                    continue
                 t0 = time.perf_counter()
-                tvs, own, secs = self.finetune(mode, seed)
+                tvs, own, feats, log = self.finetune(mode, seed)
                 names = list(tvs)
-                evaluate = self.linear_evaluator(tvs) if mode == "linear" else self.nonlinear_evaluator(tvs)
+                editor = None
+                if mode in TANGENT_MODES:
+                    evaluate = self.tangent_evaluator(feats)
+                else:
+                    editor = ModelEditor(copy.deepcopy(self.base), {k: v.materialize() for k, v in tvs.items()})
+                    evaluate = self.nonlinear_evaluator(editor)
                 add = self.addition(evaluate, names, own)
                 neg = self.negation(evaluate, names)
+                xi = self.disentanglement(mode, seed, names, editor, feats) if seed == self.args.seeds[0] else None
                 cos = {a: {b: tvs[a].cosine_similarity(tvs[b]) for b in names} for a in names}
                 run = {"seed": seed, "mode": mode, "single": own, "single_mean": statistics.mean(own.values()),
-                       "addition": add, "negation": neg, "train_seconds": secs, "cosine": cos,
+                       "addition": add, "negation": neg, "xi": xi, "train": log, "cosine": cos,
                        "seconds": round(time.perf_counter() - t0, 1)}
                 runs.append(run)
                 print(f"seed {seed} {mode:9s}: single {run['single_mean']:.3f} | addition abs {add['absolute']:.3f} "
                       f"norm {add['normalized']:.3f} (lambda {add['lambda']}) | negation target {neg['target']:.3f} "
-                      f"control {neg['control']:.3f} | {run['seconds']:.0f}s", flush=True)
+                      f"control {neg['control']:.3f}" + (f" | xi(|a|<=1) {xi['mean_within_1']:.3f}" if xi else "")
+                      + f" | {run['seconds']:.0f}s", flush=True)
                 self.save(runs)
+                del editor, tvs, feats
         return runs
+
+    def config(self) -> dict:
+        return {k: v for k, v in vars(self.args).items()}
 
     def save(self, runs):
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        data = {"config": {k: v for k, v in vars(self.args).items()}, "pretrained": self.pre, "runs": runs,
-                "summary": summarize(runs, self.pre)}
+        data = {"config": self.config(), "pretrained": self.pre, "runs": runs, "summary": summarize(runs, self.pre)}
         tmp = RESULTS.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
         os.replace(tmp, RESULTS)
 
 
+def previous_runs(args) -> list[dict]:
+    """Runs of an earlier invocation with the same result knobs (for ``--resume``)."""
+    if not RESULTS.exists():
+        return []
+    old = json.loads(RESULTS.read_text())
+    mismatched = [k for k in RESULT_KNOBS if json.dumps(old["config"].get(k), default=str)
+                  != json.dumps(getattr(args, k), default=str)]
+    if mismatched:
+        sys.exit(f"--resume: {RESULTS} was made with different settings ({', '.join(mismatched)}); "
+                 "run without --resume to start over.")
+    return old["runs"]
+
+
 def summarize(runs, pre) -> dict:
     out = {}
-    for mode in sorted({r["mode"] for r in runs}):
+    for mode in [m for m in MODES if any(r["mode"] == m for r in runs)]:
         rs = [r for r in runs if r["mode"] == mode]
 
         def stat(xs):
@@ -194,7 +326,9 @@ def summarize(runs, pre) -> dict:
                      "addition_normalized": stat([r["addition"]["normalized"] for r in rs]),
                      "addition_lambda": [r["addition"]["lambda"] for r in rs],
                      "negation_target": stat([r["negation"]["target"] for r in rs]),
-                     "negation_control": stat([r["negation"]["control"] for r in rs])}
+                     "negation_control": stat([r["negation"]["control"] for r in rs]),
+                     "xi_mean_within_1": [r["xi"]["mean_within_1"] for r in rs if r.get("xi")],
+                     "seeds": [r["seed"] for r in rs]}
     out["pretrained_test_mean"] = statistics.mean(pre["test"].values())
     return out
 
@@ -203,30 +337,39 @@ def table(summary) -> str:
     def f(s):
         return f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f}"
 
-    lines = ["| mode | single-task | addition abs. | addition norm. | lambda | negation target | negation control |",
-             "|---|---:|---:|---:|---|---:|---:|"]
-    for mode in ("nonlinear", "linear"):
+    pre = 100 * summary["pretrained_test_mean"]
+    lines = ["| mode | seeds | single-task | addition abs. | addition norm. | lambda | negation target | "
+             "negation control | xi, abs(alpha) <= 1 |",
+             "|---|---|---:|---:|---:|---|---:|---:|---:|",
+             f"| pre-trained (probe heads) | | {pre:.1f} | {pre:.1f} | | | {pre:.1f} | {pre:.1f} | |"]
+    for mode in MODES:
         if mode in summary:
             s = summary[mode]
-            lines.append(f"| {mode} | {f(s['single'])} | {f(s['addition_absolute'])} | {f(s['addition_normalized'])} | "
-                         f"{', '.join(str(x) for x in s['addition_lambda'])} | {f(s['negation_target'])} | "
-                         f"{f(s['negation_control'])} |")
+            xi = ", ".join(f"{x:.3f}" for x in s["xi_mean_within_1"])
+            lines.append(f"| {mode} | {len(s['seeds'])} | {f(s['single'])} | {f(s['addition_absolute'])} | "
+                         f"{f(s['addition_normalized'])} | {', '.join(str(x) for x in s['addition_lambda'])} | "
+                         f"{f(s['negation_target'])} | {f(s['negation_control'])} | {xi} |")
     return "\n".join(lines)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tasks", nargs="+", default=list(TASKS))
-    p.add_argument("--modes", nargs="+", choices=("nonlinear", "linear"), default=["nonlinear", "linear"])
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
-    p.add_argument("--steps", type=int, default=60)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--eval-every", type=int, default=20, help="score validation every N steps; keep the best")
+    p.add_argument("--lr", type=float, default=2e-4, help="full fine-tuning (nonlinear, linear)")
+    p.add_argument("--adapter-lr", type=float, default=1e-3, help="lora, llora (adapters usually need ~10x)")
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--adapter-targets", nargs="+", default=["query", "key", "value", "dense"])
+    p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--train-size", type=int, default=1000)
     p.add_argument("--val-size", type=int, default=150)
     p.add_argument("--test-size", type=int, default=300)
     p.add_argument("--threads", type=int)
+    p.add_argument("--resume", action="store_true", help="keep the (seed, mode) runs already in the results file")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args()
     if len(args.tasks) < 2:
@@ -234,9 +377,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    runs = previous_runs(args) if args.resume else []
     study = Study(args)
     print(f"pre-trained test mean {statistics.mean(study.pre['test'].values()):.3f}: {study.pre['test']}", flush=True)
-    runs = study.run()
+    runs = study.run(runs)
     print(table(summarize(runs, study.pre)))
     print(f"written to {RESULTS}")
 

@@ -126,6 +126,24 @@ def test_demo_pipeline_on_tiny_bert(tiny_bert_dir, tmp_path, mode, hub):
                  tasks=tiny_tasks())
 
 
+def test_finetune_encoder_calls_on_step_after_each_step_in_train_mode(tiny_bert_dir):
+    from hf_taskarith.demo.models import load_encoder, load_tokenizer
+    from hf_taskarith.demo.train import finetune_encoder
+
+    encoder, tokenizer = load_encoder(tiny_bert_dir), load_tokenizer(tiny_bert_dir)
+    head = torch.nn.Linear(32, 2)
+    seen = []
+
+    def on_step(step):
+        seen.append((step, encoder.training))
+        encoder.eval()  # a validation pass would do this; training must resume in train mode
+
+    task = tiny_tasks()[0]
+    result = finetune_encoder(encoder, head, tokenizer, task.train, steps=3, batch_size=8, progress=False,
+                              on_step=on_step)
+    assert seen == [(1, True), (2, True), (3, True)] and result.steps == 3
+
+
 def test_demo_cli_parses_and_reports_missing_assets(monkeypatch, tmp_path, capsys):
     from hf_taskarith.cli.main import build_parser, main
     from hf_taskarith.demo import assets

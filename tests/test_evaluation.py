@@ -112,7 +112,7 @@ def test_disentanglement_error_properties(setup, tmp_path):
     assert grid.xi[1, 1] == 0  # nothing added: no disagreement
     assert (grid.xi >= 0).all() and (grid.xi <= 2).all()
     assert float(grid.xi.max()) > 0  # these non-linear vectors do interfere somewhere
-    png = plot_disentanglement(grid, tmp_path / "xi.png")
+    png = plot_disentanglement(grid, tmp_path / "new" / "dir" / "xi.png", vmax=1.0)  # parents are created
     png2 = plot_cosine_matrix(tvs, tmp_path / "cos.png")
     assert png.stat().st_size > 1000 and png2.read_bytes()[:4] == b"\x89PNG"
 

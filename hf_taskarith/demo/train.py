@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -36,7 +37,8 @@ class FinetuneResult:
 def finetune_encoder(encoder: nn.Module, head: nn.Module, tokenizer, train: Split, *, steps: int,
                      batch_size: int = 32, learning_rate: float = 5e-5, weight_decay: float = 0.0,
                      warmup_ratio: float = 0.1, max_length: int = 64, max_grad_norm: float = 1.0,
-                     seed: int = 0, progress: bool = True, desc: str = "fine-tuning") -> FinetuneResult:
+                     seed: int = 0, progress: bool = True, desc: str = "fine-tuning",
+                     on_step: Callable[[int], None] | None = None) -> FinetuneResult:
     """Fine-tune ``encoder`` in place on ``train`` through the frozen ``head``.
 
     Args:
@@ -44,6 +46,9 @@ def finetune_encoder(encoder: nn.Module, head: nn.Module, tokenizer, train: Spli
         head: the task's frozen classification head (never updated).
         train: texts and labels; batches are drawn without replacement, reshuffled each epoch.
         steps: optimizer steps.
+        on_step: called with the 1-based step number after each optimizer step (e.g. to score
+            the validation split and keep the best weights); the encoder is put back in train
+            mode after it returns.
 
     Returns:
         A :class:`FinetuneResult` with the per-step losses.
@@ -96,6 +101,9 @@ def finetune_encoder(encoder: nn.Module, head: nn.Module, tokenizer, train: Spli
         sched.step()
         losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if on_step is not None:
+            on_step(step + 1)
+            encoder.train()
     encoder.eval()
     seconds = time.perf_counter() - start
     logger.info("%s: %d steps in %.1fs, loss %.3f -> %.3f", desc, steps, seconds, losses[0], losses[-1])
