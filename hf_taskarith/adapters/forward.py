@@ -21,7 +21,6 @@ from __future__ import annotations
 from ..linearize.functional import unpack_output
 
 import contextlib
-import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -29,7 +28,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import nn
 
-from ..linearize.functional import add_tangent
+from ..linearize.functional import add_tangent, forward_params
 from ..linearize.losses import get_linearized_loss, infer_loss_type
 from ..linearize.tangent_rules import TangentRulesMode
 from .layer import linearized_forward
@@ -49,7 +48,7 @@ class LinearizedForwardHooks:
                  tangents: Callable[[], contextlib.AbstractContextManager] | None = None) -> None:
         self.model, self.active, self.tangents = model, active, tangents
         self._stack: list[dict[str, Any] | None] = []
-        self._accepts_use_cache = "use_cache" in _forward_params(model)
+        self._accepts_use_cache = "use_cache" in forward_params(model)
         self.handles = [model.register_forward_pre_hook(self._pre, with_kwargs=True),
                         model.register_forward_hook(self._post, with_kwargs=True, always_call=True)]
 
@@ -112,10 +111,3 @@ def attach_loss(out: Any, loss: torch.Tensor) -> Any:
         return {"loss": loss, **out}
     raise TypeError(f"cannot attach a loss to a {type(out).__name__} output; call without labels and compute the "
                     "loss yourself.")
-
-
-def _forward_params(model: nn.Module) -> Mapping[str, inspect.Parameter]:
-    try:
-        return inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return {}

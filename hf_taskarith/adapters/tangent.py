@@ -11,7 +11,7 @@ parameters (frozen): the peft life cycle (``save_pretrained``, ``PeftModel.from_
 
 from __future__ import annotations
 
-from ..linearize.model import _DeltaTree
+from ..linearize.storage import DeltaTree as _DeltaTree
 
 import contextlib
 import logging

@@ -23,12 +23,14 @@ Note:
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
 import torch.autograd.forward_ad as fwAD
 import torch.utils._pytree as pytree
+from torch import nn
 
 from .tangent_rules import TangentRulesMode
 
@@ -182,3 +184,25 @@ def _add(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     if p.dtype in _HALF or t.dtype in _HALF:
         return p.float() + t.float()
     return p + t
+
+
+class LinearizedOutput(dict):
+    """Returned when a wrapped model outputs a bare tensor and ``labels`` are given.
+
+    A dict with ``loss`` and ``logits`` (also readable as attributes), so ``Trainer`` finds
+    ``outputs["loss"]``.
+    """
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def forward_params(model: nn.Module) -> Mapping[str, inspect.Parameter]:
+    """The parameters of ``model.forward``'s signature (empty when it cannot be read)."""
+    try:
+        return inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return {}

@@ -23,11 +23,12 @@ from ..errors import KeyMismatchError, ShapeMismatchError, format_names
 from ..io.fingerprint import fingerprint_state_dict
 from ..state import float_state_dict
 from .attention import make_attention_jvp_safe
-from .functional import ENGINES, Engine, add_tangent, linearized_call
+from .functional import ENGINES, Engine, LinearizedOutput, add_tangent, forward_params, linearized_call
 from .losses import get_linearized_loss, infer_loss_type
 from .persistence import (
     TaskVectors, auto_class_name, check_bases, load_base_model, recorded_spec, scaled_pairs,
 )
+from .storage import DeltaTree, check_float_parameters, delta_dtype, parameters_to_buffers
 from .selection import RESTS, ParameterSelector, Rest, select_parameters, selector_record
 
 if TYPE_CHECKING:
@@ -37,35 +38,6 @@ logger = logging.getLogger(__name__)
 
 LossFn = Callable[..., torch.Tensor]
 """``loss_fn(outputs, labels, num_items_in_batch=None) -> scalar``, for models without a known loss."""
-
-
-class _DeltaTree(nn.Module):
-    """Holds parameters at the wrapped model's own dotted names (``delta.<name>``, ``nonlinear.<name>``)."""
-
-    def add(self, name: str, value: torch.Tensor) -> nn.Parameter:
-        *path, attr = name.split(".")
-        mod: nn.Module = self
-        for part in path:
-            if part not in mod._modules:
-                mod.add_module(part, nn.Module())
-            mod = mod._modules[part]
-        param = nn.Parameter(value)
-        mod.register_parameter(attr, param)
-        return param
-
-
-class LinearizedOutput(dict):
-    """Returned when a wrapped model outputs a bare tensor and ``labels`` are given.
-
-    A dict with ``loss`` and ``logits`` (also readable as attributes), so ``Trainer`` finds
-    ``outputs["loss"]``.
-    """
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(name) from None
 
 
 class LinearizedModel(nn.Module):
@@ -146,7 +118,7 @@ class LinearizedModel(nn.Module):
                              "leaves out at theta0, 'train' trains them normally.")
         if loss_type is not None:
             get_linearized_loss(loss_type)  # validates
-        _check_float_parameters(model)
+        check_float_parameters(model)
         self.engine: Engine = engine
         self.rest: Rest = rest
         self.loss_fn = loss_fn
@@ -189,18 +161,18 @@ class LinearizedModel(nn.Module):
         self._model_class = type(inner).__name__
         self._auto_class = auto_class_name(inner)
 
-        self.delta = _DeltaTree()
+        self.delta = DeltaTree()
         self._delta_params: dict[str, nn.Parameter] = {}
         for n in self._trainable:
             w = inner.get_parameter(n).detach()
-            self._delta_params[n] = self.delta.add(n, torch.zeros_like(w, dtype=_delta_dtype(w.dtype)))
-        self.nonlinear = _DeltaTree()
+            self._delta_params[n] = self.delta.add(n, torch.zeros_like(w, dtype=delta_dtype(w.dtype)))
+        self.nonlinear = DeltaTree()
         self._nonlinear_params: dict[str, nn.Parameter] = {}
         for n in self._nonlinear:
             self._nonlinear_params[n] = self.nonlinear.add(n, inner.get_parameter(n).detach().clone())
-        _parameters_to_buffers(inner)
+        parameters_to_buffers(inner)
         self.model = inner
-        self._accepts_use_cache = "use_cache" in _forward_params(inner)
+        self._accepts_use_cache = "use_cache" in forward_params(inner)
 
     # -- construction from task vectors and saved folders ------------------------------
     @classmethod
@@ -339,7 +311,7 @@ class LinearizedModel(nn.Module):
         value = getattr(self.model, "accepts_loss_kwargs", None)
         if value is not None:
             return bool(value)
-        return any(p.kind == inspect.Parameter.VAR_KEYWORD for p in _forward_params(self.model).values())
+        return any(p.kind == inspect.Parameter.VAR_KEYWORD for p in forward_params(self.model).values())
 
     # -- state ------------------------------------------------------------------------
     @property
@@ -533,35 +505,3 @@ class LinearizedModel(nn.Module):
         if self._nonlinear:
             s += f", rest='train', nonlinear_parameters={len(self._nonlinear)}"
         return s
-
-
-def _delta_dtype(dtype: torch.dtype) -> torch.dtype:
-    """``delta``'s dtype: the parameter's, but float32 for half precision (a master copy)."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
-def _check_float_parameters(model: nn.Module) -> None:
-    params = list(model.named_parameters())
-    if not params:
-        raise ValueError(f"{type(model).__name__} has no parameters; there is nothing to linearize.")
-    if not any(p.is_floating_point() for _, p in params):
-        dtypes = sorted({str(p.dtype).replace("torch.", "") for _, p in params})
-        raise ValueError(
-            f"{type(model).__name__} has no floating-point parameters (found {dtypes}, e.g. "
-            f"{params[0][0]!r}); forward-mode AD and task vectors need float weights. Quantized models must be "
-            "loaded unquantized (torch_dtype=torch.float32 or torch.bfloat16) to be linearized.")
-
-
-def _forward_params(model: nn.Module) -> Mapping[str, inspect.Parameter]:
-    try:
-        return inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return {}
-
-
-def _parameters_to_buffers(model: nn.Module) -> None:
-    """Turn every parameter of ``model`` into a (persistent) buffer holding the same tensor."""
-    for module in model.modules():
-        for name, p in list(module._parameters.items()):
-            del module._parameters[name]
-            module.register_buffer(name, None if p is None else p.detach(), persistent=True)
