@@ -37,10 +37,11 @@ Usage::
     python benchmarks/text_tasks.py                               # 6 tasks, 4 modes, seeds 0 1 2 (hours on 2 cores)
     python benchmarks/text_tasks.py --seeds 0 --modes nonlinear linear --steps 40   # a quicker look
     python benchmarks/text_tasks.py --resume --seeds 0 1 2        # add missing (seed, mode) runs
+    python benchmarks/text_tasks.py --report                      # table + summary plot from the results file
     python benchmarks/text_tasks.py --tasks sms_spam trec ...     # any registered demo tasks
 
-Writes ``benchmarks/results/text_tasks.json`` and prints a markdown table (mean and spread
-over seeds). Needs the offline assets of ``scripts/setup.sh``.
+Writes ``benchmarks/results/text_tasks.json``, prints a markdown table (mean and spread
+over seeds) and draws ``benchmarks/results/text/summary.png``. Needs the offline assets of ``scripts/setup.sh``.
 """
 
 from __future__ import annotations
@@ -352,6 +353,46 @@ def table(summary) -> str:
     return "\n".join(lines)
 
 
+def plot_summary(summary, path: Path, n_tasks: int) -> Path:
+    """Grouped bars (mean, std over seeds) of the table's accuracies for each mode."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [("single", "single-task"), ("addition_absolute", "addition"),
+               ("negation_target", "negation: target"), ("negation_control", "negation: control")]
+    modes = [m for m in MODES if m in summary]
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    width = 0.8 / max(1, len(modes))
+    for i, mode in enumerate(modes):
+        means = [100 * summary[mode][k]["mean"] for k, _ in metrics]
+        stds = [100 * summary[mode][k]["std"] for k, _ in metrics]
+        ax.bar([j + (i - (len(modes) - 1) / 2) * width for j in range(len(metrics))], means, width, yerr=stds,
+               capsize=2, label=f"{mode} ({len(summary[mode]['seeds'])} seeds)")
+    ax.axhline(100 * summary["pretrained_test_mean"], color="grey", linestyle="--", linewidth=1,
+               label="pre-trained (probe heads)")
+    ax.set_xticks(range(len(metrics)), [label for _, label in metrics])
+    ax.set_ylabel("mean test accuracy (%)")
+    ax.set_title(f"MiniLM, {n_tasks} text tasks: task arithmetic by fine-tuning mode")
+    ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.1))
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def report() -> None:
+    """Print the table and draw the summary plot from the results file (no training)."""
+    if not RESULTS.exists():
+        sys.exit(f"no results yet: {RESULTS} does not exist; run the study first.")
+    data = json.loads(RESULTS.read_text())
+    summary = summarize(data["runs"], data["pretrained"])
+    print(table(summary))
+    print(f"plot: {plot_summary(summary, PLOTS / 'summary.png', len(data['config']['tasks']))}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tasks", nargs="+", default=list(TASKS))
@@ -371,7 +412,10 @@ def main() -> None:
     p.add_argument("--threads", type=int)
     p.add_argument("--resume", action="store_true", help="keep the (seed, mode) runs already in the results file")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--report", action="store_true", help="only print the table and plot from the results file")
     args = p.parse_args()
+    if args.report:
+        return report()
     if len(args.tasks) < 2:
         sys.exit("give at least two tasks")
     if args.threads:
@@ -381,8 +425,9 @@ def main() -> None:
     study = Study(args)
     print(f"pre-trained test mean {statistics.mean(study.pre['test'].values()):.3f}: {study.pre['test']}", flush=True)
     runs = study.run(runs)
-    print(table(summarize(runs, study.pre)))
-    print(f"written to {RESULTS}")
+    summary = summarize(runs, study.pre)
+    print(table(summary))
+    print(f"written to {RESULTS}; plot: {plot_summary(summary, PLOTS / 'summary.png', len(args.tasks))}")
 
 
 if __name__ == "__main__":
