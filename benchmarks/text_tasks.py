@@ -24,7 +24,7 @@ steps) is kept, so each task is trained to convergence on its validation split. 
   validation; target and control test accuracy, averaged over tasks.
 
 * **weight disentanglement** xi (alpha1, alpha2) for the first two tasks on a grid of
-  ``-2 ... 2`` (first seed only), as heat maps under ``benchmarks/results/text/``.
+  ``-2, -1, 0, 1, 2`` (first seed only), as heat maps under ``benchmarks/results/text/``.
 
 Linearized edits (``linear``, ``llora``) are evaluated as the papers do, in the tangent space
 (``f_lin(x; theta0 + sum lambda_t tau_t)``). There the features are exactly linear in the
@@ -38,6 +38,8 @@ Usage::
     python benchmarks/text_tasks.py --seeds 0 --modes nonlinear linear --steps 40   # a quicker look
     python benchmarks/text_tasks.py --resume --seeds 0 1 2        # add missing (seed, mode) runs
     python benchmarks/text_tasks.py --report                      # table + summary plot from the results file
+    python benchmarks/text_tasks.py --seeds 0 --modes linear --output b.json   # in parallel with another run,
+    python benchmarks/text_tasks.py --report benchmarks/results/text_tasks.json b.json   # then combine
     python benchmarks/text_tasks.py --tasks sms_spam trec ...     # any registered demo tasks
 
 Writes ``benchmarks/results/text_tasks.json``, prints a markdown table (mean and spread
@@ -72,7 +74,7 @@ MODES = ("nonlinear", "linear", "lora", "llora")
 TANGENT_MODES = {"linear", "llora"}  # edits evaluated in tangent space: features linear in the coefficients
 GRID = tuple(round(0.05 * i, 2) for i in range(21))
 NEG_GRID = tuple(round(0.25 * i, 2) for i in range(1, 9))  # 0.25 ... 2
-XI_ALPHAS = tuple(round(-2.0 + 0.5 * i, 2) for i in range(9))  # -2 ... 2
+XI_ALPHAS = (-2.0, -1.0, 0.0, 1.0, 2.0)
 RESULTS = Path(__file__).parent / "results" / "text_tasks.json"
 PLOTS = Path(__file__).parent / "results" / "text"
 # knobs that change results: a --resume run only reuses runs made with the same values
@@ -294,22 +296,30 @@ class Study:
         return {k: v for k, v in vars(self.args).items()}
 
     def save(self, runs):
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        data = {"config": self.config(), "pretrained": self.pre, "runs": runs, "summary": summarize(runs, self.pre)}
-        tmp = RESULTS.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-        os.replace(tmp, RESULTS)
+        write_results(Path(self.args.output), {"config": self.config(), "pretrained": self.pre, "runs": runs,
+                                               "summary": summarize(runs, self.pre)})
+
+
+def write_results(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def mismatched_knobs(a: dict, b: dict) -> list[str]:
+    return [k for k in RESULT_KNOBS if json.dumps(a.get(k), default=str) != json.dumps(b.get(k), default=str)]
 
 
 def previous_runs(args) -> list[dict]:
     """Runs of an earlier invocation with the same result knobs (for ``--resume``)."""
-    if not RESULTS.exists():
+    out = Path(args.output)
+    if not out.exists():
         return []
-    old = json.loads(RESULTS.read_text())
-    mismatched = [k for k in RESULT_KNOBS if json.dumps(old["config"].get(k), default=str)
-                  != json.dumps(getattr(args, k), default=str)]
+    old = json.loads(out.read_text())
+    mismatched = mismatched_knobs(old["config"], vars(args))
     if mismatched:
-        sys.exit(f"--resume: {RESULTS} was made with different settings ({', '.join(mismatched)}); "
+        sys.exit(f"--resume: {out} was made with different settings ({', '.join(mismatched)}); "
                  "run without --resume to start over.")
     return old["runs"]
 
@@ -383,14 +393,28 @@ def plot_summary(summary, path: Path, n_tasks: int) -> Path:
     return path
 
 
-def report() -> None:
-    """Print the table and draw the summary plot from the results file (no training)."""
-    if not RESULTS.exists():
-        sys.exit(f"no results yet: {RESULTS} does not exist; run the study first.")
-    data = json.loads(RESULTS.read_text())
-    summary = summarize(data["runs"], data["pretrained"])
+def report(inputs: list[str], output: str) -> None:
+    """Combine results files (e.g. of runs made in parallel), write ``output``, print the table
+    and draw the summary plot. No training."""
+    runs, data = [], None
+    for name in inputs:
+        path = Path(name)
+        if not path.exists():
+            sys.exit(f"no results: {path} does not exist; run the study first.")
+        part = json.loads(path.read_text())
+        if data is None:
+            data = part
+        elif mismatched_knobs(data["config"], part["config"]):
+            sys.exit(f"{path} was made with different settings ({', '.join(mismatched_knobs(data['config'], part['config']))})"
+                     f" than {inputs[0]}; they cannot be combined.")
+        seen = {(r["seed"], r["mode"]) for r in runs}
+        runs += [r for r in part["runs"] if (r["seed"], r["mode"]) not in seen]
+    runs.sort(key=lambda r: (r["seed"], MODES.index(r["mode"])))
+    summary = summarize(runs, data["pretrained"])
+    if [str(Path(i).resolve()) for i in inputs] != [str(Path(output).resolve())]:
+        write_results(Path(output), {**data, "runs": runs, "summary": summary, "combined_from": inputs})
     print(table(summary))
-    print(f"plot: {plot_summary(summary, PLOTS / 'summary.png', len(data['config']['tasks']))}")
+    print(f"written to {output}; plot: {plot_summary(summary, PLOTS / 'summary.png', len(data['config']['tasks']))}")
 
 
 def main() -> None:
@@ -412,10 +436,13 @@ def main() -> None:
     p.add_argument("--threads", type=int)
     p.add_argument("--resume", action="store_true", help="keep the (seed, mode) runs already in the results file")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--report", action="store_true", help="only print the table and plot from the results file")
+    p.add_argument("--output", default=str(RESULTS), help="results file (runs in parallel need their own)")
+    p.add_argument("--report", nargs="*", metavar="RESULTS_JSON",
+                   help="no training: combine these results files (default: --output) into --output, print the "
+                        "table, draw the plot")
     args = p.parse_args()
-    if args.report:
-        return report()
+    if args.report is not None:
+        return report(args.report or [args.output], args.output)
     if len(args.tasks) < 2:
         sys.exit("give at least two tasks")
     if args.threads:
@@ -427,7 +454,7 @@ def main() -> None:
     runs = study.run(runs)
     summary = summarize(runs, study.pre)
     print(table(summary))
-    print(f"written to {RESULTS}; plot: {plot_summary(summary, PLOTS / 'summary.png', len(args.tasks))}")
+    print(f"written to {args.output}; plot: {plot_summary(summary, PLOTS / 'summary.png', len(args.tasks))}")
 
 
 if __name__ == "__main__":
