@@ -8,7 +8,9 @@ A fine-tune is the base plus small dense noise of its own.
 
 Then, for each method (task_arithmetic with weights 0.3; ties with weight 1.0, density 0.2),
 both tools run the same mergekit-format YAML, each merge in its own process, interleaved
-(ours, mergekit, mergekit, ours, ...). Reported: median wall time and peak RSS (``ru_maxrss``
+(ours, mergekit, mergekit, ours, ...). For task_arithmetic, ``hf-taskarith merge`` takes its
+torch-free path (numpy; ``hf_taskarith.merging.lite``); the same CLI with ``--no-fast-path``
+(the torch engine) runs interleaved too, as a third row. Reported: median wall time and peak RSS (``ru_maxrss``
 of the merging process, from ``os.wait4`` in a small launcher process), ratios
 ours / mergekit, and baselines from the same run: reading the four checkpoints from the page
 cache, writing one, and starting Python with ``import torch`` (resp. mergekit's CLI imports),
@@ -50,6 +52,8 @@ PARAMS = {"task_arithmetic": {"weight": 0.3}, "ties": {"weight": 1.0, "density":
 TOOL_FLAGS = {
     # both write 500 MB shards, as the inputs are, and show no progress bars
     "hf_taskarith": ["--no-progress", "--max-shard-size", "500MB"],
+    # the same CLI forced onto the torch engine (task_arithmetic otherwise runs torch-free)
+    "hf_taskarith_torch": ["--no-progress", "--max-shard-size", "500MB", "--no-fast-path"],
     # --lazy-unpickle only changes how pickled .bin inputs load (a no-op for safetensors);
     # --out-shard-size also stops mergekit from holding a 5B-byte output shard in memory
     "mergekit": ["--no-copy-tokenizer", "--quiet", "--lazy-unpickle", "--out-shard-size", "500M"],
@@ -256,7 +260,8 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     folders = generate(args.work, regenerate=args.regenerate)
 
-    tools = {"hf_taskarith": [str(BIN / "hf-taskarith"), "merge"]}
+    tools = {"hf_taskarith": [str(BIN / "hf-taskarith"), "merge"],
+             "hf_taskarith_torch": [str(BIN / "hf-taskarith"), "merge"]}
     mergekit = shutil.which("mergekit-yaml", path=str(BIN)) or shutil.which("mergekit-yaml")
     if not args.no_mergekit:
         if mergekit is None:
@@ -272,6 +277,8 @@ def main() -> None:
     # the fixed cost of starting each tool: the interpreter plus its imports
     baseline["import_torch_s"] = _median([run_measured([sys.executable, "-c", "import torch"], env)[0]
                                           for _ in range(3)])
+    baseline["import_numpy_s"] = _median([run_measured([sys.executable, "-c", "import numpy"], env)[0]
+                                          for _ in range(3)])
     if "mergekit" in tools:
         baseline["import_mergekit_cli_s"] = _median(
             [run_measured([sys.executable, "-c", "import mergekit.scripts.run_yaml"], env)[0] for _ in range(3)])
@@ -279,15 +286,17 @@ def main() -> None:
     print(f"baseline: read 4 checkpoints (page cache) {baseline['read_4_checkpoints_s']:.2f} s; write 1 checkpoint "
           f"{baseline['write_1_checkpoint_page_cache_s']:.2f} s (page cache), "
           f"{baseline['write_1_checkpoint_fsync_s']:.2f} s (with fsync); start python + import torch "
-          f"{baseline['import_torch_s']:.2f} s"
+          f"{baseline['import_torch_s']:.2f} s (numpy: {baseline['import_numpy_s']:.2f} s)"
           + (f", + mergekit's CLI imports {mk_import:.2f} s" if mk_import else ""), flush=True)
 
     configs = {m: write_config(args.work / f"{m}.yml", m, folders) for m in args.methods}
-    runs: dict[str, dict[str, list[tuple[float, int]]]] = {m: {t: [] for t in tools} for m in args.methods}
+    # the torch-engine row only where the method has a torch-free path (elsewhere it is the same run)
+    tools_for = {m: [t for t in tools if t != "hf_taskarith_torch" or m == "task_arithmetic"] for m in args.methods}
+    runs: dict[str, dict[str, list[tuple[float, int]]]] = {m: {t: [] for t in tools_for[m]} for m in args.methods}
     commands: dict[str, dict[str, str]] = {m: {} for m in args.methods}
     for r in range(args.repeats):
         for method in args.methods:
-            order = list(tools) if r % 2 == 0 else list(reversed(tools))  # alternate who goes first
+            order = tools_for[method] if r % 2 == 0 else tools_for[method][::-1]  # alternate who goes first
             for tool in order:
                 out = args.work / f"out_{tool}_{method}"
                 shutil.rmtree(out, ignore_errors=True)  # not timed, for both tools
@@ -305,7 +314,8 @@ def main() -> None:
     }
     for method, by_tool in runs.items():
         row: dict[str, object] = {"commands": commands[method], "params": PARAMS[method]}
-        for tool, key in (("hf_taskarith", "ours"), ("mergekit", "mergekit")):
+        for tool, key in (("hf_taskarith", "ours"), ("hf_taskarith_torch", "ours_torch_engine"),
+                          ("mergekit", "mergekit")):
             if tool in by_tool:
                 row[f"{key}_wall_s"] = _median([w for w, _ in by_tool[tool]])
                 row[f"{key}_peak_rss_mb"] = _median([m for _, m in by_tool[tool]]) / 1e6
@@ -314,6 +324,8 @@ def main() -> None:
         if "mergekit" in by_tool:
             row["time_ratio"] = row["ours_wall_s"] / row["mergekit_wall_s"]
             row["rss_ratio"] = row["ours_peak_rss_mb"] / row["mergekit_peak_rss_mb"]
+            if "ours_torch_engine_wall_s" in row:
+                row["torch_engine_time_ratio"] = row["ours_torch_engine_wall_s"] / row["mergekit_wall_s"]
             row["vs_mergekit"] = compare(method, args.work / f"out_hf_taskarith_{method}",
                                          args.work / f"out_mergekit_{method}", folders)
         row["meets_targets"] = {
@@ -332,6 +344,11 @@ def main() -> None:
         print(f"{method:16s} {row['ours_wall_s']:8.2f} {row.get('mergekit_wall_s', nan):10.2f} "
               f"{row.get('time_ratio', nan):10.3f} {row['ours_peak_rss_mb']:8.0f} "
               f"{row.get('mergekit_peak_rss_mb', nan):11.0f} {row.get('rss_ratio', nan):9.3f}")
+    for method, row in summary["methods"].items():
+        if "ours_torch_engine_wall_s" in row:
+            print(f"{method}: torch-free path {row['ours_wall_s']:.2f} s; the same CLI on the torch engine "
+                  f"(--no-fast-path) {row['ours_torch_engine_wall_s']:.2f} s = "
+                  f"{row.get('torch_engine_time_ratio', nan):.3f}x mergekit")
     print(f"\ntargets: time ratio <= {TARGETS['time_ratio']}, "
           f"our peak RSS <= {TARGETS['ours_peak_rss_bytes'] / 1e9} GB")
     for method, row in summary["methods"].items():

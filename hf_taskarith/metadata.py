@@ -14,6 +14,9 @@ logger = logging.getLogger(__name__)
 
 FORMAT_NAME = "hf_taskarith.task_vector"
 FORMAT_VERSION = 1
+#: the file that marks a folder as a saved task vector, and the stem of its weights files
+CONFIG_NAME = "task_vector_config.json"
+WEIGHTS_PREFIX = "task_vector"
 
 
 @dataclass

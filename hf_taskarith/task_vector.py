@@ -20,13 +20,11 @@ from .errors import (
 from .io.checkpoints import Checkpoint, open_checkpoint
 from .io.fingerprint import fingerprint_checkpoint, fingerprint_state_dict
 from .io.writer import atomic_output_dir, save_tensors
-from .metadata import TaskVectorMetadata
+from .metadata import CONFIG_NAME, WEIGHTS_PREFIX, TaskVectorMetadata
 from .state import float_state_dict
 
 logger = logging.getLogger(__name__)
 
-CONFIG_NAME = "task_vector_config.json"
-WEIGHTS_PREFIX = "task_vector"
 
 
 class _LazyTensors(Mapping):

@@ -17,20 +17,27 @@ from ..errors import TaskArithError
 COMMANDS = ["merge", "methods", "extract", "apply", "compress", "push", "pull", "versions", "hub", "demo"]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser, with every sub-command, or only ``command`` when it names one.
+
+    Building only the command being run keeps start-up to what that command imports (the
+    torch-free ``merge`` path imports no torch); ``--help`` and unknown commands get all.
+    """
     from ..version import __version__
 
     parser = argparse.ArgumentParser(prog="hf-taskarith", description="Task arithmetic for Hugging Face models.")
     parser.add_argument("--version", action="version", version=f"hf_taskarith {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log details (INFO level)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMANDS:
+    for name in [command] if command in COMMANDS else COMMANDS:
         importlib.import_module(f"{__package__}.{name.replace('-', '_')}").register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")

@@ -17,6 +17,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="merge despite base fingerprint / name / shape mismatches (skipped ones are reported)")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR if it exists")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--no-fast-path", action="store_true",
+                   help="always use the torch engine (by default, task_arithmetic merges of local "
+                        "safetensors checkpoints run torch-free with numpy, with identical output)")
     p.set_defaults(func=run)
 
 
@@ -25,6 +28,7 @@ def run(args: argparse.Namespace) -> int:
 
     out = merge_from_config(args.config, args.output_dir, dtype=args.dtype, seed=args.seed,
                             max_shard_size=args.max_shard_size, allow_mismatch=args.allow_mismatch or None,
-                            overwrite=args.overwrite or None, progress=not args.no_progress)
+                            overwrite=args.overwrite or None, progress=not args.no_progress,
+                            fast_path=not args.no_fast_path)
     print(f"merged checkpoint written to {out}")
     return 0

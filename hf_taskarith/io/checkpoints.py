@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError
-from .safetensors_file import TensorInfo, read_header, read_tensor
+from .checkpoint_files import read_checkpoint_headers
+from .safetensors_file import DTYPES, TensorInfo, read_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -50,54 +51,9 @@ class Checkpoint:
         self.path = Path(path)
         if not self.path.exists():
             raise CheckpointNotFoundError(f"checkpoint not found: {self.path}")
-        self.metadata: dict[str, str] = {}
-        self._infos: dict[str, TensorInfo] = {}
-        for file in self._weight_files(weights_prefix):
-            infos, meta = read_header(file)
-            self.metadata.update(meta)
-            for name, info in infos.items():
-                if name in self._infos:
-                    raise CorruptCheckpointError(
-                        f"tensor {name!r} is stored twice: in {self._infos[name].path.name} and "
-                        f"{file.name}. Remove the stale shard."
-                    )
-                self._infos[name] = info
-
-    def _weight_files(self, prefix: str | None) -> list[Path]:
-        if self.path.is_file():
-            return [self.path]
-        indexes = sorted(self.path.glob("*.safetensors.index.json"))
-        if prefix:
-            indexes = [p for p in indexes if p.name.startswith(prefix)]
-        if indexes:
-            index_path = indexes[0]
-            try:
-                weight_map = json.loads(index_path.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise CorruptCheckpointError(f"{index_path}: not a valid safetensors index ({e!r}).") from None
-            files = []
-            for shard in dict.fromkeys(weight_map.values()):
-                shard_path = self.path / shard
-                if not shard_path.is_file():
-                    raise CheckpointNotFoundError(
-                        f"{index_path} lists shard {shard!r}, which is missing from {self.path}. "
-                        "The download is incomplete; fetch the missing file."
-                    )
-                files.append(shard_path)
-            return files
-        files = sorted(self.path.glob("*.safetensors"))
-        if prefix:
-            files = [p for p in files if p.name.startswith(prefix)]
-        if not files:
-            found = sorted(p.name for p in self.path.iterdir())[:20]
-            hint = ""
-            if any(n.endswith(".bin") or n.endswith(".pt") for n in found):
-                hint = (" Only safetensors are read (pickle files can run code); convert with "
-                        "`model.save_pretrained(dir, safe_serialization=True)`.")
-            raise CheckpointNotFoundError(
-                f"no safetensors weights in {self.path} (found: {found}).{hint}"
-            )
-        return files
+        stored, self.metadata = read_checkpoint_headers(self.path, weights_prefix=weights_prefix)
+        self._infos: dict[str, TensorInfo] = {
+            name: TensorInfo(name, t.path, DTYPES[t.code], t.shape, t.start, t.end) for name, t in stored.items()}
 
     # -- mapping-like interface -------------------------------------------------------
     def __contains__(self, name: object) -> bool:

@@ -13,15 +13,14 @@ Note:
 
 from __future__ import annotations
 
-import json
 import os
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointNotFoundError, CorruptCheckpointError
+from ..errors import CorruptCheckpointError
+from .safetensors_header import parse_header, pread_into
 
 #: safetensors dtype codes and their torch dtypes.
 DTYPES: dict[str, torch.dtype] = {
@@ -37,7 +36,6 @@ DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
 }
 DTYPE_CODES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
-_MAX_HEADER = 100 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -68,10 +66,7 @@ class TensorInfo:
 
 
 def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """Parse and validate a safetensors header.
-
-    Args:
-        path: the ``.safetensors`` file.
+    """Parse and validate a safetensors header (see :func:`.safetensors_header.parse_header`).
 
     Returns:
         ``(tensors, metadata)``: a dict name -> :class:`TensorInfo` in file order, and the
@@ -81,73 +76,9 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
         CheckpointNotFoundError: the file does not exist.
         CorruptCheckpointError: the header is malformed or points past the end of the file.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointNotFoundError(f"safetensors file not found: {path}")
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise CorruptCheckpointError(
-                f"{path}: file is {size} bytes, too short to be safetensors (needs an 8-byte "
-                "header length). The file is truncated or not a safetensors file."
-            )
-        (n,) = struct.unpack("<Q", head)
-        if n > _MAX_HEADER or 8 + n > size:
-            raise CorruptCheckpointError(
-                f"{path}: header claims {n} bytes but the file has {size} bytes in all. "
-                "The file is truncated or not a safetensors file; download or save it again."
-            )
-        raw = f.read(n)
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CorruptCheckpointError(f"{path}: header is not valid JSON ({e}).") from None
-    if not isinstance(header, dict):
-        raise CorruptCheckpointError(f"{path}: header is a {type(header).__name__}, expected an object.")
-    metadata = header.pop("__metadata__", None) or {}
-    data_start = 8 + n
-    infos: dict[str, TensorInfo] = {}
-    for name, entry in header.items():
-        try:
-            dtype_code, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise CorruptCheckpointError(
-                f"{path}: header entry for tensor {name!r} is malformed: {entry!r}; expected "
-                "{'dtype': ..., 'shape': [...], 'data_offsets': [begin, end]}."
-            ) from None
-        if dtype_code not in DTYPES:
-            raise CorruptCheckpointError(
-                f"{path}: tensor {name!r} has dtype {dtype_code!r}; supported: {sorted(DTYPES)}."
-            )
-        dtype = DTYPES[dtype_code]
-        info = TensorInfo(name, path, dtype, tuple(int(s) for s in shape), data_start + begin, data_start + end)
-        expected = info.numel * torch.empty((), dtype=dtype).element_size()
-        if info.nbytes != expected or begin < 0:
-            raise CorruptCheckpointError(
-                f"{path}: tensor {name!r} spans {info.nbytes} bytes but shape {list(info.shape)} "
-                f"of {dtype_code} needs {expected}."
-            )
-        if info.end > size:
-            raise CorruptCheckpointError(
-                f"{path}: tensor {name!r} ends at byte {info.end} but the file has {size} bytes. "
-                "The file is truncated; download or save it again."
-            )
-        infos[name] = info
-    ordered = dict(sorted(infos.items(), key=lambda kv: kv[1].start))
-    return ordered, dict(metadata)
-
-
-def _pread_into(fd: int, view: memoryview, offset: int, info: TensorInfo) -> None:
-    got = 0
-    while got < len(view):
-        n = os.preadv(fd, [view[got:]], offset + got)
-        if n <= 0:
-            raise CorruptCheckpointError(
-                f"{info.path}: tensor {info.name!r} could not be read in full (got {got} of "
-                f"{len(view)} bytes at offset {offset}); the file changed or is truncated."
-            )
-        got += n
+    stored, metadata = parse_header(path)
+    return {name: TensorInfo(name, t.path, DTYPES[t.code], t.shape, t.start, t.end)
+            for name, t in stored.items()}, metadata
 
 
 def read_tensor(info: TensorInfo) -> torch.Tensor:
@@ -156,7 +87,7 @@ def read_tensor(info: TensorInfo) -> torch.Tensor:
     if info.nbytes:
         fd = os.open(info.path, os.O_RDONLY)
         try:
-            _pread_into(fd, memoryview(buf.numpy()).cast("B"), info.start, info)
+            pread_into(fd, memoryview(buf.numpy()).cast("B"), info.start, info)
         finally:
             os.close(fd)
     return buf.view(info.dtype).reshape(info.shape)
@@ -188,7 +119,7 @@ class RangeReader:
         if nbytes:
             if self._fd is None:
                 raise ValueError(f"RangeReader for {self.info.name!r} is closed.")
-            _pread_into(self._fd, memoryview(buf.numpy()).cast("B"), self.info.start + start * self._item, self.info)
+            pread_into(self._fd, memoryview(buf.numpy()).cast("B"), self.info.start + start * self._item, self.info)
         return buf.view(self.dtype)
 
     def close(self) -> None:

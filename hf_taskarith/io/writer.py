@@ -10,43 +10,24 @@ and transformers), with a ``*.safetensors.index.json`` when there is more than o
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import os
-import re
-import shutil
-import struct
-import tempfile
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..errors import MergeConfigError
+from .atomic import atomic_output_dir
+from .layout import Entry, ShardLayout, create_shard, encode_header, parse_size
 from .safetensors_file import DTYPE_CODES
+from .safetensors_header import pwrite_all
+
+__all__ = ["TensorSpec", "RangeWriter", "ShardedWriter", "save_tensors", "atomic_output_dir", "parse_size"]
 
 logger = logging.getLogger(__name__)
-
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-def parse_size(size: int | str) -> int:
-    """Parse ``"500MB"``, ``"2GiB"`` or an int number of bytes."""
-    if isinstance(size, int):
-        value = size
-    else:
-        m = _SIZE.match(str(size))
-        if not m:
-            raise MergeConfigError(f"cannot parse size {size!r}; expected e.g. 500MB, 5GB, 2GiB or bytes.")
-        value = int(float(m.group(1)) * _UNITS[(m.group(2) or "").upper()])
-    if value <= 0:
-        raise MergeConfigError(f"shard size must be positive, got {size!r}.")
-    return value
 
 
 @dataclass(frozen=True)
@@ -58,11 +39,14 @@ class TensorSpec:
     dtype: torch.dtype
 
     @property
+    def entry(self) -> Entry:
+        if self.dtype not in DTYPE_CODES:
+            raise MergeConfigError(f"cannot write tensor {self.name!r} of dtype {self.dtype}.")
+        return Entry(self.name, tuple(self.shape), DTYPE_CODES[self.dtype])
+
+    @property
     def nbytes(self) -> int:
-        n = torch.empty((), dtype=self.dtype).element_size()
-        for s in self.shape:
-            n *= s
-        return n
+        return self.entry.nbytes
 
 
 class _Shard:
@@ -71,24 +55,11 @@ class _Shard:
     def __init__(self, path: Path, specs: list[TensorSpec], metadata: Mapping[str, str]):
         self.path = path
         self.specs = {s.name: s for s in specs}
-        header: dict = {"__metadata__": dict(metadata)} if metadata else {}
-        self.offsets: dict[str, int] = {}
-        offset = 0
-        for s in specs:
-            if s.dtype not in DTYPE_CODES:
-                raise MergeConfigError(f"cannot write tensor {s.name!r} of dtype {s.dtype}.")
-            header[s.name] = {"dtype": DTYPE_CODES[s.dtype], "shape": list(s.shape),
-                              "data_offsets": [offset, offset + s.nbytes]}
-            self.offsets[s.name] = offset
-            offset += s.nbytes
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)
-        self.data_start = 8 + len(raw)
+        header = encode_header([s.entry for s in specs], metadata)
+        self.offsets, self.data_start = header.offsets, header.data_start
         self.order = [s.name for s in specs]
         self.next = 0
-        self.fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        _pwrite_all(self.fd, struct.pack("<Q", len(raw)) + raw, 0)
-        os.ftruncate(self.fd, self.data_start + offset)  # full size now: ranges may land in any order
+        self.fd: int | None = create_shard(path, header)  # full size now: ranges may land in any order
 
     def check(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> TensorSpec:
         spec = self.specs[name]
@@ -103,7 +74,7 @@ class _Shard:
         """Write ``data``'s bytes at ``byte_offset`` within tensor ``name`` (thread-safe)."""
         if data.numel():
             flat = data.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-            _pwrite_all(self.fd, memoryview(flat.numpy()), self.data_start + self.offsets[name] + byte_offset)
+            pwrite_all(self.fd, memoryview(flat.numpy()), self.data_start + self.offsets[name] + byte_offset)
 
     def done(self, name: str) -> bool:
         """Mark the next planned tensor complete; True when the shard is complete (and closed)."""
@@ -117,13 +88,6 @@ class _Shard:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
-
-
-def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
-    view = memoryview(data).cast("B")
-    done = 0
-    while done < len(view):
-        done += os.pwrite(fd, view[done:], offset + done)
 
 
 class RangeWriter:
@@ -175,30 +139,19 @@ class ShardedWriter:
     def __init__(self, folder: str | os.PathLike, specs: list[TensorSpec], *, prefix: str = "model",
                  max_shard_size: int | str = "5GB", metadata: Mapping[str, str] | None = None):
         self.folder = Path(folder)
-        limit = parse_size(max_shard_size)
-        groups: list[list[TensorSpec]] = [[]]
-        size = 0
-        for s in specs:
-            if groups[-1] and size + s.nbytes > limit:
-                groups.append([])
-                size = 0
-            groups[-1].append(s)
-            size += s.nbytes
-        groups = [g for g in groups if g] or [[]]
-        n = len(groups)
-        names = ([f"{prefix}.safetensors"] if n == 1 else
-                 [f"{prefix}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
+        specs_by_name = {s.name: s for s in specs}
+        self.layout = ShardLayout([s.entry for s in specs], prefix=prefix, max_shard_size=max_shard_size)
         self.prefix = prefix
-        self.files = names
-        self.weight_map = {s.name: fname for fname, g in zip(names, groups) for s in g}
-        self.total_size = sum(s.nbytes for s in specs)
-        self._groups = dict(zip(names, groups))
+        self.files = self.layout.files
+        self.weight_map = self.layout.weight_map
+        self.total_size = self.layout.total_size
+        self._groups = {f: [specs_by_name[e.name] for e in g] for f, g in self.layout.groups.items()}
         self._metadata = dict(metadata or {})
         self._open: dict[str, _Shard] = {}
         self._done: set[str] = set()
         if not specs:  # an empty checkpoint is still a valid file
-            _Shard(self.folder / names[0], [], self._metadata).close()
-            self._done.add(names[0])
+            _Shard(self.folder / self.files[0], [], self._metadata).close()
+            self._done.add(self.files[0])
 
     def _shard(self, name: str) -> _Shard:
         fname = self.weight_map.get(name)
@@ -232,10 +185,7 @@ class ShardedWriter:
         missing = [f for f in self.files if f not in self._done]
         if missing:
             raise RuntimeError(f"shards not completed: {missing}")
-        if len(self.files) > 1:
-            index = {"metadata": {"total_size": self.total_size, **self._metadata},
-                     "weight_map": self.weight_map}
-            (self.folder / f"{self.prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        self.layout.write_index(self.folder, self._metadata)
 
     def close(self) -> None:
         for shard in self._open.values():
@@ -259,36 +209,3 @@ def save_tensors(tensors: Mapping[str, torch.Tensor], folder: str | os.PathLike,
         for k, v in tensors.items():
             w.write(k, v)
     return list(w.files)
-
-
-@contextlib.contextmanager
-def atomic_output_dir(target: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside ``target``; rename it to ``target`` only on success.
-
-    A crash, an exception or Ctrl-C inside the block removes the temporary folder and
-    leaves ``target`` as it was. With ``overwrite=True`` an existing ``target`` is replaced
-    only after the new one is complete.
-
-    Raises:
-        FileExistsError: ``target`` exists (and is not an empty folder) and ``overwrite`` is False.
-    """
-    target = Path(target).absolute()
-    if target.exists() and not overwrite and not (target.is_dir() and not any(target.iterdir())):
-        raise FileExistsError(
-            f"output folder {target} already exists and is not empty; choose another path or "
-            "pass overwrite=True (CLI: --overwrite)."
-        )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if target.exists():
-        old = target.parent / f".{target.name}.old-{os.getpid()}"
-        os.replace(target, old)
-    os.replace(tmp, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

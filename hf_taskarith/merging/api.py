@@ -112,7 +112,7 @@ def merge(base: Any, models: Sequence[Any], *, method: str = "task_arithmetic",
         with ShardedWriter(tmp, plan.specs(), prefix="model", max_shard_size=max_shard_size,
                            metadata={"format": "pt"}) as writer:
             report = run_merge(plan, writer.write, progress=progress, open_output=writer.open_range)
-        write_side_files(tmp, plan, report, dtype=out_dtype, seed=seed, config_yaml=config_yaml)
+        write_side_files(tmp, plan.summary(out_dtype), report, config_yaml=config_yaml)
     _log_report(report)
     return Path(output_dir)
 

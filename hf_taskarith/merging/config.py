@@ -145,18 +145,41 @@ class MergeConfig:
         return kwargs
 
 
-def merge_from_config(config: str | os.PathLike | MergeConfig | dict, output_dir: str | os.PathLike, **overrides: Any):
-    """Run a merge described by a YAML file / text, a dict, or a :class:`MergeConfig`."""
-    from .api import merge
+def merge_from_config(config: str | os.PathLike | MergeConfig | dict, output_dir: str | os.PathLike, *,
+                      fast_path: bool = True, **overrides: Any):
+    """Run a merge described by a YAML file / text, a dict, or a :class:`MergeConfig`.
 
+    Args:
+        config: the merge description.
+        output_dir: where the merged checkpoint goes (written atomically).
+        fast_path: first try the torch-free path (:mod:`.lite`), which runs weighted-sum
+            merges (``task_arithmetic``) of local safetensors checkpoints with numpy and
+            writes the same bytes as the torch engine; anything it does not cover runs on
+            the torch engine. ``False`` always uses the torch engine.
+        **overrides: keyword arguments of :func:`hf_taskarith.merge` that replace the
+            config's (``dtype``, ``seed``, ``max_shard_size``, ``allow_mismatch``,
+            ``overwrite``, ``progress``); ``None`` values are ignored.
+
+    Returns:
+        The output folder.
+    """
     if isinstance(config, dict):
         config = MergeConfig.from_dict(config)
     elif not isinstance(config, MergeConfig):
         config = MergeConfig.from_yaml(config)
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if fast_path:
+        from .lite import merge_config_lite
+
+        out = merge_config_lite(config, output_dir, **overrides)
+        if out is not None:
+            return out
+    from .api import merge
+
     kwargs = dict(method=config.merge_method, dtype=config.dtype, tokenizer_source=config.tokenizer_source,
                   seed=config.seed, max_shard_size=config.max_shard_size, output_dir=output_dir,
                   config_yaml=config.source_text, **config.merge_kwargs())
-    kwargs.update({k: v for k, v in overrides.items() if v is not None})
+    kwargs.update(overrides)
     return merge(config.base_model, config.models, **kwargs)
 
 

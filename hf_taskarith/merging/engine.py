@@ -22,7 +22,7 @@ import hashlib
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -32,36 +32,11 @@ from ..errors import IncompatibleBaseError, KeyMismatchError, NonFiniteError, Sh
 from ..io.writer import TensorSpec
 from .blockwise import BlockKernel, BlockRunner, DeltaBlocks, RangeSink, finite, kernel_for, merge_blocks
 from .registry import MergeMethod
+from .report import MergeReport, MergeSummary
 from .sources import DeltaSource, ModelDelta, TensorSource
 from .vocab import VocabAlignment, is_vocab_tensor, rows_differ_only
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class MergeReport:
-    """What a merge did; rendered into the model card and logged."""
-
-    merged: int = 0
-    copied_non_float: list[str] = field(default_factory=list)
-    vocab: list[VocabAlignment] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)           # "input: tensor (reason)"
-    zero_for_missing: list[str] = field(default_factory=list)  # task vectors that do not cover a tensor
-    fingerprint_mismatch: list[str] = field(default_factory=list)
-
-    def describe(self) -> str:
-        parts = [f"merged {self.merged} tensors"]
-        if self.copied_non_float:
-            parts.append(f"copied {len(self.copied_non_float)} non-float tensors from the base")
-        parts += [v.describe() for v in self.vocab]
-        if self.fingerprint_mismatch:
-            parts.append("base fingerprint mismatch (allowed): " + "; ".join(self.fingerprint_mismatch))
-        if self.skipped:
-            parts.append(f"skipped (allowed): {'; '.join(self.skipped[:20])}"
-                         + (f" ... ({len(self.skipped) - 20} more)" if len(self.skipped) > 20 else ""))
-        if self.zero_for_missing:
-            parts.append(f"{len(self.zero_for_missing)} tensors absent from a task vector were left unchanged by it")
-        return "; ".join(parts)
 
 
 @dataclass
@@ -89,6 +64,15 @@ class MergePlan:
 
     def specs(self) -> list[TensorSpec]:
         return [TensorSpec(j.name, j.out_shape, j.out_dtype) for j in self.jobs]
+
+    def summary(self, dtype: torch.dtype | None) -> MergeSummary:
+        """What is recorded next to the output (``dtype``: the requested output dtype)."""
+        return MergeSummary(
+            method=self.method.name, description=self.method.description, reference=self.method.reference,
+            params=self.params, seed=self.seed, dtype=str(dtype).replace("torch.", "") if dtype else None,
+            base_label=self.base.label, input_labels=[s.label for s in self.inputs],
+            base_folder=self.base.folder, tokenizer_folder=self.vocab_source.folder or self.base.folder,
+        )
 
 
 def plan_merge(base: TensorSource, inputs: list[DeltaSource], method: MergeMethod, params: dict[str, Any], *,

@@ -7,11 +7,9 @@ it accepts. New methods are a new small module that calls :func:`register_merge_
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ..errors import MergeConfigError, UnknownMethodError
 
@@ -67,8 +65,11 @@ class ParamSpec:
         return value
 
 
+if TYPE_CHECKING:
+    import torch
+
 #: signature of a merge function: (deltas, params, generator) -> merged delta
-MergeFn = Callable[[list[torch.Tensor], dict[str, Any], "torch.Generator | None"], torch.Tensor]
+MergeFn = Callable[[list["torch.Tensor"], dict[str, Any], "torch.Generator | None"], "torch.Tensor"]
 
 
 @dataclass(frozen=True)
@@ -145,10 +146,22 @@ def register_merge_method(method: MergeMethod) -> MergeMethod:
     return method
 
 
+def load_builtin_methods(*names: str) -> None:
+    """Import the built-in method modules (all, or those named), which register themselves."""
+    from .methods import load
+
+    load(*names)
+
+
 def get_merge_method(name: str) -> MergeMethod:
     """Look up a method by name; unknown names list the valid ones."""
-    from . import methods  # noqa: F401  (registers the built-in methods)
+    if name not in _METHODS:  # a built-in method's own module first (cheap), then all of them
+        from .methods import BUILTIN
 
+        if name in BUILTIN:
+            load_builtin_methods(name)
+        if name not in _METHODS:
+            load_builtin_methods()
     try:
         return _METHODS[name]
     except KeyError:
@@ -158,8 +171,7 @@ def get_merge_method(name: str) -> MergeMethod:
 
 
 def list_merge_methods() -> list[MergeMethod]:
-    from . import methods  # noqa: F401
-
+    load_builtin_methods()
     return [_METHODS[k] for k in sorted(_METHODS)]
 
 
@@ -175,9 +187,3 @@ def density_param(default: Any = 1.0) -> ParamSpec:
 
 def lambda_param() -> ParamSpec:
     return ParamSpec("lambda", 1.0, help="scale applied to the merged task vector")
-
-
-def stack_weights(weights: Sequence[float], like: torch.Tensor) -> torch.Tensor:
-    """Per-model weights shaped to broadcast against stacked deltas ``(n, *shape)``."""
-    w = torch.tensor(list(weights), dtype=like.dtype, device=like.device)
-    return w.reshape((-1,) + (1,) * (like.dim() - 1))

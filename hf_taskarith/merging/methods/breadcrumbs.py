@@ -2,7 +2,7 @@
 smallest entries of each task vector; linear or with TIES consensus."""
 
 from ..registry import register_merge_method
-from .generalized import Pipeline, make_method
+from .pipeline import Pipeline, make_method
 
 register_merge_method(make_method(
     "breadcrumbs", Pipeline("magnitude_outliers", None, default_normalize=False, default_rescale=False),

@@ -1,7 +1,7 @@
 """DARE (Yu et al., 2024): drop entries at random, rescale the rest; linear or with TIES consensus."""
 
 from ..registry import register_merge_method
-from .generalized import Pipeline, make_method
+from .pipeline import Pipeline, make_method
 
 register_merge_method(make_method(
     "dare_linear", Pipeline("random", None, default_normalize=False, default_rescale=True),

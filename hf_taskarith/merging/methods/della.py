@@ -1,7 +1,7 @@
 """DELLA (Deep et al., 2024): magnitude-ranked random pruning (MagPrune), with or without consensus."""
 
 from ..registry import register_merge_method
-from .generalized import Pipeline, make_method
+from .pipeline import Pipeline, make_method
 
 register_merge_method(make_method(
     "della", Pipeline("della_magprune", "sum", default_normalize=True, default_rescale=True),

@@ -1,74 +1,62 @@
-"""The generalized task-arithmetic pipeline shared by a family of methods.
+"""The tensor work of the generalized pipeline (declared in :mod:`.pipeline`).
 
-deltas -> sparsify (per model) -> weight -> sign consensus (optional) -> normalize -> scale.
-
-task_arithmetic, ties, dare_*, breadcrumbs*, della* and magnitude_prune are this pipeline
-configured differently (see the sibling modules). Parameter names and defaults follow
-mergekit's, so its YAML files mean the same thing here.
+deltas -> sparsify (per model) -> weight -> sign consensus (optional) -> normalize -> scale,
+on whole tensors (:func:`run`) or block by block (:func:`block_kernel`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ..blockwise import BlockKernel, BlockRunner, DeltaBlocks, ElementwiseKernel
 from ..consensus import ConsensusMethod, agreement, disjoint_sum
-from ..registry import MergeMethod, ParamSpec, density_param, lambda_param, stack_weights, weight_param
 from ..sparsify import SPARSIFIERS, TopKRule, kept_count, top_k_rules
+from .pipeline import Pipeline
 
 
-@dataclass(frozen=True)
-class Pipeline:
-    """One configuration of the pipeline."""
+def run(pipeline: Pipeline, deltas: list[torch.Tensor], p: dict[str, Any], gen: torch.Generator | None) -> torch.Tensor:
+    """:meth:`Pipeline.__call__`: sparsify each delta, then :func:`combine`."""
+    if pipeline.sparsify is not None:  # replace list entries so each input delta is freed as it is trimmed
+        fn = SPARSIFIERS[pipeline.sparsify]
+        extra = [k for k in ("gamma", "epsilon") if k in p]
+        for i in range(len(deltas)):
+            deltas[i] = fn(deltas[i], p["density"][i], rescale=p.get("rescale", pipeline.default_rescale),
+                           generator=gen, inplace=True, **{k: p[k][i] for k in extra})
+    return combine(pipeline, deltas, p)
 
-    sparsify: str | None
-    consensus: ConsensusMethod | None
-    default_normalize: bool
-    default_rescale: bool
 
-    def __call__(self, deltas: list[torch.Tensor], p: dict[str, Any], gen: torch.Generator | None) -> torch.Tensor:
-        """Merge one tensor's deltas. The deltas are consumed (may be modified in place)."""
-        if self.sparsify is not None:  # replace list entries so each input delta is freed as it is trimmed
-            fn = SPARSIFIERS[self.sparsify]
-            extra = [k for k in ("gamma", "epsilon") if k in p]
-            for i in range(len(deltas)):
-                deltas[i] = fn(deltas[i], p["density"][i], rescale=p.get("rescale", self.default_rescale),
-                               generator=gen, inplace=True, **{k: p[k][i] for k in extra})
-        return self.combine(deltas, p)
+def combine(pipeline: Pipeline, deltas: list[torch.Tensor] | torch.Tensor, p: dict[str, Any]) -> torch.Tensor:
+    """:meth:`Pipeline.combine`: weight -> consensus -> normalize -> scale; consumes the deltas."""
+    weights = p["weight"]
+    if pipeline.consensus is not None:
+        if isinstance(deltas, torch.Tensor):
+            merged = _consensus(deltas, weights, pipeline.consensus, normalize=p["normalize"])
+        else:
+            merged = _consensus_merge(deltas, weights, pipeline.consensus, normalize=p["normalize"])
+    else:  # accumulate in place: no stacked copy of all deltas
+        merged = deltas[0].mul_(weights[0])
+        for d, wt in zip(deltas[1:], weights[1:]):
+            # round(w * d), then add, with no fused multiply-add: the torch-free path
+            # (merging.lite) does the same IEEE operations and gets the same bits
+            merged.add_(d.mul_(wt))
+        if p["normalize"]:
+            total = float(sum(weights))
+            merged.div_(total if abs(total) >= 1e-8 else 1.0)
+    if p["lambda"] != 1:
+        merged = merged * p["lambda"]
+    return merged
 
-    def combine(self, deltas: list[torch.Tensor] | torch.Tensor, p: dict[str, Any]) -> torch.Tensor:
-        """weight -> consensus -> normalize -> scale, on already sparsified deltas (a list, or
-        a stacked ``(n_inputs, ...)`` tensor); consumes them."""
-        weights = p["weight"]
-        if self.consensus is not None:
-            if isinstance(deltas, torch.Tensor):
-                merged = _consensus(deltas, weights, self.consensus, normalize=p["normalize"])
-            else:
-                merged = _consensus_merge(deltas, weights, self.consensus, normalize=p["normalize"])
-        else:  # accumulate in place: no stacked copy of all deltas
-            merged = deltas[0].mul_(weights[0])
-            for d, wt in zip(deltas[1:], weights[1:]):
-                merged.add_(d, alpha=wt)
-            if p["normalize"]:
-                total = float(sum(weights))
-                merged.div_(total if abs(total) >= 1e-8 else 1.0)
-        if p["lambda"] != 1:
-            merged = merged * p["lambda"]
-        return merged
 
-    def block_kernel(self, p: dict[str, Any]) -> BlockKernel | None:
-        """Blockwise evaluation (see :mod:`..blockwise`): the weighted sum (task_arithmetic),
-        or magnitude trimming without rescale (ties, magnitude_prune) after a prepare pass;
-        ``None`` for the randomized and outlier-dropping configurations."""
-        if self.sparsify is None and self.consensus is None:
-            return ElementwiseKernel(self, p, takes_base=False, linear=True)
-        if self.sparsify == "magnitude" and not p.get("rescale", self.default_rescale):
-            return _TrimmedKernel(self, p)
-        return None
+def block_kernel(pipeline: Pipeline, p: dict[str, Any]) -> BlockKernel | None:
+    """:meth:`Pipeline.block_kernel`."""
+    if pipeline.is_weighted_sum:
+        return ElementwiseKernel(pipeline, p, takes_base=False, linear=True)
+    if pipeline.sparsify == "magnitude" and not p.get("rescale", pipeline.default_rescale):
+        return _TrimmedKernel(pipeline, p)
+    return None
 
 
 class _TrimmedKernel(BlockKernel):
@@ -116,7 +104,7 @@ _CHUNK = 1 << 22  # entries per consensus chunk: bounds the stacked working set 
 def _consensus(stacked: torch.Tensor, weights: list[float], method: ConsensusMethod, *,
                normalize: bool) -> torch.Tensor:
     """Sign election + disjoint sum of stacked deltas ``(n_inputs, ...)``, weighted in place."""
-    w = stack_weights(weights, stacked)
+    w = torch.tensor(list(weights), dtype=stacked.dtype).reshape((-1,) + (1,) * (stacked.dim() - 1))
     weighted = stacked.mul_(w)
     return disjoint_sum(weighted, w, agreement(weighted, method), normalize=normalize)
 
@@ -133,32 +121,3 @@ def _consensus_merge(deltas: list[torch.Tensor], weights: list[float], method: C
         out[start:stop] = _consensus(torch.stack([f[start:stop] for f in flats]), weights, method,
                                      normalize=normalize)
     return out.reshape(shape)
-
-
-def make_method(name: str, pipeline: Pipeline, *, description: str, reference: str,
-                needs_base: bool = True) -> MergeMethod:
-    params: list[ParamSpec] = [
-        weight_param(),
-        lambda_param(),
-        ParamSpec("normalize", pipeline.default_normalize, kind=bool,
-                  help="divide by the sum of weights (of agreeing models, with consensus)"),
-        ParamSpec("int8_mask", False, kind=bool, help="accepted for mergekit compatibility; no effect"),
-    ]
-    if pipeline.sparsify is not None:
-        params += [
-            density_param(),
-            ParamSpec("rescale", pipeline.default_rescale, kind=bool,
-                      help="rescale kept entries to preserve each delta's L1 norm"),
-        ]
-    if pipeline.sparsify == "magnitude_outliers":
-        params.append(ParamSpec("gamma", 0.01, per_model=True, low=0.0, high=1.0,
-                                help="fraction of largest-magnitude entries removed as outliers"))
-    if pipeline.sparsify == "della_magprune":
-        params.append(ParamSpec("epsilon", 0.15, per_model=True, low=0.0, high=1.0, low_open=True,
-                                help="spread of keep-probabilities around density"))
-    return MergeMethod(
-        name=name, fn=pipeline, params=tuple(params), description=description,
-        reference=reference, randomized=pipeline.sparsify in ("random", "della_magprune"),
-        elementwise=pipeline.sparsify is None, needs_base=needs_base,
-        block_kernel=pipeline.block_kernel,
-    )

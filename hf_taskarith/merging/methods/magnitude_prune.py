@@ -2,7 +2,7 @@
 (peft's ``magnitude_prune`` combination)."""
 
 from ..registry import register_merge_method
-from .generalized import Pipeline, make_method
+from .pipeline import Pipeline, make_method
 
 register_merge_method(make_method(
     "magnitude_prune", Pipeline("magnitude", None, default_normalize=False, default_rescale=False),

@@ -4,7 +4,7 @@ Negative weights negate a task ("forgetting via negation").
 """
 
 from ..registry import register_merge_method
-from .generalized import Pipeline, make_method
+from .pipeline import Pipeline, make_method
 
 register_merge_method(make_method(
     "task_arithmetic", Pipeline(None, None, default_normalize=False, default_rescale=False),

@@ -1,7 +1,7 @@
 """TIES-merging (Yadav et al., 2023): trim by magnitude, elect sign, disjoint mean."""
 
 from ..registry import register_merge_method
-from .generalized import Pipeline, make_method
+from .pipeline import Pipeline, make_method
 
 register_merge_method(make_method(
     "ties", Pipeline("magnitude", "sum", default_normalize=True, default_rescale=False),
