@@ -54,6 +54,11 @@ def worker(out_dir: str) -> None:
     deltas = {k: v.detach() for k, v in trainer.linearized_model.deltas().items()}
     torch.save({"deltas": deltas, "world_size": trainer.args.world_size,
                 "wrapped": type(trainer.model_wrapped).__name__}, Path(out_dir) / f"rank{rank}.pt")
+    # shut gloo down before interpreter exit: left to the exit handlers, its threads were
+    # once torn down mid-flight ("terminate called without an active exception", SIGABRT)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def _free_port() -> int:
