@@ -23,7 +23,10 @@ Usage::
     python benchmarks/linearized_step.py --threads 1 --clock cpu   # shared / noisy machine
 
 Prints one line per variant and the three ratios the linearized fine-tuning issue asks for
-(ours/naive time, ours/ordinary time, ours/ordinary peak memory), then a JSON summary.
+(ours/naive time, ours/ordinary time, ours/ordinary peak memory), the forward and backward
+times of ordinary and ours measured separately (where the step ratio comes from: three
+matmuls per linear layer in a linearized forward against one, two in either backward), then
+a JSON summary.
 """
 
 from __future__ import annotations
@@ -171,6 +174,33 @@ def time_variants(args) -> dict[str, list[float]]:
     return times
 
 
+def time_phases(args) -> dict[str, dict[str, float]]:
+    """Median forward (with the loss) and backward times of ``ordinary`` and ``ours``, interleaved.
+
+    This is where the step ratio comes from: a linearized forward runs three matmuls per
+    linear layer (primal ``x W0^T``, tangent ``x_t W0^T + x W_t^T``) against one, while the
+    backward runs two (``g W0``, ``g^T x``), as an ordinary backward does.
+    """
+    batch = make_batch(args.batch, args.seq)
+    inputs = model_inputs(batch)
+    nets = {v: make_step(v, args.attn)[1] for v in ("ordinary", "ours")}
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    out: dict[str, dict[str, list[float]]] = {v: {"forward": [], "backward": []} for v in nets}
+    for r in range(args.rounds + 1):
+        for v, net in nets.items():
+            t0 = clock()
+            loss = F.cross_entropy(net(**inputs).logits, batch["labels"])
+            t1 = clock()
+            loss.backward()
+            t2 = clock()
+            for prm in net.parameters():
+                prm.grad = None
+            if r:  # round 0 warms up
+                out[v]["forward"].append(t1 - t0)
+                out[v]["backward"].append(t2 - t1)
+    return {v: {k: statistics.median(ts) for k, ts in d.items()} for v, d in out.items()}
+
+
 def _status_mib(key: str) -> float:
     """``VmRSS`` / ``VmHWM`` (peak RSS of this process image; unlike ru_maxrss it is not
     inherited across exec) from /proc/self/status, in MiB."""
@@ -231,18 +261,23 @@ def main() -> None:
     med = {v: statistics.median(ts) for v, ts in times.items()}
     for v in VARIANTS:
         print(f"{v:9s} step median {med[v] * 1000:8.1f} ms  (rounds: {', '.join(f'{t * 1000:.0f}' for t in times[v])})")
+    phases = time_phases(args)
+    for v, d in phases.items():
+        print(f"{v:9s} forward+loss {d['forward'] * 1000:7.1f} ms, backward {d['backward'] * 1000:7.1f} ms")
     mem = {} if args.no_memory else {v: peak_memory(v, args) for v in ("ordinary", "naive", "ours")}
     for v, m in mem.items():
         print(f"{v:9s} peak RSS growth {m:8.1f} MiB")
     ratios = {"ours/naive time": med["ours"] / med["naive"], "ours/ordinary time": med["ours"] / med["ordinary"],
-              "ours_jvp/naive time": med["ours_jvp"] / med["naive"]}
+              "ours_jvp/naive time": med["ours_jvp"] / med["naive"],
+              "ours/ordinary forward": phases["ours"]["forward"] / phases["ordinary"]["forward"],
+              "ours/ordinary backward": phases["ours"]["backward"] / phases["ordinary"]["backward"]}
     if mem:
         ratios["ours/ordinary peak memory"] = mem["ours"] / mem["ordinary"]
         ratios["naive/ordinary peak memory"] = mem["naive"] / mem["ordinary"]
     for k, v in ratios.items():
         print(f"{k:28s} {v:.2f}x")
     print(json.dumps({"config": vars(args) | {"torch_threads": torch.get_num_threads()},
-                      "median_s": med, "peak_mib": mem, "ratios": ratios}))
+                      "median_s": med, "phases_s": phases, "peak_mib": mem, "ratios": ratios}))
 
 
 if __name__ == "__main__":
