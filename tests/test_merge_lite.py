@@ -165,3 +165,24 @@ def test_codecs_round_like_torch(code, dtype):
     assert np.array_equal(ours.view(np.uint16), ref)
     back = decode(code, ours, np.empty(n, np.float32))
     assert np.array_equal(back, x.to(dtype).to(torch.float32).numpy())
+
+
+def test_interrupt_leaves_nothing_behind(tmp_path, ckpts, monkeypatch):
+    """Ctrl-C in the middle of the torch-free merge: no output folder, no temporary folder."""
+    import hf_taskarith.merging.lite.engine as engine
+
+    real, calls = engine.encode, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "encode", interrupted)
+    cfg = tmp_path / "m.yml"
+    cfg.write_text(_yaml(ckpts, [("ft1", 0.5), ("ft2", 0.5)], "dtype: bfloat16\n"))
+    with pytest.raises(KeyboardInterrupt):
+        merge_from_config(cfg, tmp_path / "out", progress=False)
+    assert len(calls) >= 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.yml"]
