@@ -168,17 +168,11 @@ def run_lite(plan: LitePlan, folder: Path, *, max_shard_size: int | str, progres
     total = float(sum(plan.weights))
     divisor = np.float32(total if abs(total) >= 1e-8 else 1.0) if plan.normalize else None
     lam = np.float32(plan.lam) if plan.lam != 1 else None
-    fds: dict[Path, int] = {}
-
-    def fd_of(t: StoredTensor) -> int:
-        fd = fds.get(t.path)
-        if fd is None:
-            fd = fds[t.path] = os.open(t.path, os.O_RDONLY)
-        return fd
+    fds: dict[Path, int] = {}  # every input file, opened once up front (workers only read the dict)
 
     def read(t: StoredTensor, start: int, n: int, role: str) -> np.ndarray:
         raw = scratch.get(role, n, STORED[t.code])
-        pread_into(fd_of(t), memoryview(raw).cast("B"), t.start + start * raw.itemsize, t)
+        pread_into(fds[t.path], memoryview(raw).cast("B"), t.start + start * raw.itemsize, t)
         return raw
 
     def merge_block(job: _Job, out_fd: int, out_at: int, start: int, n: int) -> None:
@@ -205,7 +199,7 @@ def run_lite(plan: LitePlan, folder: Path, *, max_shard_size: int | str, progres
 
     def copy_tensor(job: _Job, out_fd: int, out_at: int) -> None:
         raw = np.empty(job.base.nbytes, np.uint8)
-        pread_into(fd_of(job.base), memoryview(raw), job.base.start, job.base)
+        pread_into(fds[job.base.path], memoryview(raw), job.base.start, job.base)
         pwrite_all(out_fd, memoryview(raw), out_at)
 
     workers = workers or max(1, min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
@@ -213,6 +207,9 @@ def run_lite(plan: LitePlan, folder: Path, *, max_shard_size: int | str, progres
     disable = not progress or os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") in ("1", "true", "TRUE")
     jobs = {j.name: j for j in plan.jobs}
     try:
+        for t in (t for j in plan.jobs for t in (j.base, *j.inputs)):
+            if t.path not in fds:
+                fds[t.path] = os.open(t.path, os.O_RDONLY)
         with ThreadPoolExecutor(workers, thread_name_prefix="hf_taskarith-lite") as pool, \
                 tqdm(total=len(plan.jobs), desc="merging (task_arithmetic, torch-free)", unit="tensor",
                      disable=disable) as bar:
