@@ -65,6 +65,12 @@ def test_layer_norm_rule_matches_pytorch(which):
         _check(lambda x, w, b: F.layer_norm(x, (8,), w, b, 1e-6), [x, w, b], tangents)
 
 
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gelu_rule_matches_pytorch(approximate):
+    x, xt = _randn(4, 7, 16, seed=0) * 3, _randn(4, 7, 16, seed=1)
+    _check(lambda x: F.gelu(x, approximate=approximate), [x], [xt])
+
+
 @pytest.mark.parametrize("case", ["plain", "qk_only", "v_only", "bool_mask", "float_mask", "causal", "gqa"])
 def test_sdpa_rule_matches_the_math_backend(case):
     q, k, v = _randn(2, 4, 6, 8, seed=0), _randn(2, 4, 7, 8, seed=1), _randn(2, 4, 7, 5, seed=2)

@@ -2,7 +2,7 @@
 
 Forward-mode AD in PyTorch (:mod:`torch.autograd.forward_ad`) carries a tangent beside
 every tensor and applies each operator's built-in JVP formula. That is correct, but for the
-linearized models of this package two operators deserve better:
+linearized models of this package some operators deserve better:
 
 * ``F.linear``: the built-in formula records the primal matmul in the graph it hands to the
   backward pass and materialises transposes. Here the primal ``x W0^T + b0`` runs outside
@@ -14,6 +14,9 @@ linearized models of this package two operators deserve better:
   ``x_hat`` and ``rstd``) plus the affine map, and the tangent
   ``rstd (x_t - mean(x_t) - x_hat mean(x_hat x_t)) w0 + x_hat w_t + b_t`` is one
   :class:`torch.autograd.Function` saving ``x_hat`` and ``rstd`` only.
+* ``F.gelu``: the built-in formula evaluates the derivative (``erf``, ``exp``) in the forward
+  and again in the backward; here ``gelu'(x)`` is computed once and saved, and both directions
+  are a multiply (5% of a ViT step on one CPU thread).
 * ``F.scaled_dot_product_attention``: its fused CPU/CUDA kernels have no forward-mode
   formula at all; :mod:`~hf_taskarith.linearize.attention_rule` computes attention
   explicitly with the analytic tangent of softmax attention, so models using
@@ -201,6 +204,38 @@ def layer_norm_rule(input: torch.Tensor, normalized_shape: Any, weight: torch.Te
         x_hat = (x - mean).mul_(rstd)  # cheaper than a second, non-affine layer norm
     y_t = _LayerNormTangent.apply(x_hat, rstd, w0, len(shape), x_t, w_t, b_t)
     return fwAD.make_dual(y, y_t)
+
+
+class _ScaleTangent(torch.autograd.Function):
+    """``d * x_t`` for a constant ``d`` (the derivative of an elementwise function at the
+    primal): one multiply forward, one backward, ``d`` the only saved tensor."""
+
+    @staticmethod
+    def forward(ctx, d: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(d)
+        return d * x_t
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        (d,) = ctx.saved_tensors
+        return None, g * d
+
+
+@register_tangent_rule(F.gelu)
+def gelu_rule(input: torch.Tensor, approximate: str = "none"):
+    """Tangent rule for ``F.gelu``: ``gelu'(x) x_t``, with ``gelu'(x)`` evaluated once.
+
+    PyTorch's formula evaluates the derivative (erf and exp) twice per step: ``gelu_backward(x_t,
+    x)`` forward, and again as that node's backward; here it is computed once and both
+    directions are a multiply.
+    """
+    x, x_t = split_dual(input)
+    if x_t is None or x.requires_grad or torch.is_autocast_enabled(x.device.type):
+        return NotImplemented
+    with torch.no_grad():
+        y = F.gelu(x, approximate=approximate)
+        d = torch.ops.aten.gelu_backward(torch.ones_like(x), x, approximate=approximate)
+    return fwAD.make_dual(y, _ScaleTangent.apply(d, x_t))
 
 
 def _weight_only_conv_rule(conv: Callable[..., torch.Tensor]) -> TangentRule:
