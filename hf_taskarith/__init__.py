@@ -7,7 +7,7 @@ the merge-method registry, compression, Hub push/pull, and the error types.
 import importlib
 
 # Every export loads on first use (PEP 562): ``import hf_taskarith`` is cheap, and the
-# torch-free merge path (``hf-taskarith merge`` of a task_arithmetic config) never imports
+# torch-free merge path (``hf-taskarith merge`` of a task_arithmetic or linear config) never imports
 # torch. transformers' Trainer and peft load only with the linearization exports.
 _LAZY: dict[str, tuple[str, str]] = {
     **{name: ("hf_taskarith.errors", name) for name in (

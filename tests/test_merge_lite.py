@@ -107,6 +107,20 @@ def test_same_bytes_as_torch_engine(tmp_path, ckpts, monkeypatch, models, extra,
         assert json.loads((fast / "tokenizer.json").read_text()) == {"from": "ft2"}
 
 
+@pytest.mark.parametrize("with_base, extra", [
+    (True, ""),                                   # normalized weighted average
+    (True, "parameters: {normalize: false}\n"),  # sum of whole models: adds (sum w - 1) * base
+    (False, "dtype: float16\n"),                 # no base: the first model is the reference
+])
+def test_linear_same_bytes_as_torch_engine(tmp_path, ckpts, monkeypatch, with_base, extra):
+    text = _yaml(ckpts, [("ft1", 0.6), ("ft2", 0.3), ("ft3", 0.4)], extra, method="linear")
+    if not with_base:
+        text = text.replace(f"base_model: {ckpts / 'base'}\n", "")
+    fast, slow, used = _run_both(tmp_path, text, monkeypatch)
+    assert used == 1, "the torch-free path did not run"
+    _assert_same_files(fast, slow)
+
+
 def test_other_methods_and_inputs_use_the_torch_engine(tmp_path, ckpts, monkeypatch):
     fast, slow, used = _run_both(tmp_path, _yaml(ckpts, [("ft1", 1.0), ("ft2", 1.0)], "parameters: {density: 0.5}\n",
                                                  method="ties"), monkeypatch)

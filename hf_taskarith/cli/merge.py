@@ -18,7 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR if it exists")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--no-fast-path", action="store_true",
-                   help="always use the torch engine (by default, task_arithmetic merges of local "
+                   help="always use the torch engine (by default, task_arithmetic and linear merges of local "
                         "safetensors checkpoints run torch-free with numpy, with identical output)")
     p.set_defaults(func=run)
 

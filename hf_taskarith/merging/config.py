@@ -153,7 +153,7 @@ def merge_from_config(config: str | os.PathLike | MergeConfig | dict, output_dir
         config: the merge description.
         output_dir: where the merged checkpoint goes (written atomically).
         fast_path: first try the torch-free path (:mod:`.lite`), which runs weighted-sum
-            merges (``task_arithmetic``) of local safetensors checkpoints with numpy and
+            merges (``task_arithmetic``, ``linear``) of local safetensors checkpoints with numpy and
             writes the same bytes as the torch engine; anything it does not cover runs on
             the torch engine. ``False`` always uses the torch engine.
         **overrides: keyword arguments of :func:`hf_taskarith.merge` that replace the

@@ -45,7 +45,10 @@ def merge_config_lite(config: Any, output_dir: str | os.PathLike, *, dtype: str 
     load_builtin_methods(config.merge_method)  # only this method's declaration: no torch
     method = get_merge_method(config.merge_method)
     params = method.resolve_params(len(config.models), config.merge_kwargs())
-    plan = plan_lite(method, params, config.base_model, config.models,
+    base = config.base_model
+    if base is None and not method.needs_base:  # as merge(): the first model is the reference
+        base = config.models[0]
+    plan = plan_lite(method, params, base, config.models,
                      dtype=dtype if dtype is not None else config.dtype,
                      tokenizer_source=config.tokenizer_source,
                      seed=seed if seed is not None else config.seed)

@@ -1,14 +1,15 @@
 """Weighted-sum merges of safetensors checkpoints with numpy: no torch import.
 
-For the common case (a ``task_arithmetic`` YAML over a base and fine-tuned checkpoint
-folders that share every tensor name, shape and a float16 / bfloat16 / float32 dtype),
-importing torch costs more than the merge itself (1-1.5 s against about 1 s of arithmetic and
-I/O for a 320M-parameter model). :func:`plan_lite` checks the inputs from their headers
-alone and :func:`run_lite` merges block by block on worker threads: ``pread`` the inputs,
-widen to float32, form ``lambda * sum_i round(w_i * (theta_i - theta_0))`` with the same
-IEEE operations in the same order as the torch engine, add the base, check finiteness,
-narrow, ``pwrite`` into shards laid out by :mod:`hf_taskarith.io.layout`. The output is
-byte-for-byte what the torch engine writes (tests compare every file).
+For the common case (a ``task_arithmetic`` or ``linear`` YAML over a base and fine-tuned
+checkpoint folders that share every tensor name, shape and a float16 / bfloat16 / float32
+dtype), importing torch costs more than the merge itself (1-1.5 s against about 1 s of
+arithmetic and I/O for a 320M-parameter model). :func:`plan_lite` checks the inputs from
+their headers alone and :func:`run_lite` merges block by block on worker threads: ``pread``
+the inputs, widen to float32, form ``sum_i round(w_i * (theta_i - theta_0))`` and the
+method's scaling with the same IEEE operations in the same order as the torch engine, add
+the base, check finiteness, narrow, ``pwrite`` into shards laid out by
+:mod:`hf_taskarith.io.layout`. The output is byte-for-byte what the torch engine writes
+(tests compare every file).
 
 Anything else (other methods, task-vector inputs, Hub ids, mismatched names or shapes,
 vocabulary alignment, float64, NaN/inf) makes :func:`plan_lite` return ``None`` or
@@ -45,6 +46,20 @@ DTYPE_NAMES = {"float32": "F32", "fp32": "F32", "float16": "F16", "fp16": "F16",
 CANONICAL = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 
+@dataclass(frozen=True)
+class WeightedSum:
+    """How a method's merged delta follows from ``acc = sum_i round(w_i d_i)``, in the torch
+    engine's order: ``acc / sum_i w_i`` when ``normalize``; otherwise, if ``rebase``,
+    ``acc + round((sum_i w_i - 1) * base)`` (a weighted sum of whole models, ``linear``);
+    then ``* lambda`` when the method has one and it is not 1."""
+
+    rebase: bool
+
+
+#: the methods this path runs, by registry name
+FORMS: dict[str, WeightedSum] = {"task_arithmetic": WeightedSum(rebase=False), "linear": WeightedSum(rebase=True)}
+
+
 class Declined(Exception):
     """The inputs turned out not to suit this path (e.g. NaN found mid-merge); use the torch engine."""
 
@@ -62,6 +77,7 @@ class LitePlan:
     """A checked weighted-sum merge; see :func:`plan_lite`."""
 
     jobs: list[_Job]
+    form: WeightedSum
     weights: list[float]
     normalize: bool
     lam: float
@@ -85,13 +101,12 @@ def plan_lite(method: Any, params: dict[str, Any], base: str | None, models: lis
         CheckpointNotFoundError, CorruptCheckpointError: as the torch engine would, for the
             same files.
     """
-    from ..methods.pipeline import Pipeline
-
     def no(why: str) -> None:
         logger.info("torch-free merge path not used: %s", why)
 
-    if not (isinstance(method.fn, Pipeline) and method.fn.is_weighted_sum):
-        return no(f"method {method.name!r} is not a plain weighted sum")
+    form = FORMS.get(method.name)
+    if form is None:
+        return no(f"method {method.name!r} is not one of {sorted(FORMS)}")
     if base is None or not all(isinstance(x, str) for x in [base, *models]):
         return no("base and models must be given as paths")
     folders = [Path(x) for x in [base, *models]]
@@ -137,7 +152,8 @@ def plan_lite(method: Any, params: dict[str, Any], base: str | None, models: lis
         seed=seed, dtype=CANONICAL[out_code] if out_code else None, base_label=base, input_labels=list(models),
         base_folder=folders[0], tokenizer_folder=tok_folder,
     )
-    return LitePlan(jobs, list(params["weight"]), bool(params["normalize"]), float(params["lambda"]), summary, report)
+    return LitePlan(jobs, form, list(params["weight"]), bool(params["normalize"]), float(params.get("lambda", 1.0)),
+                    summary, report)
 
 
 class _Scratch(threading.local):
@@ -167,6 +183,7 @@ def run_lite(plan: LitePlan, folder: Path, *, max_shard_size: int | str, progres
     weights = [np.float32(w) for w in plan.weights]
     total = float(sum(plan.weights))
     divisor = np.float32(total if abs(total) >= 1e-8 else 1.0) if plan.normalize else None
+    rebase = np.float32(total - 1.0) if plan.form.rebase and not plan.normalize else None
     lam = np.float32(plan.lam) if plan.lam != 1 else None
     fds: dict[Path, int] = {}  # every input file, opened once up front (workers only read the dict)
 
@@ -187,6 +204,8 @@ def run_lite(plan: LitePlan, folder: Path, *, max_shard_size: int | str, progres
                 np.add(acc, d, out=acc)
         if divisor is not None:
             np.divide(acc, divisor, out=acc)
+        elif rebase is not None:
+            np.add(acc, np.multiply(base, rebase, out=x), out=acc)
         if lam is not None:
             np.multiply(acc, lam, out=acc)
         np.add(base, acc, out=base)
@@ -211,7 +230,7 @@ def run_lite(plan: LitePlan, folder: Path, *, max_shard_size: int | str, progres
             if t.path not in fds:
                 fds[t.path] = os.open(t.path, os.O_RDONLY)
         with ThreadPoolExecutor(workers, thread_name_prefix="hf_taskarith-lite") as pool, \
-                tqdm(total=len(plan.jobs), desc="merging (task_arithmetic, torch-free)", unit="tensor",
+                tqdm(total=len(plan.jobs), desc=f"merging ({plan.summary.method}, torch-free)", unit="tensor",
                      disable=disable) as bar:
             for fname, group in layout.groups.items():
                 header = encode_header(group, metadata)

@@ -9,25 +9,35 @@ as in mergekit.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from ..blockwise import ElementwiseKernel
 from ..registry import MergeMethod, ParamSpec, register_merge_method, weight_param
+
+if TYPE_CHECKING:  # the maths below needs only tensor methods: importing this module costs no torch
+    import torch
 
 
 def linear_merge(deltas: list[torch.Tensor], p: dict[str, Any], gen: torch.Generator | None, *,
                  base: torch.Tensor) -> torch.Tensor:
-    """The merged delta ``result - base`` of the weighted (normalized) sum of models."""
+    """The merged delta ``result - base`` of the weighted (normalized) sum of models.
+
+    Every product is rounded before it is added (no fused multiply-add), so the torch-free
+    path (:mod:`hf_taskarith.merging.lite`) gets the same bits.
+    """
     weights = p["weight"]
     total = float(sum(weights))
     merged = deltas[0].mul_(weights[0])
     for d, w in zip(deltas[1:], weights[1:]):
-        merged.add_(d, alpha=w)
+        merged.add_(d.mul_(w))
     if p["normalize"]:
         return merged.div_(total if abs(total) >= 1e-8 else 1.0)
-    return merged.add_(base, alpha=total - 1.0)
+    return merged.add_(base * (total - 1.0))
+
+
+def _block_kernel(p: dict[str, Any]):
+    from ..blockwise import ElementwiseKernel
+
+    return ElementwiseKernel(linear_merge, p, takes_base=True, linear=True)
 
 
 register_merge_method(MergeMethod(
@@ -35,5 +45,5 @@ register_merge_method(MergeMethod(
     params=(weight_param(), ParamSpec("normalize", True, kind=bool, help="divide by the sum of weights")),
     description="Weighted average of the models' weights (normalized by the sum of weights).",
     reference="https://arxiv.org/abs/2203.05482", needs_base=False, elementwise=True, takes_base=True,
-    block_kernel=lambda p: ElementwiseKernel(linear_merge, p, takes_base=True, linear=True),
+    block_kernel=_block_kernel,
 ))
