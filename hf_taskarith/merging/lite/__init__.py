@@ -61,5 +61,5 @@ def merge_config_lite(config: Any, output_dir: str | os.PathLike, *, dtype: str 
     except Declined as e:
         logger.info("torch-free merge path stopped (%s); running the torch engine", e)
         return None
-    logger.info("merge: %s", plan.report.describe())
+    logger.info("merge (torch-free path): %s", plan.report.describe())
     return Path(output_dir)
