@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointNotFoundError, CorruptCheckpointError
+from ..errors import CheckpointNotFoundError
 from .checkpoint_files import read_checkpoint_headers
-from .safetensors_file import DTYPES, TensorInfo, read_tensor
+from .safetensors_file import TensorInfo, read_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class Checkpoint:
             raise CheckpointNotFoundError(f"checkpoint not found: {self.path}")
         stored, self.metadata = read_checkpoint_headers(self.path, weights_prefix=weights_prefix)
         self._infos: dict[str, TensorInfo] = {
-            name: TensorInfo(name, t.path, DTYPES[t.code], t.shape, t.start, t.end) for name, t in stored.items()}
+            name: TensorInfo.of(t) for name, t in stored.items()}
 
     # -- mapping-like interface -------------------------------------------------------
     def __contains__(self, name: object) -> bool:

@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from ..errors import CorruptCheckpointError
-from .safetensors_header import parse_header, pread_into
+from .safetensors_header import StoredTensor, parse_header, pread_into
 
 #: safetensors dtype codes and their torch dtypes.
 DTYPES: dict[str, torch.dtype] = {
@@ -39,26 +38,16 @@ DTYPE_CODES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 
 
 @dataclass(frozen=True)
-class TensorInfo:
-    """Where one tensor lives: file, dtype, shape and absolute byte range."""
+class TensorInfo(StoredTensor):
+    """Where one tensor lives (file, dtype code, shape, absolute byte range), with its torch dtype."""
 
-    name: str
-    path: Path
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    start: int  # absolute offset in the file
-    end: int
+    @classmethod
+    def of(cls, t: StoredTensor) -> TensorInfo:
+        return cls(t.name, t.path, t.code, t.shape, t.start, t.end)
 
     @property
-    def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
-
-    @property
-    def nbytes(self) -> int:
-        return self.end - self.start
+    def dtype(self) -> torch.dtype:
+        return DTYPES[self.code]
 
     @property
     def is_float(self) -> bool:
@@ -77,8 +66,7 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
         CorruptCheckpointError: the header is malformed or points past the end of the file.
     """
     stored, metadata = parse_header(path)
-    return {name: TensorInfo(name, t.path, DTYPES[t.code], t.shape, t.start, t.end)
-            for name, t in stored.items()}, metadata
+    return {name: TensorInfo.of(t) for name, t in stored.items()}, metadata
 
 
 def read_tensor(info: TensorInfo) -> torch.Tensor:
