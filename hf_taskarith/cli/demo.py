@@ -99,14 +99,14 @@ def run(args: argparse.Namespace) -> int:
     steps = ", ".join(f"{k} {v:.0f}s" for k, v in results.timings.items() if k != "total")
     print(f"Done in {wall:.0f}s ({steps}).")
     print(f"Outputs in {out}:")
-    print(f"  results.md, results.json     the tables above, and every setting and timing")
-    print(f"  task_vectors/<task>/         saved task vectors (TaskVector.from_pretrained)")
+    print("  results.md, results.json     the tables above, and every setting and timing")
+    print("  task_vectors/<task>/         saved task vectors (TaskVector.from_pretrained)")
     if results.hub:
         print(f"  hub/                         the embedded Hub's git repos (hf-taskarith hub serve --root {out}/hub)")
     if results.plots:
-        print(f"  plots/                       " + ", ".join(sorted(Path(p).name for p in results.plots.values())))
+        print("  plots/                       " + ", ".join(sorted(Path(p).name for p in results.plots.values())))
     if config.keep_checkpoints:
-        print(f"  checkpoints/                 the base and fine-tuned encoders")
-        print(f"  merged/<method>/             merged checkpoints (AutoModel.from_pretrained)")
-    print(f"  heads/                       the frozen per-task heads")
+        print("  checkpoints/                 the base and fine-tuned encoders")
+        print("  merged/<method>/             merged checkpoints (AutoModel.from_pretrained)")
+    print("  heads/                       the frozen per-task heads")
     return 0
