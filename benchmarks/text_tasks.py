@@ -60,6 +60,8 @@ from pathlib import Path
 
 import torch
 
+from edit_protocols import addition, negation
+
 from hf_taskarith import LinearizedModel, TaskVector
 from hf_taskarith.demo.assets import minilm_path
 from hf_taskarith.demo.data import load_task
@@ -118,8 +120,9 @@ class Study:
     def acc(self, feats, task, split) -> float:
         return accuracy(self.heads[task.name](feats), task.split(split).labels)
 
-    def scores(self, model, split) -> dict[str, float]:
-        return {t.name: self.acc(self.feats(model, t, split), t, split) for t in self.tasks}
+    def scores(self, model, split, only=None) -> dict[str, float]:
+        return {t.name: self.acc(self.feats(model, t, split), t, split) for t in self.tasks
+                if only is None or t.name in only}
 
     # -- fine-tuning ---------------------------------------------------------------------
     def build(self, mode: str, seed: int):
@@ -204,43 +207,18 @@ class Study:
     def tangent_evaluator(self, feats):
         logits = self.tangent_logits(feats)
 
-        def evaluate(coefs, split):
-            return {t.name: accuracy(logits(coefs, t, split), t.split(split).labels) for t in self.tasks}
+        def evaluate(coefs, split, only=None):
+            return {t.name: accuracy(logits(coefs, t, split), t.split(split).labels) for t in self.tasks
+                    if only is None or t.name in only}
 
         return evaluate
 
     def nonlinear_evaluator(self, editor):
-        def evaluate(coefs, split):
+        def evaluate(coefs, split, only=None):
             with editor.edited(coefs) as model:
-                return self.scores(model, split)
+                return self.scores(model, split, only)
 
         return evaluate
-
-    # -- the protocols ------------------------------------------------------------------
-    def addition(self, evaluate, names, own):
-        search = {lam: statistics.mean(evaluate({n: lam for n in names}, "val").values()) for lam in GRID}
-        lam = max(search, key=lambda k: (search[k], -k))
-        test = evaluate({n: lam for n in names}, "test")
-        return {"lambda": lam, "test": test, "absolute": statistics.mean(test.values()),
-                "normalized": statistics.mean(test[n] / own[n] for n in names), "val_search": search}
-
-    def negation(self, evaluate, names):
-        rows = {}
-        for target in names:
-            controls = [n for n in names if n != target]
-            floor = 0.95 * statistics.mean(self.pre["val"][c] for c in controls)
-            chosen = None
-            for lam in NEG_GRID:
-                val = evaluate({target: -lam}, "val")
-                if statistics.mean(val[c] for c in controls) >= floor:
-                    chosen = lam
-            if chosen is None:
-                chosen = NEG_GRID[0]
-            test = evaluate({target: -chosen}, "test")
-            rows[target] = {"lambda": chosen, "target": test[target],
-                            "control": statistics.mean(test[c] for c in controls)}
-        return {"per_task": rows, "target": statistics.mean(r["target"] for r in rows.values()),
-                "control": statistics.mean(r["control"] for r in rows.values())}
 
     def disentanglement(self, mode, seed, names, editor, feats):
         pair = (names[0], names[1])
@@ -276,8 +254,8 @@ class Study:
                 else:
                     editor = ModelEditor(copy.deepcopy(self.base), {k: v.materialize() for k, v in tvs.items()})
                     evaluate = self.nonlinear_evaluator(editor)
-                add = self.addition(evaluate, names, own)
-                neg = self.negation(evaluate, names)
+                add = addition(evaluate, names, own, GRID)
+                neg = negation(evaluate, names, self.pre["val"], NEG_GRID)
                 xi = self.disentanglement(mode, seed, names, editor, feats) if seed == self.args.seeds[0] else None
                 cos = {a: {b: tvs[a].cosine_similarity(tvs[b]) for b in names} for a in names}
                 run = {"seed": seed, "mode": mode, "single": own, "single_mean": statistics.mean(own.values()),

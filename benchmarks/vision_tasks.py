@@ -96,8 +96,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from edit_protocols import addition, negation
+
 from hf_taskarith import LinearizedModel, TaskVector
-from hf_taskarith.demo.models import freeze, progress_disabled
+from hf_taskarith.demo.models import fit_linear_probe, freeze, progress_disabled
+from hf_taskarith.demo.train import shuffled_batches, warmup_linear_decay
 from hf_taskarith.errors import NonFiniteError
 from hf_taskarith.evaluation import ModelEditor, TangentEditor, disentanglement_error
 from hf_taskarith.evaluation.plots import plot_cosine_matrix, plot_disentanglement
@@ -302,37 +305,12 @@ def features(model: nn.Module, images: torch.Tensor, *, batch_size: int = FEATUR
 
 def fit_probe(feats: torch.Tensor, labels: torch.Tensor, num_labels: int, *, l2: float = 0.05,
               max_iter: int = 200) -> nn.Linear:
-    """The frozen task head: multinomial logistic regression on pre-trained features, as one ``nn.Linear``.
-
-    Features are centred and divided by *one* global scale (their mean standard deviation),
-    then fitted with an L2 penalty by full-batch L-BFGS; the scaling is folded into the layer.
-    Not :func:`hf_taskarith.demo.models.fit_linear_probe`, which standardizes every feature
-    separately: at small image sizes most of Lite0's 1280 pooled ReLU6 features are (nearly)
-    constant on these images (e.g. 732 of them have a standard deviation below 1e-3 on 32 px
-    Fashion-MNIST), so a per-feature standardization gives them weights of up to ~100, and
-    fine-tuning, which moves such a feature a little, makes the logits explode. A single scale
-    penalizes all raw weights alike.
-    """
-    x = feats.detach().double()
-    mu, scale = x.mean(0), x.std(0).mean().clamp_min(1e-12)
-    z = (x - mu) / scale
-    w = torch.zeros(num_labels, z.shape[1], dtype=torch.float64, requires_grad=True)
-    b = torch.zeros(num_labels, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(z @ w.T + b, labels) + l2 * w.pow(2).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    head = nn.Linear(z.shape[1], num_labels)
-    with torch.no_grad():
-        weight = w.detach() / scale
-        head.weight.copy_(weight.float())
-        head.bias.copy_((b.detach() - weight @ mu).float())
-    return freeze(head)
+    """The frozen task head: :func:`hf_taskarith.demo.models.fit_linear_probe` with one global
+    feature scale (``scaling="global"``): at small image sizes most of Lite0's 1280 pooled
+    ReLU6 features are (nearly) constant on these images (e.g. 732 of them have a standard
+    deviation below 1e-3 on 32 px Fashion-MNIST), so per-feature standardization would give
+    them weights of up to ~100."""
+    return fit_linear_probe(feats, labels, num_labels, l2=l2, max_iter=max_iter, scaling="global")
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -354,18 +332,14 @@ def finetune_images(model: nn.Module, head: nn.Module, train: ImageSplit, *, ste
     freeze(head)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
-    warmup = int(math.ceil(warmup_ratio * steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / max(1, warmup) if s < warmup else max(0.0, (steps - s) / max(1, steps - warmup)))
+    sched = warmup_linear_decay(opt, steps, warmup_ratio)
     model.eval()  # see the module docstring: BatchNorm in eval mode in both modes
-    order: list[int] = []
+    batches = shuffled_batches(len(train), batch_size, g)
     losses: list[float] = []
     start = time.perf_counter()
     bar = tqdm(range(steps), desc=desc, unit="step", disable=progress_disabled(progress))
     for step in bar:
-        if len(order) < batch_size:
-            order += torch.randperm(len(train), generator=g).tolist()
-        idx, order = order[:batch_size], order[batch_size:]
+        idx = next(batches)
         loss = F.cross_entropy(head(model(to_input(train.images[idx]))), train.labels[idx])
         if not torch.isfinite(loss.detach()):
             raise NonFiniteError(f"{desc}: the loss is {loss.item()} at step {step}; lower --lr.")
@@ -482,33 +456,6 @@ class Study:
 
         return evaluate, predict, editor, None
 
-    # -- the protocols ------------------------------------------------------------------
-    def addition(self, evaluate, names, own):
-        search = {lam: statistics.mean(evaluate({n: lam for n in names}, "val").values()) for lam in GRID}
-        lam = max(search, key=lambda k: (search[k], -k))
-        test = evaluate({n: lam for n in names}, "test")
-        return {"lambda": lam, "test": test, "absolute": statistics.mean(test.values()),
-                "normalized": statistics.mean(test[n] / own[n] for n in names), "val_search": search}
-
-    def negation(self, evaluate, names):
-        rows = {}
-        for target in names:
-            controls = [n for n in names if n != target]
-            floor = 0.95 * statistics.mean(self.pre["val"][c] for c in controls)
-            chosen = None
-            for lam in NEG_GRID:
-                val = evaluate({target: -lam}, "val", only=controls)
-                if statistics.mean(val[c] for c in controls) >= floor:
-                    chosen = lam
-            feasible = chosen is not None  # False: even the smallest lambda broke the control budget
-            if chosen is None:
-                chosen = NEG_GRID[0]
-            test = evaluate({target: -chosen}, "test")
-            rows[target] = {"lambda": chosen, "control_budget_met": feasible, "target": test[target],
-                            "control": statistics.mean(test[c] for c in controls)}
-        return {"per_task": rows, "target": statistics.mean(r["target"] for r in rows.values()),
-                "control": statistics.mean(r["control"] for r in rows.values())}
-
     def disentanglement(self, editor, predict, mode, seed):
         pair = tuple(self.args.xi_pair)
         grid = disentanglement_error(editor, predict, pair, alphas=XI_ALPHAS)
@@ -528,8 +475,8 @@ class Study:
                 names = list(tvs)
                 make = self.linear_evaluator if mode == "linear" else self.nonlinear_evaluator
                 evaluate, predict, editor, check = make(tvs)
-                add = self.addition(evaluate, names, own)
-                neg = self.negation(evaluate, names)
+                add = addition(evaluate, names, own, GRID)
+                neg = negation(evaluate, names, self.pre["val"], NEG_GRID)
                 xi = self.disentanglement(editor, predict, mode, seed)
                 cos = {a: {b: tvs[a].cosine_similarity(tvs[b]) for b in names} for a in names}
                 plot_cosine_matrix(tvs, FIGURES / f"cosine_{mode}_seed{seed}.png", title=f"{mode}, seed {seed}")

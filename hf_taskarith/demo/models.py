@@ -122,8 +122,9 @@ def encode(encoder: nn.Module, tokenizer, texts: Sequence[str], *, batch_size: i
     return out
 
 
-def fit_linear_probe(features: torch.Tensor, labels: Sequence[int], num_labels: int, *, l2: float = 0.05,
-                     max_iter: int = 200) -> nn.Linear:
+def fit_linear_probe(features: torch.Tensor, labels: Sequence[int] | torch.Tensor, num_labels: int, *,
+                     l2: float = 0.05, max_iter: int = 200,
+                     scaling: Literal["per_feature", "global"] = "per_feature") -> nn.Linear:
     """Multinomial logistic regression on frozen features, returned as one ``nn.Linear``.
 
     Features are standardized for the fit and the standardization is folded into the
@@ -131,13 +132,25 @@ def fit_linear_probe(features: torch.Tensor, labels: Sequence[int], num_labels: 
     standardized weights) is fairly strong by default: a probe that fits its training set
     perfectly leaves fine-tuning on the same examples almost no signal.
 
+    ``scaling="per_feature"`` divides every centred feature by its own standard deviation;
+    ``"global"`` divides all of them by one scale (their mean standard deviation), so the
+    penalty treats all raw weights alike. Use ``"global"`` when many features are nearly
+    constant (e.g. pooled ReLU6 features of a CNN on small images): per-feature scaling gives
+    them huge weights, and fine-tuning, which moves such a feature a little, makes the
+    logits explode.
+
     Note:
         Cost: ``max_iter`` full passes over a ``(n, hidden)`` matrix; well under a second
         for a few thousand 384-d features.
     """
     x = features.detach().double()
-    y = torch.as_tensor(list(labels), dtype=torch.long)
-    mu, sd = x.mean(0), x.std(0).clamp_min(1e-6)
+    y = torch.as_tensor(labels if isinstance(labels, torch.Tensor) else list(labels), dtype=torch.long)
+    if scaling == "per_feature":
+        mu, sd = x.mean(0), x.std(0).clamp_min(1e-6)
+    elif scaling == "global":
+        mu, sd = x.mean(0), x.std(0).mean().clamp_min(1e-12)
+    else:
+        raise ValueError(f"unknown scaling {scaling!r}; expected 'per_feature' or 'global'.")
     z = (x - mu) / sd
     w = torch.zeros(num_labels, z.shape[1], dtype=torch.float64, requires_grad=True)
     b = torch.zeros(num_labels, dtype=torch.float64, requires_grad=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -32,6 +32,25 @@ class FinetuneResult:
     first_loss: float
     last_loss: float
     losses: list[float] = field(default_factory=list, repr=False)
+
+
+def warmup_linear_decay(opt: torch.optim.Optimizer, steps: int, warmup_ratio: float) -> torch.optim.lr_scheduler.LambdaLR:
+    """Learning rate rising linearly over the first ``ceil(warmup_ratio * steps)`` steps, then
+    falling linearly to zero at ``steps``."""
+    warmup = int(math.ceil(warmup_ratio * steps))
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / max(1, warmup) if s < warmup else max(0.0, (steps - s) / max(1, steps - warmup)))
+
+
+def shuffled_batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[list[int]]:
+    """Endless batches of indices into ``n`` examples: drawn without replacement, reshuffled
+    each epoch (a batch may span two epochs)."""
+    order: list[int] = []
+    while True:
+        if len(order) < batch_size:
+            order += torch.randperm(n, generator=generator).tolist()
+        idx, order = order[:batch_size], order[batch_size:]
+        yield idx
 
 
 def finetune_encoder(encoder: nn.Module, head: nn.Module, tokenizer, train: Split, *, steps: int,
@@ -75,19 +94,15 @@ def finetune_encoder(encoder: nn.Module, head: nn.Module, tokenizer, train: Spli
     no_decay = [p for p in params if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=learning_rate)
-    warmup = int(math.ceil(warmup_ratio * steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / max(1, warmup) if s < warmup else max(0.0, (steps - s) / max(1, steps - warmup)))
+    sched = warmup_linear_decay(opt, steps, warmup_ratio)
     labels = torch.tensor(train.labels, dtype=torch.long)
-    order: list[int] = []
+    batches = shuffled_batches(len(train), batch_size, g)
     losses: list[float] = []
     encoder.train()
     start = time.perf_counter()
     bar = tqdm(range(steps), desc=desc, unit="step", disable=progress_disabled(progress))
     for step in bar:
-        if len(order) < batch_size:
-            order += torch.randperm(len(train), generator=g).tolist()
-        idx, order = order[:batch_size], order[batch_size:]
+        idx = next(batches)
         batch = tokenizer([train.texts[i] for i in idx], truncation=True, max_length=max_length,
                           padding=True, return_tensors="pt")
         loss = nn.functional.cross_entropy(head(embed(encoder, batch)), labels[idx])
