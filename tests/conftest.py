@@ -21,6 +21,11 @@ def tiny_llama_config(**overrides):
     return LlamaConfig(**kw)
 
 
+def trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters an optimizer trains (``requires_grad``): a LinearizedModel's delta, not theta0."""
+    return [p for p in module.parameters() if p.requires_grad]
+
+
 def perturbed(model: torch.nn.Module, seed: int, scale: float = 0.01) -> torch.nn.Module:
     """A copy of ``model`` with Gaussian noise added to every float parameter (a fake fine-tune)."""
     import copy

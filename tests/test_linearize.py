@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import trainable
 from hf_taskarith import TaskVector
 from hf_taskarith.errors import KeyMismatchError
 from hf_taskarith.linearize import LinearizedModel, linearized_call, make_attention_jvp_safe
@@ -130,7 +131,7 @@ FAMILIES = ["vit", "clip_image", "clip_text", "bert_pairs", "llama", "gpt2_tied"
 def random_delta(lin: LinearizedModel, scale: float = 1e-2, seed: int = 0) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in lin.parameters():
+        for p in trainable(lin):
             p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
 
 
@@ -263,7 +264,7 @@ def test_frozen_head_is_held_constant():
     lin(**fam.inputs, labels=fam.labels).loss.backward()
     tv = lin.task_vector()
     assert "head.weight" in tv and not tv["head.weight"].any()
-    assert all(p.grad is not None for p in lin.parameters())
+    assert all(p.grad is not None for p in trainable(lin))
 
 
 def test_linear_in_delta_tangent_space_task_arithmetic():
@@ -331,9 +332,9 @@ def test_unsafe_attention_is_switched_to_sdpa():
 def test_parameters_are_exactly_delta_and_state_dict_round_trips(tmp_path):
     fam = build_family("llama", torch.float32)
     lin = LinearizedModel(fam.model)
-    names = [n for n, _ in lin.named_parameters()]
+    names = [n for n, p in lin.named_parameters() if p.requires_grad]
     assert names == [f"delta.{n}" for n in lin.trainable_names]
-    assert not any(b.requires_grad for b in lin.buffers())
+    assert not any(p.requires_grad for p in lin.model.parameters())  # theta0: frozen parameters
     random_delta(lin)
     other = LinearizedModel(fam.model)
     other.load_state_dict(lin.state_dict())
@@ -349,8 +350,9 @@ def test_copy_model_false_takes_the_model_over():
     fam = build_family("vit", torch.float32)
     n_params = len(list(fam.model.parameters()))
     lin = LinearizedModel(fam.model, copy_model=False)
-    assert lin.model is fam.model and len(list(fam.model.parameters())) == 0
-    assert len(list(lin.parameters())) == n_params
+    assert lin.model is fam.model and not trainable(fam.model)  # theta0: frozen parameters, in place
+    assert len(list(fam.model.parameters())) == n_params
+    assert len(trainable(lin)) == n_params
 
 
 def test_errors_are_explicit():

@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import trainable
 from hf_taskarith import TaskVector
 from hf_taskarith.errors import IncompatibleBaseError, KeyMismatchError
 from hf_taskarith.linearize import LinearizedModel
@@ -55,10 +56,10 @@ def test_from_task_vector_is_linear_in_the_coefficients_in_every_form(bert):
     """f_lin(theta0 + a tau1 + b tau2) - f0 = a [f_lin(theta0 + tau1) - f0] + b [f_lin(theta0 + tau2) - f0]."""
     lin = LinearizedModel(bert)
     f0 = logits(bert)
-    randomize(lin.parameters(), seed=1)
+    randomize(trainable(lin), seed=1)
     tv1 = lin.task_vector(dtype=torch.float64)
     lin.load_task_vector({k: torch.zeros_like(v) for k, v in tv1.items()})
-    randomize(lin.parameters(), seed=2)
+    randomize(trainable(lin), seed=2)
     tv2 = lin.task_vector(dtype=torch.float64)
     d1 = logits(LinearizedModel.from_task_vector(bert, tv1)) - f0
     d2 = logits(LinearizedModel.from_task_vector(bert, tv2)) - f0
@@ -116,11 +117,11 @@ def test_from_task_vector_checks_the_base(bert, caplog):
 def test_partial_linearization_with_the_rest_frozen(bert):
     lin = LinearizedModel(bert, linearize=r"attention")
     assert lin.trainable_names and all("attention" in n for n in lin.trainable_names)
-    assert [n for n, _ in lin.named_parameters()] == [f"delta.{n}" for n in lin.trainable_names]
-    randomize(lin.parameters())
+    assert [n for n, p in lin.named_parameters() if p.requires_grad] == [f"delta.{n}" for n in lin.trainable_names]
+    randomize(trainable(lin))
     out = lin(**INPUTS, labels=torch.tensor([0, 2]))
     out.loss.backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in lin.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable(lin))
     tv = lin.task_vector(dtype=torch.float64)
     assert list(tv) == list(float_state_dict(bert))
     assert all(not tv[n].any() for n in tv if n not in lin.trainable_names)
@@ -147,7 +148,7 @@ def test_partial_linearization_with_the_rest_trained_normally(bert):
     assert all(".layer.1." in n for n in lin.trainable_names)
     assert set(lin.trainable_names).isdisjoint(lin.nonlinear_names)
     assert len(lin.trainable_names) + len(lin.nonlinear_names) == len(list(bert.parameters()))
-    names = [n for n, _ in lin.named_parameters()]
+    names = [n for n, p in lin.named_parameters() if p.requires_grad]
     assert names == [f"delta.{n}" for n in lin.trainable_names] + [f"nonlinear.{n}" for n in lin.nonlinear_names]
 
     # at theta0 the gradients of both kinds are the ordinary gradients
@@ -159,7 +160,7 @@ def test_partial_linearization_with_the_rest_trained_normally(bert):
         torch.testing.assert_close(p.grad, ref.get_parameter(n).grad, rtol=1e-8, atol=1e-12, msg=n)
 
     # away from theta0: the dual engine's gradients equal torch.func.jvp's
-    randomize(lin.parameters(), seed=3)
+    randomize(trainable(lin), seed=3)
     grads = {}
     for engine in ("dual", "jvp"):
         other = LinearizedModel(bert, linearize=pattern, rest="train", engine=engine)
@@ -196,7 +197,7 @@ def test_save_pretrained_writes_only_the_task_vector_and_round_trips(tmp_path):
     lin.save_pretrained(tmp_path / "zero")
     zero = safetensors.torch.load_file(tmp_path / "zero" / "task_vector.safetensors")
     assert sorted(zero) == sorted(float_state_dict(bert)) and not any(t.any() for t in zero.values())  # no base weights
-    randomize(lin.parameters(), seed=4)
+    randomize(trainable(lin), seed=4)
     path = lin.save_pretrained(tmp_path / "lin", training={"note": "test"})
     assert sorted(p.name for p in path.iterdir()) == ["task_vector.safetensors", "task_vector_config.json"]
     numel = sum(t.numel() for t in float_state_dict(bert).values())
@@ -219,7 +220,7 @@ def test_from_pretrained_reloads_the_base_from_the_recorded_folder(tmp_path):
     tiny_bert(dtype=torch.float32).save_pretrained(tmp_path / "base")
     base = AutoModelForSequenceClassification.from_pretrained(tmp_path / "base").eval()
     lin = LinearizedModel(base)
-    randomize(lin.parameters(), seed=6)
+    randomize(trainable(lin), seed=6)
     lin.save_pretrained(tmp_path / "lin")
     meta = TaskVector.from_pretrained(tmp_path / "lin").metadata
     assert meta.base_model == str(tmp_path / "base")
@@ -273,7 +274,7 @@ def test_half_precision_keeps_the_tangent_term():
     """bf16 weights or bf16 autocast: delta in float32, f0 + J delta summed in float32."""
     base = tiny_bert(dtype=torch.float64)
     ref = LinearizedModel(base)
-    randomize(ref.parameters(), scale=1e-5, seed=7)
+    randomize(trainable(ref), scale=1e-5, seed=7)
     tv = ref.task_vector()
     expected = logits(ref) - logits(base)
 

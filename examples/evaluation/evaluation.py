@@ -89,7 +89,7 @@ def task_vector(base: nn.Module, head: nn.Module, ids: torch.Tensor, labels: tor
     """
     torch.manual_seed(seed)
     model = LinearizedModel(base) if linearized else copy.deepcopy(base).train()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3 if linearized else 5e-4)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3 if linearized else 5e-4)
     g = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         idx = torch.randint(0, len(ids), (32,), generator=g)

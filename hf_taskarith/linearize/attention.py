@@ -7,8 +7,8 @@ cannot run through them. :func:`make_attention_jvp_safe` is called by
 
 * ``attn_implementation="eager"``: kept (plain matmul + softmax, every op has a JVP).
 * ``"sdpa"``: kept. The ``"dual"`` engine replaces ``F.scaled_dot_product_attention`` by its
-  hand-written tangent rule (explicit math attention); the ``"jvp"`` engine runs it under
-  ``sdpa_kernel(SDPBackend.MATH)``.
+  hand-written tangent rule (explicit math attention); the ``"jvp"`` engine replaces it by
+  :func:`~hf_taskarith.linearize.math_attention.math_attention`.
 * anything else (``flash_attention_2``, ``flex_attention``, kernels from the Hub): switched to
   ``"sdpa"`` with an INFO log line, since those kernels cannot be differentiated forward.
 

@@ -10,8 +10,10 @@ computes attention itself. With ``S = scale * Q K^T + mask``, ``P = softmax(S)``
 The primal (``S``, ``P``, ``O``) runs outside autograd, ``P`` once; the tangent is one
 :class:`torch.autograd.Function` (:class:`_AttentionTangent`) whose backward is the adjoint
 written out (four batched matmuls, like the backward of attention itself), saving only the
-primal ``Q``, ``K``, ``V`` and ``P``. When a primal needs a graph (parameters trained
-non-linearly, ``rest="train"``), everything is left to autograd instead.
+primal ``Q``, ``K``, ``V`` and ``P``, all in one dtype (autocast's, under autocast). When a
+primal needs a graph (parameters trained non-linearly, ``rest="train"``), the computation is
+:func:`~hf_taskarith.linearize.math_attention.math_attention`, left to autograd and PyTorch's
+forward-mode formulas.
 
 Note:
     Cost: two batched matmuls for the primal, four for the tangent and four in the backward,
@@ -22,14 +24,14 @@ Note:
 from __future__ import annotations
 
 import inspect
-import math
 from typing import Any
 
 import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 
-from .tangent_rules import register_tangent_rule, split_dual
+from .math_attention import attention_scale, math_attention, repeat_kv
+from .tangent_rules import autocast_dtype, cast, no_autocast, register_tangent_rule, split_dual
 
 _SDPA_SIGNATURE = inspect.Signature([
     inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=d) for n, d in [
@@ -94,8 +96,13 @@ class _AttentionTangent(torch.autograd.Function):
 
 def _probabilities(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
                    scale: float) -> torch.Tensor:
-    """``softmax(scale Q K^T + mask)`` of 4-d (or n-d) ``q``, ``k``; fully masked rows give zeros."""
-    s = torch.matmul(q, k.transpose(-2, -1)).mul_(scale)
+    """``softmax(scale Q K^T + mask)`` of 4-d (or n-d) ``q``, ``k`` in their dtype; fully masked rows give zeros.
+
+    Scores and softmax are computed in float32 for half-precision inputs (as fused kernels
+    accumulate), then rounded to the inputs' dtype, the dtype the tangent is computed in.
+    """
+    work = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    s = torch.matmul(q, k.transpose(-2, -1)).to(work).mul_(scale)
     masked = False
     if is_causal:
         causal = torch.ones(s.shape[-2], s.shape[-1], dtype=torch.bool, device=s.device).tril()
@@ -105,17 +112,20 @@ def _probabilities(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, 
         if mask.dtype == torch.bool:
             s.masked_fill_(~mask, float("-inf"))
         else:
-            s.add_(mask)
+            s.add_(mask.to(work))
         masked = True
     p = torch.softmax(s, dim=-1)
     if masked:  # a fully masked row is NaN after softmax; the math backend gives zeros
         p.nan_to_num_(nan=0.0)
-    return p
+    return p.to(q.dtype)
 
 
 @register_tangent_rule(F.scaled_dot_product_attention)
 def sdpa_rule(*args: Any, **kwargs: Any):
     """Tangent rule for ``F.scaled_dot_product_attention`` (see the module docstring).
+
+    Under autocast, queries, keys, values and their tangents are cast to autocast's dtype
+    first (as autocast casts SDPA's inputs); the computation then runs in that one dtype.
 
     Raises:
         ValueError: ``dropout_p`` is non-zero (the linearization point must be deterministic).
@@ -129,58 +139,29 @@ def sdpa_rule(*args: Any, **kwargs: Any):
         return NotImplemented
     if mask is not None and fwAD.unpack_dual(mask).tangent is not None:
         return NotImplemented
-    if a.get("dropout_p", 0.0):
-        raise ValueError(
-            f"scaled_dot_product_attention was called with dropout_p={a['dropout_p']} inside a "
-            "linearized model; the linearization point must be deterministic. Put the wrapped "
-            "model in eval mode (LinearizedModel does this itself)."
-        )
-    if a.get("enable_gqa", False) and k.shape[-3] != q.shape[-3]:
-        rep = q.shape[-3] // k.shape[-3]
-        k, v = k.repeat_interleave(rep, dim=-3), v.repeat_interleave(rep, dim=-3)
-        k_t = None if k_t is None else k_t.repeat_interleave(rep, dim=-3)
-        v_t = None if v_t is None else v_t.repeat_interleave(rep, dim=-3)
-    scale = a.get("scale")
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    is_causal = bool(a.get("is_causal", False))
     if q.requires_grad or k.requires_grad or v.requires_grad or (mask is not None and mask.requires_grad):
-        # primals depend on parameters trained non-linearly (rest="train"): autograd sees everything
-        return _sdpa_autograd(q, k, v, q_t, k_t, v_t, mask, is_causal, scale)
+        # primals depend on parameters trained non-linearly (rest="train"): autograd and PyTorch's
+        # forward-mode formulas see every operation of the math computation
+        return math_attention(*args, **kwargs)
+    if a.get("dropout_p", 0.0):
+        math_attention(q, k, v, dropout_p=a["dropout_p"])  # raises the explanatory error
+    device = q.device.type
+    dtype = autocast_dtype(device) or q.dtype
+    q, k, v, q_t, k_t, v_t = (cast(t, dtype) for t in (q, k, v, q_t, k_t, v_t))
+    if a.get("enable_gqa", False) and k.shape[-3] != q.shape[-3]:
+        k, v = repeat_kv(k, v, q.shape[-3])
+        k_t, v_t = (None if t is None else repeat_kv(t, t, q.shape[-3])[0] for t in (k_t, v_t))
+    scale = attention_scale(q, a.get("scale"))
+    is_causal = bool(a.get("is_causal", False))
     batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2],
                                    () if mask is None else mask.shape[:-2])
-    with torch.no_grad():
-        q3, k3, v3 = (_flat(t.expand(*batch, *t.shape[-2:])) for t in (q, k, v))
-        p = _probabilities(q3.view(*batch, *q3.shape[-2:]), k3.view(*batch, *k3.shape[-2:]), mask,
-                           is_causal, scale)
-        p3 = p.view(-1, p.shape[-2], p.shape[-1])
-        out = torch.bmm(p3, v3).view(*p.shape[:-1], v.shape[-1])
-    q_t, k_t, v_t = (None if t is None else t.expand(*batch, *t.shape[-2:]) for t in (q_t, k_t, v_t))
-    out_t = _AttentionTangent.apply(q3, k3, v3, p3, scale, q_t, k_t, v_t)
-    return fwAD.make_dual(out, out_t)
-
-
-def _sdpa_autograd(q, k, v, q_t, k_t, v_t, mask, is_causal: bool, scale: float):
-    """The same computation with every operation recorded by autograd (for ``rest="train"``)."""
-    s = (q @ k.transpose(-2, -1)) * scale
-    if is_causal:
-        causal = torch.ones(s.shape[-2], s.shape[-1], dtype=torch.bool, device=s.device).tril()
-        s = s.masked_fill(~causal, float("-inf"))
-    if mask is not None:
-        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask
-    p = torch.softmax(s, dim=-1)
-    p = torch.where(torch.isnan(p), torch.zeros((), dtype=p.dtype, device=p.device), p)
-    out = p @ v
-    s_t = None
-    if q_t is not None:
-        s_t = (q_t @ k.transpose(-2, -1)) * scale
-    if k_t is not None:
-        term = (q @ k_t.transpose(-2, -1)) * scale
-        s_t = term if s_t is None else s_t + term
-    out_t = None
-    if s_t is not None:
-        ps = p * s_t
-        out_t = (ps - p * ps.sum(dim=-1, keepdim=True)) @ v
-    if v_t is not None:
-        term = p @ v_t
-        out_t = term if out_t is None else out_t + term
+    with no_autocast(device):
+        with torch.no_grad():
+            q3, k3, v3 = (_flat(t.expand(*batch, *t.shape[-2:])) for t in (q, k, v))
+            p = _probabilities(q3.view(*batch, *q3.shape[-2:]), k3.view(*batch, *k3.shape[-2:]), mask,
+                               is_causal, scale)
+            p3 = p.view(-1, p.shape[-2], p.shape[-1])
+            out = torch.bmm(p3, v3).view(*p.shape[:-1], v.shape[-1])
+        q_t, k_t, v_t = (None if t is None else t.expand(*batch, *t.shape[-2:]) for t in (q_t, k_t, v_t))
+        out_t = _AttentionTangent.apply(q3, k3, v3, p3, scale, q_t, k_t, v_t)
     return fwAD.make_dual(out, out_t)

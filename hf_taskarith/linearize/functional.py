@@ -7,9 +7,10 @@ Jacobian-vector product along ``delta`` (forward-mode AD). Two engines compute i
   rules for ``F.linear``, ``F.layer_norm``, ``F.scaled_dot_product_attention`` and
   first-layer convolutions (:mod:`hf_taskarith.linearize.tangent_rules`). The primal pass runs outside autograd;
   only tangent operations are recorded for the backward pass.
-* ``"jvp"``: ``torch.func.jvp`` over the module call with attention forced onto SDPA's math
-  backend: the straightforward wrapper, kept as an independent reference for tests and
-  benchmarks.
+* ``"jvp"``: ``torch.func.jvp`` over the module call, with every SDPA call computed by
+  :func:`~hf_taskarith.linearize.math_attention.math_attention` (plain differentiable
+  operations, zero derivatives on fully masked rows): the straightforward wrapper, kept as an
+  independent reference for tests and benchmarks.
 
 Note:
     Cost: one forward of the ``"dual"`` engine does about three matmuls per linear layer
@@ -32,6 +33,7 @@ import torch.autograd.forward_ad as fwAD
 import torch.utils._pytree as pytree
 from torch import nn
 
+from .math_attention import MathAttentionMode
 from .tangent_rules import TangentRulesMode
 
 Engine = Literal["dual", "jvp"]
@@ -73,12 +75,21 @@ def swapped_parameters(module: torch.nn.Module, values: Mapping[str, torch.Tenso
                 mod._buffers[attr] = orig
 
 
-def _attention_context(engine: Engine):
-    if engine == "jvp":
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        return sdpa_kernel(SDPBackend.MATH)
-    return contextlib.nullcontext()
+@contextlib.contextmanager
+def no_fused_fast_paths() -> Iterator[None]:
+    """Keep ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer`` off their fused inference
+    kernels (``torch._native_multi_head_attention``, ...), which have no forward-mode formula and
+    which eval mode -- the wrapped model's mode -- would otherwise select. Restored on exit."""
+    mha = getattr(torch.backends, "mha", None)
+    if mha is None or not hasattr(mha, "set_fastpath_enabled"):
+        yield
+        return
+    before = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(before)
 
 
 def linearized_call(module: torch.nn.Module, primals: Mapping[str, torch.Tensor],
@@ -116,8 +127,9 @@ def linearized_call(module: torch.nn.Module, primals: Mapping[str, torch.Tensor]
         if t.shape != primals[name].shape:
             raise ValueError(f"tangent {name!r} has shape {list(t.shape)}, its primal {list(primals[name].shape)}.")
     if engine == "jvp":
-        return _jvp_call(module, primals, tangents, args, kwargs, aliases)
-    with fwAD.dual_level(), TangentRulesMode():
+        with no_fused_fast_paths():
+            return _jvp_call(module, primals, tangents, args, kwargs, aliases)
+    with fwAD.dual_level(), TangentRulesMode(), no_fused_fast_paths():
         values = {n: (fwAD.make_dual(p, tangents[n]) if n in tangents else p) for n, p in primals.items()}
         with swapped_parameters(module, values, aliases):
             out = module(*args, **kwargs)
@@ -150,7 +162,7 @@ def _jvp_call(module, primals, tangents, args, kwargs, aliases):
         with swapped_parameters(module, {**constants, **dict(zip(names, values))}, aliases):
             return module(*args, **kwargs)
 
-    with _attention_context("jvp"):
+    with MathAttentionMode():
         out, out_t = torch.func.jvp(f, tuple(primals[n] for n in names), tuple(tangents[n] for n in names))
     return out, out_t
 

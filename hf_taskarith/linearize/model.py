@@ -23,12 +23,13 @@ from ..errors import KeyMismatchError, ShapeMismatchError, format_names
 from ..io.fingerprint import fingerprint_state_dict
 from ..state import float_state_dict
 from .attention import make_attention_jvp_safe
+from .kernels import disable_hub_kernels
 from .functional import ENGINES, Engine, LinearizedOutput, add_tangent, forward_params, linearized_call
 from .losses import get_linearized_loss, infer_loss_type
 from .persistence import (
     TaskVectors, auto_class_name, check_bases, load_base_model, recorded_spec, scaled_pairs,
 )
-from .storage import DeltaTree, check_float_parameters, delta_dtype, parameters_to_buffers
+from .storage import DeltaTree, check_float_parameters, delta_dtype, freeze_parameters
 from .selection import RESTS, ParameterSelector, Rest, select_parameters, selector_record
 
 if TYPE_CHECKING:
@@ -130,6 +131,7 @@ class LinearizedModel(nn.Module):
         base_state = float_state_dict(model)
         self.base_fingerprint = fingerprint_state_dict(base_state)
         inner = copy.deepcopy(model) if copy_model else model
+        disable_hub_kernels(inner)  # before eval(): mode switches re-kernelize a kernelized model
         inner.eval()
         self.attn_implementation = make_attention_jvp_safe(inner)
 
@@ -170,7 +172,7 @@ class LinearizedModel(nn.Module):
         self._nonlinear_params: dict[str, nn.Parameter] = {}
         for n in self._nonlinear:
             self._nonlinear_params[n] = self.nonlinear.add(n, inner.get_parameter(n).detach().clone())
-        parameters_to_buffers(inner)
+        freeze_parameters(inner)
         self.model = inner
         self._accepts_use_cache = "use_cache" in forward_params(inner)
 
@@ -295,9 +297,17 @@ class LinearizedModel(nn.Module):
 
     # -- modes ------------------------------------------------------------------------
     def train(self, mode: bool = True) -> "LinearizedModel":
-        """Sets the wrapper's mode; the wrapped model stays in ``eval()`` (dropout off at theta0)."""
-        super().train(mode)
-        self.model.eval()
+        """Sets the wrapper's mode; the wrapped model stays in ``eval()`` (dropout off at theta0).
+
+        The wrapped model's ``train()`` is never called, so nothing transformers does on a mode
+        switch (re-kernelizing, for one) runs on it.
+        """
+        if not isinstance(mode, bool):
+            raise ValueError(f"training mode must be a bool, got {mode!r}.")
+        self.training = mode
+        for name, child in self.named_children():
+            if child is not self.model:
+                child.train(mode)
         return self
 
     @property
@@ -326,7 +336,7 @@ class LinearizedModel(nn.Module):
 
     def theta0(self) -> dict[str, torch.Tensor]:
         """Name -> pre-trained value of every parameter of the wrapped model (canonical names)."""
-        return {n: self.model.get_buffer(n) for n in self._param_names}
+        return {n: self.model.get_parameter(n) for n in self._param_names}
 
     def deltas(self) -> dict[str, nn.Parameter]:
         """Name -> ``delta`` parameter, keyed by the wrapped model's names."""

@@ -1,7 +1,11 @@
-"""Where a LinearizedModel keeps its weights: theta0 as buffers, deltas as parameters.
+"""Where a LinearizedModel keeps its weights: theta0 as frozen parameters, deltas as parameters.
 
-The frozen linearization point theta0 lives in the wrapped model as (persistent) buffers, so
-optimizers and ``Trainer`` never see it; the trainable ``theta - theta0`` lives in a
+The linearization point theta0 stays in the wrapped model as its own parameters, frozen
+(``requires_grad=False``), so the wrapped model remains an ordinary transformers model:
+``.device``, ``.dtype``, ``num_parameters()``, ``save_pretrained`` and the code transformers
+runs on ``.train()`` keep working (parameters turned into buffers, as earlier versions did, break
+every transformers method that reads ``next(model.parameters())``). Optimizers built from ``requires_grad`` parameters, as
+``Trainer`` builds them, never see theta0. The trainable ``theta - theta0`` lives in a
 :class:`DeltaTree` at the wrapped model's own dotted names.
 """
 
@@ -43,9 +47,7 @@ def check_float_parameters(model: nn.Module) -> None:
             "loaded unquantized (torch_dtype=torch.float32 or torch.bfloat16) to be linearized.")
 
 
-def parameters_to_buffers(model: nn.Module) -> None:
-    """Turn every parameter of ``model`` into a (persistent) buffer holding the same tensor."""
-    for module in model.modules():
-        for name, p in list(module._parameters.items()):
-            del module._parameters[name]
-            module.register_buffer(name, None if p is None else p.detach(), persistent=True)
+def freeze_parameters(model: nn.Module) -> None:
+    """Set ``requires_grad=False`` on every parameter of ``model`` (theta0 is a constant)."""
+    for p in model.parameters():
+        p.requires_grad_(False)

@@ -22,9 +22,15 @@ linearized models of this package some operators deserve better:
   explicitly with the analytic tangent of softmax attention, so models using
   ``attn_implementation="sdpa"`` work unchanged.
 
-Every rule steps aside (returns :data:`NotImplemented`) under autocast, and where a primal
-needs a graph (a caller differentiating w.r.t. the input, or parameters trained
-non-linearly with ``rest="train"``). Every other operator falls through to PyTorch's own JVP
+Mixed precision (the dtype policy, see docs/linearized.md): under autocast the matmul rules
+(linear, convolution, attention) compute primal and tangent in autocast's dtype, as autocast
+computes the primal, casting their operands explicitly *outside* their
+:class:`torch.autograd.Function`, so the backward pass sees one dtype whatever the device's
+autocast lists say (CPU and CUDA differ); layer norm computes in float32 and returns the dtype
+PyTorch's own call would. On half-precision tensors without autocast every rule computes in the
+tensors' dtype (layer norm accumulating in float32). A rule steps aside (:data:`NotImplemented`)
+where a primal needs a graph (a caller differentiating w.r.t. the input, or parameters trained
+non-linearly with ``rest="train"``); every other operator falls through to PyTorch's own JVP
 formulas. Rules live in a registry keyed by the torch function; :func:`register_tangent_rule`
 adds one.
 """
@@ -38,6 +44,8 @@ import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
+
+from .math_attention import call_reentrant
 
 TangentRule = Callable[..., Any]
 """A rule takes the torch function's ``(*args, **kwargs)`` (some tensors are dual) and returns
@@ -68,7 +76,9 @@ class TangentRulesMode(TorchFunctionMode):
 
     Active only inside :func:`hf_taskarith.linearize.functional.linearized_call` with
     ``engine="dual"``. Inside ``__torch_function__`` the mode is popped, so the rules'
-    own torch calls do not re-enter it.
+    own torch calls do not re-enter it; functions without a rule that are written in Python
+    (``F.multi_head_attention_forward``) run with the mode active, so the linear layers and
+    attention nested in them get their rules too.
     """
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -78,7 +88,24 @@ class TangentRulesMode(TorchFunctionMode):
             out = rule(*args, **kwargs)
             if out is not NotImplemented:
                 return out
-        return func(*args, **kwargs)
+        return call_reentrant(self, func, types, args, kwargs)
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """Autocast's lower-precision dtype on ``device_type`` when autocast is on there, else ``None``."""
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def cast(t: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor | None:
+    """``t`` in ``dtype`` (a differentiable cast; ``None`` and same-dtype tensors pass through)."""
+    return t if t is None or dtype is None or t.dtype == dtype else t.to(dtype)
+
+
+def no_autocast(device_type: str):
+    """A context that switches autocast off on ``device_type`` (operands are cast explicitly)."""
+    return torch.autocast(device_type, enabled=False)
 
 
 def split_dual(t: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -122,7 +149,7 @@ class _LinearTangent(torch.autograd.Function):
 def linear_rule(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
     """Tangent rule for ``F.linear`` when the weight carries a tangent (a trained layer)."""
     w0, w_t = split_dual(weight)
-    if w_t is None or torch.is_autocast_enabled(input.device.type) or input.dim() == 0:
+    if w_t is None or input.dim() == 0:
         return NotImplemented
     x, x_t = split_dual(input)
     b0, b_t = split_dual(bias)
@@ -130,9 +157,15 @@ def linear_rule(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         # a caller differentiating w.r.t. the input, or a bias trained non-linearly (rest="train"):
         # let autograd see everything
         return NotImplemented
-    with torch.no_grad():
-        y = F.linear(x, w0, b0)
-    y_t = _LinearTangent.apply(x, x_t, w0, w_t, b_t)
+    device = x.device.type
+    dtype = autocast_dtype(device) or x.dtype
+    if any(t is not None and t.dtype != dtype for t in (w0, b0)) and autocast_dtype(device) is None:
+        return NotImplemented  # mixed dtypes without autocast: PyTorch's formula raises its own error
+    x, x_t, w0, w_t, b0, b_t = (cast(t, dtype) for t in (x, x_t, w0, w_t, b0, b_t))
+    with no_autocast(device):
+        with torch.no_grad():
+            y = F.linear(x, w0, b0)
+        y_t = _LinearTangent.apply(x, x_t, w0, w_t, b_t)
     return fwAD.make_dual(y, y_t)
 
 
@@ -188,22 +221,41 @@ def _normalized_tangent(x_hat: torch.Tensor, rstd: torch.Tensor, t: torch.Tensor
 @register_tangent_rule(F.layer_norm)
 def layer_norm_rule(input: torch.Tensor, normalized_shape: Any, weight: torch.Tensor | None = None,
                     bias: torch.Tensor | None = None, eps: float = 1e-5):
-    """Tangent rule for ``F.layer_norm`` (float32/float64; other dtypes use PyTorch's formula)."""
+    """Tangent rule for ``F.layer_norm``: computed in float32 (float64 stays float64), returned in the
+    dtype PyTorch's own call returns (under autocast: the device's autocast rule for layer norm)."""
     x, x_t = split_dual(input)
     w0, w_t = split_dual(weight)
     b0, b_t = split_dual(bias)
     if x_t is None and w_t is None and b_t is None:
         return NotImplemented
-    if x.dtype not in (torch.float32, torch.float64) or torch.is_autocast_enabled(x.device.type):
+    if any(t is not None and t.requires_grad for t in (x, w0, b0)):
         return NotImplemented
-    if any(t is not None and (t.requires_grad or t.dtype != x.dtype) for t in (x, w0, b0)):
+    device = x.device.type
+    if autocast_dtype(device) is None and any(t is not None and t.dtype != x.dtype for t in (w0, b0)):
         return NotImplemented
     shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    try:
+        out_dtype = _layer_norm_dtype(x, shape, w0, b0)
+    except RuntimeError:  # a dtype combination PyTorch refuses: let it raise its own error
+        return NotImplemented
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    x, x_t, w0, w_t, b0, b_t = (cast(t, work) for t in (x, x_t, w0, w_t, b0, b_t))
+    with no_autocast(device):
+        with torch.no_grad():
+            y, mean, rstd = torch.native_layer_norm(x, shape, w0, b0, eps)
+            x_hat = (x - mean).mul_(rstd)  # cheaper than a second, non-affine layer norm
+        y_t = _LayerNormTangent.apply(x_hat, rstd, w0, len(shape), x_t, w_t, b_t)
+    return fwAD.make_dual(y.to(out_dtype), cast(y_t, out_dtype))
+
+
+def _layer_norm_dtype(x: torch.Tensor, shape: tuple[int, ...], w: torch.Tensor | None,
+                      b: torch.Tensor | None) -> torch.dtype:
+    """The dtype ``F.layer_norm`` returns here: the input's, or what autocast makes of it (CUDA: float32,
+    CPU: unchanged), read off a call on an empty slice (no work, no device-specific list to keep)."""
+    if autocast_dtype(x.device.type) is None:
+        return x.dtype
     with torch.no_grad():
-        y, mean, rstd = torch.native_layer_norm(x, shape, w0, b0, eps)
-        x_hat = (x - mean).mul_(rstd)  # cheaper than a second, non-affine layer norm
-    y_t = _LayerNormTangent.apply(x_hat, rstd, w0, len(shape), x_t, w_t, b_t)
-    return fwAD.make_dual(y, y_t)
+        return F.layer_norm(x.new_empty((0, *shape)), shape, w, b).dtype
 
 
 class _ScaleTangent(torch.autograd.Function):
@@ -230,12 +282,13 @@ def gelu_rule(input: torch.Tensor, approximate: str = "none"):
     directions are a multiply.
     """
     x, x_t = split_dual(input)
-    if x_t is None or x.requires_grad or torch.is_autocast_enabled(x.device.type):
+    if x_t is None or x.requires_grad:
         return NotImplemented
     with torch.no_grad():
-        y = F.gelu(x, approximate=approximate)
+        y = F.gelu(x, approximate=approximate)  # autocast, if on, decides the dtype
+        x = cast(x, y.dtype)
         d = torch.ops.aten.gelu_backward(torch.ones_like(x), x, approximate=approximate)
-    return fwAD.make_dual(y, _ScaleTangent.apply(d, x_t))
+    return fwAD.make_dual(y, _ScaleTangent.apply(d, cast(x_t, y.dtype)))
 
 
 def _weight_only_conv_rule(conv: Callable[..., torch.Tensor]) -> TangentRule:
@@ -243,13 +296,18 @@ def _weight_only_conv_rule(conv: Callable[..., torch.Tensor]) -> TangentRule:
         x, x_t = split_dual(input)
         w0, w_t = split_dual(weight)
         b0, b_t = split_dual(bias)
-        if x_t is not None or w_t is None or torch.is_autocast_enabled(x.device.type):
+        if x_t is not None or w_t is None:
             return NotImplemented
         if x.requires_grad or w0.requires_grad or (b0 is not None and b0.requires_grad):
             return NotImplemented
-        with torch.no_grad():
-            y = conv(x, w0, b0, *args, **kwargs)
-        return fwAD.make_dual(y, conv(x, w_t, b_t, *args, **kwargs))
+        device = x.device.type
+        dtype = autocast_dtype(device) or x.dtype
+        x, w0, w_t, b0, b_t = (cast(t, dtype) for t in (x, w0, w_t, b0, b_t))
+        with no_autocast(device):
+            with torch.no_grad():
+                y = conv(x, w0, b0, *args, **kwargs)
+            y_t = conv(x, w_t, b_t, *args, **kwargs)
+        return fwAD.make_dual(y, y_t)
 
     rule.__name__ = rule.__qualname__ = f"{conv.__name__}_rule"
     rule.__doc__ = (f"Tangent rule for ``F.{conv.__name__}`` on an input without tangent (a first layer, e.g. a "

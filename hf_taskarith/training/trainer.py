@@ -5,8 +5,8 @@ It overrides only what a :class:`~hf_taskarith.linearize.LinearizedModel` change
 * ``__init__``: wraps a plain model in :class:`LinearizedModel` (``mode="linear"``) or keeps
   a copy of it and a snapshot of its weights (``mode="nonlinear"``: ordinary fine-tuning with
   the same code); reads label names and dataset columns from the *wrapped* model's forward
-  signature; turns DDP buffer broadcasting off (``theta0`` buffers are identical on every
-  rank and never change).
+  signature; turns DDP buffer broadcasting off (the wrapped model stays in eval mode, so its
+  buffers never change).
 * ``_save``: writes the trained parameters only (``delta``, and ``nonlinear`` ones for
   partial linearization; ``model.safetensors``, what ``resume_from_checkpoint`` reloads) and
   the task vector (``task_vector/``, readable by :meth:`TaskVector.from_pretrained`), never a
@@ -125,7 +125,7 @@ class LinearizedTrainer(Trainer):
     def _prepare_nonlinear(self, model: torch.nn.Module, lk: dict[str, Any], kwargs: dict[str, Any]) -> torch.nn.Module:
         if isinstance(model, LinearizedModel):
             raise TypeError("mode='nonlinear' fine-tunes the plain pre-trained model; got a LinearizedModel (its "
-                            "weights are frozen buffers). Pass the model you wrapped instead.")
+                            "weights are frozen). Pass the model you wrapped instead.")
         loss_fn = lk.pop("loss_fn", None)
         copy_model = lk.pop("copy_model", True)
         if loss_fn is not None and kwargs.get("compute_loss_func") is None:
@@ -221,7 +221,8 @@ class LinearizedTrainer(Trainer):
         os.makedirs(output_dir, exist_ok=True)
         lin = self.linearized_model
         state = state_dict if state_dict is not None else lin.state_dict()
-        trained = {n for n, _ in lin.named_parameters()}  # delta.* and nonlinear.*
+        trained = {f"{tree}.{n}" for tree in ("delta", "nonlinear")
+                   for n, _ in getattr(lin, tree).named_parameters()}  # theta0 (model.*) is never saved
         weights = {k: v.detach().contiguous().cpu() for k, v in state.items() if k in trained}
         safetensors.torch.save_file(weights, os.path.join(output_dir, DELTA_WEIGHTS_NAME),
                                     metadata={"format": "pt", "hf_taskarith": "linearized_delta"})
@@ -234,7 +235,7 @@ class LinearizedTrainer(Trainer):
     def _issue_warnings_after_load(self, load_result) -> None:
         if self.mode == "nonlinear" or self._adapter:
             return super()._issue_warnings_after_load(load_result)
-        # theta0 buffers are not in delta-only checkpoints by design; report anything else
+        # theta0 (model.*) is not in delta-only checkpoints by design; report anything else
         missing = [k for k in load_result.missing_keys if not k.startswith("model.")]
         if missing or load_result.unexpected_keys:
             logger.warning("resuming linearized model: missing %s, unexpected %s", missing,
