@@ -218,3 +218,22 @@ def forward_params(model: nn.Module) -> Mapping[str, inspect.Parameter]:
         return inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         return {}
+
+
+def linearized_signature(model: nn.Module) -> inspect.Signature:
+    """The wrapped model's forward signature, plus ``labels`` and ``num_items_in_batch`` (keyword-only).
+
+    A :class:`~hf_taskarith.linearize.LinearizedModel` presents it, so code that reads the
+    signature (``Trainer``'s ``remove_unused_columns``, its label and loss-kwargs detection)
+    sees the wrapped model's inputs rather than ``(*args, **kwargs)``.
+    """
+    params = list(forward_params(model).values())
+    if not params:
+        params = [inspect.Parameter("args", inspect.Parameter.VAR_POSITIONAL),
+                  inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)]
+    names = {p.name for p in params}
+    extra = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None)
+             for n in ("labels", "num_items_in_batch") if n not in names]
+    var_kw = [p for p in params if p.kind == inspect.Parameter.VAR_KEYWORD]
+    rest = [p for p in params if p.kind != inspect.Parameter.VAR_KEYWORD]
+    return inspect.Signature(rest + extra + var_kw)

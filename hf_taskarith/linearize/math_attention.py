@@ -101,17 +101,16 @@ class MathAttentionMode(TorchFunctionMode):
 def call_reentrant(mode: TorchFunctionMode, func: Any, types: Any, args: Any, kwargs: dict) -> Any:
     """Call ``func`` from ``mode.__torch_function__``, with ``mode`` active for the calls it makes.
 
-    Inside ``__torch_function__`` a mode is switched off, so a Python-level function (a
-    ``torch.nn.functional`` composite) would run its inner torch calls -- an SDPA call, say --
-    past the mode. Such functions are re-dispatched with the mode pushed again
-    (``torch.overrides.redispatch_function``, PyTorch >= 2.13); built-in operators, which make
-    no nested Python calls, are called directly (cheaper). On older PyTorch nested calls
-    bypass the mode, as before.
+    Inside ``__torch_function__`` a mode is switched off, so a ``torch.nn.functional``
+    composite written in Python (``F.multi_head_attention_forward``) would run its inner torch
+    calls -- an SDPA call, say -- past the mode. Those functions are re-dispatched with the mode
+    pushed again (``torch.overrides.redispatch_function``, PyTorch >= 2.13). Everything else is
+    called directly: built-in operators make no nested calls, and Python-level ``Tensor``
+    methods dispatch to themselves again (re-entering them would recurse). On older PyTorch
+    nested calls bypass the mode.
     """
-    import types as _types
-
     redispatch = getattr(torch.overrides, "redispatch_function", None)
-    if redispatch is None or not isinstance(func, _types.FunctionType):
+    if redispatch is None or getattr(func, "__module__", None) != "torch.nn.functional":
         return func(*args, **kwargs)
     with mode:
         return redispatch(func, types, args, kwargs)

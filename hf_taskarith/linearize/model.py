@@ -9,10 +9,12 @@ exactly linear in ``delta``.
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import logging
 import os
 from collections.abc import Callable, Iterable, Mapping
+import types
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,8 +25,11 @@ from ..errors import KeyMismatchError, ShapeMismatchError, format_names
 from ..io.fingerprint import fingerprint_state_dict
 from ..state import float_state_dict
 from .attention import make_attention_jvp_safe
+from .checkpointing import checkpoint_layers, checkpointed
 from .kernels import disable_hub_kernels
-from .functional import ENGINES, Engine, LinearizedOutput, add_tangent, forward_params, linearized_call
+from .functional import (
+    ENGINES, Engine, LinearizedOutput, add_tangent, forward_params, linearized_call, linearized_signature,
+)
 from .losses import get_linearized_loss, infer_loss_type
 from .persistence import (
     TaskVectors, auto_class_name, check_bases, load_base_model, recorded_spec, scaled_pairs,
@@ -175,6 +180,22 @@ class LinearizedModel(nn.Module):
         freeze_parameters(inner)
         self.model = inner
         self._accepts_use_cache = "use_cache" in forward_params(inner)
+        self._gradient_checkpointing = False
+        self._checkpoint_layers: list[nn.Module] = []
+        self._present_signature()
+
+    def _present_signature(self) -> None:
+        """Give this instance's ``forward`` the wrapped model's signature (see :func:`linearized_signature`)."""
+        signature = linearized_signature(self.model)
+        plain = type(self).forward
+
+        @functools.wraps(plain)
+        def forward(module: "LinearizedModel", *args: Any, **kwargs: Any) -> Any:
+            return plain(module, *args, **kwargs)
+
+        forward.__signature__ = signature.replace(parameters=[  # type: ignore[attr-defined]
+            inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY), *signature.parameters.values()])
+        self.forward = types.MethodType(forward, self)
 
     # -- construction from task vectors and saved folders ------------------------------
     @classmethod
@@ -310,6 +331,66 @@ class LinearizedModel(nn.Module):
                 child.train(mode)
         return self
 
+    # -- activation checkpointing --------------------------------------------------------
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None, *,
+                                        every_n_layers: int = 1, offload: bool = False) -> None:
+        """Recompute each layer's tangent in the backward pass instead of storing its activations.
+
+        What ``Trainer`` calls for ``TrainingArguments(gradient_checkpointing=True)``. The wrapped
+        model's own checkpointing cannot be used (it runs only in train mode, and replays outside
+        the forward-mode AD level); see :mod:`~hf_taskarith.linearize.checkpointing`.
+
+        Args:
+            activation_checkpointing_kwargs: ``torch.utils.checkpoint`` options; accepted for
+                compatibility and not used (the replay is ours, always non-reentrant).
+            every_n_layers: checkpoint every n-th layer.
+            offload: not supported (``ValueError``).
+
+        Raises:
+            ValueError: ``offload=True``; ``engine="jvp"``; parameters trained non-linearly
+                (``rest="train"``); a model without transformers checkpointable layers.
+        """
+        if offload:
+            raise ValueError("activation offloading is not supported for linearized models; use offload=False.")
+        if self.engine != "dual":
+            raise ValueError(f"gradient checkpointing needs engine='dual' (this model uses {self.engine!r}).")
+        if self._nonlinear:
+            raise ValueError("gradient checkpointing is not supported with rest='train' (parameters trained "
+                             "non-linearly need the primal graph); use rest='frozen' or turn checkpointing off.")
+        self._checkpoint_layers = checkpoint_layers(self.model, every_n_layers)
+        self._gradient_checkpointing = True
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs: Any) -> None:
+        """Alias of :meth:`activation_checkpointing_enable` (transformers' older name)."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
+
+    def activation_checkpointing_disable(self) -> None:
+        """Store activations again (the default)."""
+        self._gradient_checkpointing = False
+        self._checkpoint_layers = []
+
+    gradient_checkpointing_disable = activation_checkpointing_disable
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        """Whether activation checkpointing is on."""
+        return self._gradient_checkpointing
+
+    @property
+    def supports_gradient_checkpointing(self) -> bool:
+        """Whether the wrapped model has layers :meth:`activation_checkpointing_enable` can checkpoint."""
+        return bool(getattr(self.model, "supports_gradient_checkpointing", False))
+
+    @property
+    def device(self) -> torch.device:
+        """The device of theta0 (the wrapped model's parameters)."""
+        return next(iter(self.theta0().values())).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The wrapped model's floating-point dtype (theta0's; ``delta`` may be float32, see the dtype policy)."""
+        return getattr(self.model, "dtype", None) or next(iter(self.theta0().values())).dtype
+
     @property
     def config(self):
         """The wrapped model's config (``None`` for plain modules)."""
@@ -347,19 +428,23 @@ class LinearizedModel(nn.Module):
         return dict(self._nonlinear_params)
 
     # -- forward ----------------------------------------------------------------------
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """Linearized forward; accepts the wrapped model's inputs (plus ``labels``)."""
-        labels = kwargs.pop("labels", None)
-        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+    def forward(self, *args: Any, labels: Any = None, num_items_in_batch: Any = None, **kwargs: Any) -> Any:
+        """Linearized forward; accepts the wrapped model's inputs (plus ``labels``).
+
+        Each instance presents the wrapped model's signature (``inspect.signature(lin.forward)``),
+        with ``labels`` and ``num_items_in_batch`` added.
+        """
         if self._accepts_use_cache:
             kwargs.setdefault("use_cache", False)
         primals = self.theta0()
         primals.update(self._nonlinear_params)
         tangents = {n: d if d.dtype == primals[n].dtype else d.to(primals[n].dtype)
                     for n, d in self._delta_params.items()}
+        layers = self._checkpoint_layers if self._gradient_checkpointing and self.training else []
         try:
-            out, out_t = linearized_call(self.model, primals, tangents, args, kwargs,
-                                         engine=self.engine, aliases=self._aliases)
+            with checkpointed(layers):
+                out, out_t = linearized_call(self.model, primals, tangents, args, kwargs,
+                                             engine=self.engine, aliases=self._aliases)
         except NotImplementedError as e:
             raise NotImplementedError(
                 f"{e}\nThe linearized forward needs forward-mode AD through every operation downstream of a "

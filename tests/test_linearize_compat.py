@@ -1,0 +1,178 @@
+"""A LinearizedModel in the places users put it: torch's own attention modules, the plain
+``transformers.Trainer``, gradient checkpointing, and the private Trainer hooks we depend on."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+from torch import nn
+
+from hf_taskarith.linearize import LinearizedModel, linearized_call
+
+
+class TorchEncoder(nn.Module):
+    """open_clip-style: nn.TransformerEncoderLayer (batch first) and nn.MultiheadAttention."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layer = nn.TransformerEncoderLayer(16, 4, dim_feedforward=32, dropout=0.0, batch_first=True)
+        self.mha = nn.MultiheadAttention(16, 4, batch_first=True)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x, key_padding_mask=None):
+        h = self.layer(x, src_key_padding_mask=key_padding_mask)
+        h, _ = self.mha(h, h, h, key_padding_mask=key_padding_mask, need_weights=False)
+        return self.head(h.mean(1))
+
+
+@pytest.mark.parametrize("engine", ["dual", "jvp"])
+@pytest.mark.parametrize("padding", [False, True])
+def test_torch_multihead_attention_modules_linearize(engine, padding):
+    model = TorchEncoder().double().eval()
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    mask = torch.zeros(2, 5, dtype=torch.bool)
+    if padding:
+        mask[1, 3:] = True
+    kw = {"key_padding_mask": mask} if padding else {}
+    params = dict(model.named_parameters())
+    g = torch.Generator().manual_seed(1)
+    tangents = {n: torch.randn(p.shape, generator=g, dtype=p.dtype) for n, p in params.items()}
+    out, out_t = linearized_call(model, {n: p.detach() for n, p in params.items()}, tangents, (x,), kw, engine=engine)
+
+    def f(scale):  # the ordinary model (fused kernels allowed) at theta0 + scale * tangent
+        values = {n: p.detach() + scale * tangents[n] for n, p in params.items()}
+        with torch.no_grad():
+            return torch.func.functional_call(model, values, (x,), kw)
+
+    eps = 1e-6
+    ref_t = (f(eps) - f(-eps)) / (2 * eps)  # central differences in float64: error ~1e-10
+    torch.testing.assert_close(out, f(0.0))
+    torch.testing.assert_close(out_t, ref_t, rtol=1e-6, atol=1e-8)
+    assert torch.backends.mha.get_fastpath_enabled()  # restored
+
+
+def test_linearized_model_of_torch_encoder_trains():
+    lin = LinearizedModel(TorchEncoder(), loss_fn=lambda out, y, num_items_in_batch=None: nn.functional.cross_entropy(out, y))
+    lin.train()
+    out = lin(torch.randn(2, 5, 16), labels=torch.tensor([0, 2]))
+    out.loss.backward()
+    assert all(d.grad is not None and bool(torch.isfinite(d.grad).all()) for d in lin.deltas().values())
+
+
+def tiny_bert():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    return BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                    intermediate_size=64, vocab_size=100, num_labels=2)).eval()
+
+
+def test_forward_signature_is_the_wrapped_models():
+    bert = tiny_bert()
+    lin = LinearizedModel(bert)
+    names = list(inspect.signature(lin.forward).parameters)
+    wrapped = list(inspect.signature(bert.forward).parameters)
+    assert [n for n in names if n != "num_items_in_batch"] == wrapped and "labels" in names
+    assert "num_items_in_batch" in names
+    plain = LinearizedModel(nn.Linear(3, 2), loss_fn=lambda *a, **k: 0)
+    assert list(inspect.signature(plain.forward).parameters) == ["input", "labels", "num_items_in_batch"]
+
+
+def _pair_dataset(n=16):
+    from datasets import Dataset
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 100, (n, 8), generator=g)
+    return Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": [[1] * 8] * n,
+                              "token_type_ids": [[0] * 4 + [1] * 4] * n, "labels": [i % 2 for i in range(n)],
+                              "text": [f"row {i}" for i in range(n)]})
+
+
+def _args(tmp_path, **kw):
+    from transformers import TrainingArguments
+
+    base = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, learning_rate=1e-3, max_steps=2,
+                logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, seed=0)
+    base.update(kw)
+    return TrainingArguments(**base)
+
+
+def test_plain_trainer_with_remove_unused_columns(tmp_path):
+    from transformers import Trainer
+
+    lin = LinearizedModel(tiny_bert())
+    trainer = Trainer(model=lin, args=_args(tmp_path), train_dataset=_pair_dataset())
+    trainer.train()
+    assert any(bool(d.any()) for d in lin.deltas().values())
+
+
+def tiny_llama():
+    from transformers import LlamaForCausalLM
+
+    from conftest import tiny_llama_config
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(tiny_llama_config()).eval()
+
+
+@pytest.mark.parametrize("use_trainer", [False, True])
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_gradient_checkpointing(tmp_path, use_trainer, family):
+    from hf_taskarith.training import LinearizedTrainer
+
+    if family == "bert":
+        data = _pair_dataset(4)
+        batch = {k: torch.tensor(data[k]) for k in ("input_ids", "attention_mask", "token_type_ids", "labels")}
+        build = tiny_bert
+    else:
+        ids = torch.randint(0, 128, (3, 9), generator=torch.Generator().manual_seed(0))
+        mask = torch.ones_like(ids)
+        mask[1, :2] = 0
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+        build = tiny_llama
+    grads = {}
+    for checkpointing in (False, True):
+        lin = LinearizedModel(build())
+        with torch.no_grad():
+            for d in lin.deltas().values():
+                d.normal_(0, 1e-2, generator=torch.Generator().manual_seed(0))
+        if checkpointing:
+            lin.gradient_checkpointing_enable()
+            assert lin.is_gradient_checkpointing
+        lin.train()
+        lin(**batch).loss.backward()
+        grads[checkpointing] = {n: d.grad.clone() for n, d in lin.deltas().items()}
+    for n in grads[False]:
+        torch.testing.assert_close(grads[True][n], grads[False][n], rtol=1e-5, atol=1e-7, msg=n)
+    if use_trainer and family == "bert":
+        trainer = LinearizedTrainer(model=tiny_bert(), args=_args(tmp_path, gradient_checkpointing=True),
+                                    train_dataset=_pair_dataset())
+        trainer.train()
+        assert trainer.linearized_model.is_gradient_checkpointing
+
+
+def test_gradient_checkpointing_refusals():
+    with pytest.raises(ValueError, match="engine='dual'"):
+        LinearizedModel(tiny_bert(), engine="jvp").gradient_checkpointing_enable()
+    with pytest.raises(ValueError, match="rest='train'"):
+        LinearizedModel(tiny_bert(), linearize="attention", rest="train").gradient_checkpointing_enable()
+    with pytest.raises(ValueError, match="GradientCheckpointingLayer"):
+        LinearizedModel(nn.Linear(3, 2), loss_fn=lambda *a, **k: 0).gradient_checkpointing_enable()
+    with pytest.raises(ValueError, match="offload"):
+        LinearizedModel(tiny_bert()).activation_checkpointing_enable(offload=True)
+
+
+def test_private_trainer_hooks_we_override_still_exist():
+    """LinearizedTrainer overrides these private Trainer methods; fail loudly if transformers renames them."""
+    from transformers import Trainer
+
+    expected = {"_save": ["self", "output_dir", "state_dict"],
+                "_set_signature_columns_if_needed": ["self"],
+                "_issue_warnings_after_load": ["self", "load_result"]}
+    for name, params in expected.items():
+        assert hasattr(Trainer, name), f"transformers.Trainer.{name} is gone; LinearizedTrainer overrides it"
+        got = list(inspect.signature(getattr(Trainer, name)).parameters)
+        assert got[:len(params)] == params, f"Trainer.{name}{got} changed; LinearizedTrainer expects {params}"
