@@ -159,12 +159,16 @@ def test_llora_layer_mode_equals_the_weight_space_model(bert):
     torch.testing.assert_close(logits(merged), logits(edited), rtol=1e-10, atol=1e-10)
 
 
-def test_disable_adapter_gives_the_base(bert):
-    model = wrap(bert, LinearizedLoraConfig(r=4, target_modules=["query", "value"]))
+@pytest.mark.parametrize("config", [LinearizedLoraConfig(r=4, target_modules=["query", "value"]), TangentConfig()],
+                         ids=["llora", "tangent"])
+def test_disable_adapter_gives_the_base(bert, config):
+    model = wrap(bert, copy.deepcopy(config))
     randomize(model)
     with model.disable_adapter():
         torch.testing.assert_close(logits(model), logits(bert), rtol=0, atol=1e-12)
     assert not torch.allclose(logits(model), logits(bert))
+    status = model.get_model_status()
+    assert status.enabled is True and status.active_adapters == ["default"]
 
 
 # -- save / load through peft's entry points --------------------------------------------------

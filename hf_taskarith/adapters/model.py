@@ -26,6 +26,7 @@ from torch import nn
 from ..errors import AdapterConfigError, IncompatibleBaseError
 from ..io.fingerprint import fingerprint_state_dict
 from ..linearize.attention import make_attention_jvp_safe
+from ..linearize.kernels import disable_hub_kernels
 from ..state import float_state_dict
 from .config import LinearizedLoraConfig
 from .forward import LinearizedForwardHooks
@@ -106,6 +107,7 @@ class LinearizedLoraModel(BaseTuner):
         check_base_fingerprint(self, model, config)
         self._resolve_targets(model, config)
         if config.linearization == "model":
+            disable_hub_kernels(model)  # before any mode switch; kernels have no tangent rule
             make_attention_jvp_safe(model)
             model.eval()
 

@@ -25,6 +25,7 @@ from torch import nn
 
 from ..linearize.attention import make_attention_jvp_safe
 from ..linearize.functional import swapped_parameters
+from ..linearize.kernels import disable_hub_kernels
 from ..linearize.selection import select_parameters
 from .config import TangentConfig
 from .forward import LinearizedForwardHooks
@@ -40,6 +41,43 @@ class DeltaTree(_DeltaTree):
 
     def flat(self) -> dict[str, nn.Parameter]:
         return dict(self.named_parameters())
+
+
+class TangentStatus(BaseTunerLayer, nn.Module):
+    """A parameter-free tuner layer reporting the tangent adapters' state to peft.
+
+    peft's ``disable_adapter()``, ``get_model_status()`` and ``get_layer_status()`` look for
+    ``BaseTunerLayer`` modules; the tangent tuner injects none (its deltas live on the tuner),
+    so this one stands for all of them: enabled or not, active and available adapters.
+    """
+
+    adapter_layer_names: tuple[str, ...] = ()
+    other_param_names: tuple[str, ...] = ()
+
+    def __init__(self, tuner: "TangentModel") -> None:
+        nn.Module.__init__(self)
+        self.__dict__["_tuner"] = tuner  # not a submodule: no cycle in named_modules()
+
+    @property
+    def disable_adapters(self) -> bool:
+        return not self._tuner._enabled
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._tuner.active_adapters)
+
+    @property
+    def merged_adapters(self) -> list[str]:
+        return []
+
+    def enable_adapters(self, enabled: bool) -> None:
+        self._tuner._enabled = bool(enabled)
+
+    def _get_available_adapters(self) -> set[str]:
+        return set(self._tuner.peft_config)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("TangentStatus only reports state; it is never called.")
 
 
 class TangentModel(BaseTuner):
@@ -73,10 +111,12 @@ class TangentModel(BaseTuner):
             self._canonical = _canonical_names(model)
             self._trainable = [n for n, p in self._canonical_params(model).items()
                                if p.requires_grad and p.is_floating_point()]
+            disable_hub_kernels(model)  # before any mode switch; kernels have no tangent rule
             make_attention_jvp_safe(model)
             model.requires_grad_(False)
             model.eval()
             self.add_module(DELTA_ATTR, nn.ModuleDict())
+            self.add_module("tangent_status", TangentStatus(self))
             self.__dict__["_hf_taskarith_hooks"] = LinearizedForwardHooks(model, self._active, self._dual_parameters)
         if not self._trainable:
             raise ValueError(f"{type(model).__name__} has no trainable floating-point parameter (all had "

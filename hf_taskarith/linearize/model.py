@@ -376,6 +376,8 @@ class LinearizedModel(nn.Module):
         """Whether activation checkpointing is on."""
         return self._gradient_checkpointing
 
+    is_activation_checkpointing = is_gradient_checkpointing
+
     @property
     def supports_gradient_checkpointing(self) -> bool:
         """Whether the wrapped model has layers :meth:`activation_checkpointing_enable` can checkpoint."""
