@@ -1,7 +1,17 @@
 #!/usr/bin/env bash
 # The whole test suite (what CI runs). Offline; CPU only.
+#
+#   bash scripts/test.sh [pytest args]            # in .venv (the pinned versions, scripts/setup.sh)
+#   bash scripts/test.sh --latest [pytest args]   # builds .venv-latest with today's newest releases
+#                                                 # (scripts/setup.sh --latest), then runs the suite there
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ -x .venv/bin/python ] && . .venv/bin/activate
+if [ "${1:-}" = "--latest" ]; then
+  shift
+  bash scripts/setup.sh --latest
+  . .venv-latest/bin/activate
+elif [ -x .venv/bin/python ]; then
+  . .venv/bin/activate
+fi
 export HF_HUB_OFFLINE=1 HF_HUB_DISABLE_PROGRESS_BARS=1 TOKENIZERS_PARALLELISM=false
 python -m pytest -q "$@"

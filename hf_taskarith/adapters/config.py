@@ -165,7 +165,7 @@ class TangentConfig(_LinearizedAdapterConfig):
         AdapterConfigError: ``linearize`` is not a string or a list of strings.
 
     Note:
-        Costs what ``LinearizedModel`` costs (about 1.85x an ordinary step) and stores one full
+        Costs what ``LinearizedModel`` costs (docs/linearized.md, *Cost, measured*) and stores one full
         copy of the selected parameters. Parameters frozen before ``get_peft_model`` get no
         ``delta`` (e.g. a zero-shot head).
 

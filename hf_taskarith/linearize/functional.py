@@ -15,7 +15,8 @@ Jacobian-vector product along ``delta`` (forward-mode AD). Two engines compute i
 Note:
     Cost: one forward of the ``"dual"`` engine does about three matmuls per linear layer
     (primal, ``x_t W0^T`` and ``x W_t^T``) and its backward two, against one and two for an
-    ordinary training step, so a step costs at least ~1.7x an ordinary one in matmuls. Activation
+    ordinary training step, so a step costs at least 5/3 of an ordinary one in matmuls (measured
+    ratios: docs/linearized.md, *Cost, measured*). Activation
     memory is close to an ordinary step's: saved tensors are the primal activations the
     tangent needs. Operators without a forward-mode formula in PyTorch raise
     ``NotImplementedError`` naming the operator.

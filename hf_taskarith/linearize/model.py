@@ -49,9 +49,11 @@ LossFn = Callable[..., torch.Tensor]
 class LinearizedModel(nn.Module):
     """A model linearized around its pre-trained weights: ``f(x; theta0) + J f(x; theta0) delta``.
 
-    ``theta0`` is held as buffers (the wrapped model's parameters, turned into buffers) and
-    ``delta = theta - theta0`` as parameters named ``delta.<original name>``, so any optimizer,
-    ``Trainer`` or DDP trains ``delta`` alone (FSDP and DeepSpeed are untested). One forward
+    ``theta0`` is the wrapped model's own parameters, frozen (``requires_grad=False``; the wrapped
+    model stays an ordinary transformers model: ``.device``, ``.dtype``, ``save_pretrained``), and
+    ``delta = theta - theta0`` is held as parameters named ``delta.<original name>``, so
+    ``Trainer``, DDP or any optimizer over the ``requires_grad`` parameters trains ``delta``
+    alone (FSDP and DeepSpeed are untested). One forward
     pass evaluates the model at ``theta0`` and the Jacobian-vector product along ``delta``
     (forward-mode AD).
 
@@ -95,9 +97,9 @@ class LinearizedModel(nn.Module):
 
     Note:
         Cost: a training step does ~5 matmuls per linear layer against 3 for ordinary
-        fine-tuning (measured 1.68x an ordinary step with AdamW on a small ViT and 1.61x on a
-        MiniLM-sized BERT, CPU; see ``benchmarks/linearized_step.py`` and docs/linearized.md);
-        peak memory 1.3x;
+        fine-tuning, so at least 5/3 of an ordinary step in matmul work; the measured ratios
+        (time and peak memory, by model and device) are in docs/linearized.md, *Cost,
+        measured* (``benchmarks/linearized_step.py``), the one place they are quoted;
         ``theta0`` and ``delta`` together hold two copies of the weights (so do ``theta0`` and
         the ``nonlinear`` parameters). Half-precision bases keep ``delta`` in float32 and
         return linearized outputs in float32, so the small tangent term is not rounded away
@@ -453,7 +455,7 @@ class LinearizedModel(nn.Module):
                 "linearized parameter, and this one has none. Workarounds: linearize only parameters after that "
                 "operation (linearize=[...] with rest='frozen' or 'train'); give the operation a rule with "
                 "hf_taskarith.linearize.register_tangent_rule(torch_function); for a custom "
-                "torch.autograd.Function, implement its jvp staticmethod; or try engine='jvp'.") from e
+                "torch.autograd.Function, implement its jvp staticmethod.") from e
         out = add_tangent(out, out_t)
         if labels is None:
             return out
