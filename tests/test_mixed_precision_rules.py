@@ -47,8 +47,43 @@ def _mask_float(lq: int, lk: int) -> torch.Tensor:
     return torch.where(_mask_bool(lq, lk), 0.0, torch.finfo(torch.float32).min)
 
 
+def _llama_parts():
+    """transformers' LlamaRMSNorm and rotary embedding, built once (modules cannot be built inside
+    ``torch.func`` transforms)."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding
+
+    if not _LLAMA:
+        _LLAMA["norm"] = LlamaRMSNorm(16, eps=1e-6)
+        rope = LlamaRotaryEmbedding(LlamaConfig(hidden_size=32, num_attention_heads=4, max_position_embeddings=16))
+        _LLAMA["cos_sin"] = rope(torch.zeros(1, dtype=torch.float64), torch.arange(7)[None])  # (1, 7, 8) each
+    return _LLAMA
+
+
+_LLAMA: dict = {}
+
+
+def _rms_norm(x, w):
+    """LlamaRMSNorm (float32 inside, output in the input's dtype), weight swapped in."""
+    return torch.func.functional_call(_llama_parts()["norm"], {"weight": w}, (x,))
+
+
+def _rotary(q, k):
+    """transformers' apply_rotary_pos_emb on queries and keys (cos/sin carry no tangent)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    cos, sin = (t.to(q.device, q.dtype) for t in _llama_parts()["cos_sin"])
+    q2, k2 = apply_rotary_pos_emb(q, k, cos, sin)
+    return torch.cat([q2, k2], dim=1)
+
+
 def cases() -> dict[str, tuple[Callable, Callable, list[tuple[int, ...]], list[bool], str | None]]:
-    """name -> (function, float64 reference, input shapes, which inputs carry a tangent, Function name)."""
+    """name -> (function, float64 reference, input shapes, which inputs carry a tangent, Function name).
+
+    ``rms_norm``, ``silu`` and ``rotary`` have no hand-written rule (plain operations through
+    PyTorch's formulas); they are here to check the tangent pass around the rules in half precision.
+    """
+    _llama_parts()
     ln = lambda x, w, b: F.layer_norm(x, (16,), w, b)  # noqa: E731
     conv = lambda x, w, b: F.conv2d(x, w, b, stride=2)  # noqa: E731
     qkv = [(2, 4, 7, 8), (2, 4, 7, 8), (2, 4, 7, 8)]
@@ -67,6 +102,9 @@ def cases() -> dict[str, tuple[Callable, Callable, list[tuple[int, ...]], list[b
         "sdpa_bool_mask": (*_sdpa(attn_mask=_mask_bool(7, 7)), qkv, [True, True, True], "_AttentionTangent"),
         "sdpa_float_mask": (*_sdpa(attn_mask=_mask_float(7, 7)), qkv, [True, True, True], "_AttentionTangent"),
         "sdpa_scaled_kv_only": (*_sdpa(scale=0.3), qkv, [False, True, True], "_AttentionTangent"),
+        "rms_norm": (_rms_norm, _rms_norm, [(3, 5, 16), (16,)], [True, True], None),
+        "silu": (F.silu, F.silu, [(3, 5, 16)], [True], None),
+        "rotary": (_rotary, _rotary, [(2, 4, 7, 8), (2, 2, 7, 8)], [True, True], None),
     }
     return c
 
@@ -94,19 +132,21 @@ def reference(ref: Callable, primals, tangents, has_t, g: torch.Tensor):
     return y, y_t, list(grads)
 
 
-def run_rule(fn: Callable, primals, tangents, has_t, g: torch.Tensor, dtype: torch.dtype, autocast: bool):
-    """The dual engine's ``(y, y_t, grads)`` with inputs in ``dtype`` (float32 under autocast)."""
-    ctx = torch.autocast("cpu", dtype=dtype) if autocast else contextlib.nullcontext()
+def run_rule(fn: Callable, primals, tangents, has_t, g: torch.Tensor, dtype: torch.dtype, autocast: bool,
+             device: str = "cpu"):
+    """The dual engine's ``(y, y_t, grads)`` with inputs in ``dtype`` (float32 under autocast), on ``device``."""
+    ctx = torch.autocast(device, dtype=dtype) if autocast else contextlib.nullcontext()
     store = torch.float32 if autocast else dtype
-    leaves = [t.to(store).requires_grad_() if h else None for t, h in zip(tangents, has_t)]
+    leaves = [t.to(device, store).requires_grad_() if h else None for t, h in zip(tangents, has_t)]
     with ctx, fwAD.dual_level(), TangentRulesMode():
-        args = [fwAD.make_dual(p.to(store), t) if t is not None else p.to(store) for p, t in zip(primals, leaves)]
+        args = [fwAD.make_dual(p.to(device, store), t) if t is not None else p.to(device, store)
+                for p, t in zip(primals, leaves)]
         y, y_t = fwAD.unpack_dual(fn(*args))
     assert y_t is not None and y_t.dtype == y.dtype
-    grads = torch.autograd.grad(y_t, [t for t in leaves if t is not None], g.to(y_t.dtype))
+    grads = torch.autograd.grad(y_t, [t for t in leaves if t is not None], g.to(device, y_t.dtype))
     for t, gr in zip([t for t in leaves if t is not None], grads):
         assert gr.dtype == t.dtype and bool(torch.isfinite(gr).all())
-    return y, y_t, list(grads)
+    return y.cpu(), y_t.cpu(), [gr.cpu() for gr in grads]
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -127,17 +167,33 @@ def _has_node(t: torch.Tensor, name: str) -> bool:
     return False
 
 
+PRECISIONS = [(torch.bfloat16, False), (torch.float16, False), (torch.bfloat16, True), (torch.float16, True),
+              (torch.float32, False)]
+
+
 @pytest.mark.parametrize("name", sorted(cases()))
-@pytest.mark.parametrize("dtype,autocast", [(torch.bfloat16, False), (torch.float16, False),
-                                            (torch.bfloat16, True), (torch.float16, True),
-                                            (torch.float32, False)])
+@pytest.mark.parametrize("dtype,autocast", PRECISIONS)
 def test_rule_in_half_precision_matches_float64(name, dtype, autocast):
+    check_rule(name, dtype, autocast, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", sorted(cases()))
+@pytest.mark.parametrize("dtype,autocast", PRECISIONS)
+def test_rule_in_half_precision_matches_float64_on_cuda(name, dtype, autocast):
+    """The same checks under CUDA's autocast op lists and kernels (``pytest -m gpu``)."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    check_rule(name, dtype, autocast, "cuda")
+
+
+def check_rule(name: str, dtype: torch.dtype, autocast: bool, device: str) -> None:
     fn, ref, shapes, has_t, function = cases()[name]
     primals, tangents = _inputs(shapes)
     y64 = ref(*primals)
     g = torch.randn(y64.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     y_ref, yt_ref, grads_ref = reference(ref, primals, tangents, has_t, g)
-    y, y_t, grads = run_rule(fn, primals, tangents, has_t, g, dtype, autocast)
+    y, y_t, grads = run_rule(fn, primals, tangents, has_t, g, dtype, autocast, device)
     if not autocast:
         assert y.dtype == dtype
     if function is not None:

@@ -87,26 +87,26 @@ def saved_families(tmp_path_factory) -> dict[str, Saved]:
     return out
 
 
-def load(saved: Saved, precision: str = "fp32"):
+def load(saved: Saved, precision: str = "fp32", device: str = "cpu"):
     import transformers
 
     dtype = {"bf16_weights": torch.bfloat16, "fp16_weights": torch.float16}.get(precision, torch.float32)
-    return getattr(transformers, saved.auto).from_pretrained(saved.folder, dtype=dtype)
+    return getattr(transformers, saved.auto).from_pretrained(saved.folder, dtype=dtype).to(device)
 
 
-def autocast(precision: str):
+def autocast(precision: str, device: str = "cpu"):
     dtype = {"bf16_autocast": torch.bfloat16, "fp16_autocast": torch.float16}.get(precision)
-    return torch.autocast("cpu", dtype=dtype, enabled=dtype is not None)
+    return torch.autocast(device, dtype=dtype, enabled=dtype is not None)
 
 
-def delta_grad(lin: LinearizedModel, saved: Saved, precision: str) -> tuple[float, torch.Tensor]:
+def delta_grad(lin: LinearizedModel, saved: Saved, precision: str, device: str = "cpu") -> tuple[float, torch.Tensor]:
     lin.train()
     for p in lin.parameters():
         p.grad = None
-    with autocast(precision):
-        loss = lin(**saved.inputs).loss
+    with autocast(precision, device):
+        loss = lin(**{k: v.to(device) for k, v in saved.inputs.items()}).loss
     loss.backward()
-    grads = [p.grad.flatten().double() for p in lin.deltas().values() if p.grad is not None]
+    grads = [p.grad.flatten().double().cpu() for p in lin.deltas().values() if p.grad is not None]
     return float(loss), torch.cat(grads)
 
 
@@ -137,6 +137,24 @@ def test_linearized_model_trains_in_every_precision(saved_families, family):
         err = float((grad - ref).norm() / ref.norm())
         assert err < GRAD_TOL[precision], f"{family} {precision}: gradient relative error {err:.4f}"
         assert abs(loss - ref_loss) < 0.05 * max(1.0, abs(ref_loss)), (precision, loss, ref_loss)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", FAMILIES)
+def test_linearized_model_trains_in_every_precision_on_cuda(saved_families, family):
+    """As above on a CUDA device, where autocast's op lists and the fused kernels differ (``pytest -m gpu``)."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    saved = saved_families[family]
+    ref_loss, ref = delta_grad(LinearizedModel(load(saved, device="cuda")), saved, "fp32", "cuda")
+    assert math.isfinite(ref_loss) and bool(torch.isfinite(ref).all())
+    for precision in PRECISIONS[1:]:
+        lin = LinearizedModel(load(saved, precision, "cuda"))
+        assert lin.model.device.type == "cuda"
+        loss, grad = delta_grad(lin, saved, precision, "cuda")
+        assert math.isfinite(loss) and bool(torch.isfinite(grad).all()), precision
+        err = float((grad - ref).norm() / ref.norm())
+        assert err < GRAD_TOL[precision], f"{family} {precision} on cuda: gradient relative error {err:.4f}"
 
 
 @pytest.mark.parametrize("engine", ["dual", "jvp"])

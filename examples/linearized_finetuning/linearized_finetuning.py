@@ -4,6 +4,7 @@
     python examples/linearized_finetuning/linearized_finetuning.py --mode linear   # tangent space only
     python examples/linearized_finetuning/linearized_finetuning.py --minilm        # all-MiniLM-L6-v2 if installed
     python examples/linearized_finetuning/linearized_finetuning.py --linearize attention --rest train
+    python examples/linearized_finetuning/linearized_finetuning.py --bf16 --gradient-checkpointing
 
 Two synthetic sentence-pair tasks (is token 7 / token 9 in the second sentence?). Each task
 is trained with LinearizedTrainer in each mode (same code, ``mode="linear"`` or
@@ -61,6 +62,10 @@ def main() -> None:
     p.add_argument("--linearize", default=None, help="regex of the parameters to linearize (default: all)")
     p.add_argument("--rest", choices=["frozen", "train"], default="frozen",
                    help="what the parameters --linearize leaves out do")
+    p.add_argument("--bf16", action="store_true",
+                   help="bfloat16 mixed precision (TrainingArguments(bf16=True); delta stays float32)")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute each layer in the backward pass (TrainingArguments(gradient_checkpointing=True))")
     p.add_argument("--output-dir", default="/tmp/linearized_example")
     args = p.parse_args()
     torch.manual_seed(0)
@@ -83,7 +88,8 @@ def main() -> None:
                 model=base, mode=mode, train_dataset=train, linearize_kwargs=linearize_kwargs,
                 args=TrainingArguments(output_dir=f"{args.output_dir}/{mode}_{name}", per_device_train_batch_size=32,
                                        learning_rate=1e-3, max_steps=args.steps, save_strategy="no", report_to=[],
-                                       use_cpu=True, logging_steps=20, disable_tqdm=True))
+                                       use_cpu=True, logging_steps=20, disable_tqdm=True, bf16=args.bf16,
+                                       gradient_checkpointing=args.gradient_checkpointing))
             trainer.train()
             tvs[mode][name] = trainer.task_vector()
             print(f"{mode:9s} {name}: |tv| = {tvs[mode][name].norm():.3f}")
