@@ -176,3 +176,31 @@ def test_private_trainer_hooks_we_override_still_exist():
         assert hasattr(Trainer, name), f"transformers.Trainer.{name} is gone; LinearizedTrainer overrides it"
         got = list(inspect.signature(getattr(Trainer, name)).parameters)
         assert got[:len(params)] == params, f"Trainer.{name}{got} changed; LinearizedTrainer expects {params}"
+
+
+def test_peft_hooks_the_adapters_override_still_exist():
+    """The adapters subclass peft's BaseTuner / BaseTunerLayer and override these (partly private)
+    methods; fail loudly, naming the method, if peft renames one or changes its arguments."""
+    from peft.tuners._buffer_dict import BufferDict  # noqa: F401  (imported by adapters/layer.py)
+    from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+
+    expected = {
+        BaseTuner: {"_pre_injection_hook": ["self", "model", "config", "adapter_name"],
+                    "_prepare_adapter_config": ["self", "peft_config", "model_config"],
+                    "_check_target_module_exists": ["peft_config", "key"],
+                    "_create_and_replace": ["self", "peft_config", "adapter_name", "target", "target_name", "parent",
+                                            "current_key"],
+                    "_check_new_adapter_config": ["self", "config"],
+                    "_post_injection_hook": ["self", "model", "config", "adapter_name"],
+                    "_enable_adapter_layers": ["self", "enabled"],
+                    "inject_adapter": ["self", "model", "adapter_name"],
+                    "disable_adapter_layers": ["self"], "enable_adapter_layers": ["self"]},
+        BaseTunerLayer: {"_get_available_adapters": ["self"], "enable_adapters": ["self", "enabled"]},
+    }
+    for cls, methods in expected.items():
+        for name, params in methods.items():
+            assert hasattr(cls, name), f"peft {cls.__name__}.{name} is gone; hf_taskarith.adapters overrides it"
+            got = [p for p in inspect.signature(getattr(cls, name)).parameters if p not in ("args", "kwargs")]
+            assert got[:len(params)] == params, f"peft {cls.__name__}.{name}{got} changed; expected {params}"
+    for prop in ("disable_adapters", "active_adapters", "merged_adapters"):
+        assert hasattr(BaseTunerLayer, prop), f"peft BaseTunerLayer.{prop} is gone; TangentStatus reports it"

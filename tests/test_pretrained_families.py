@@ -122,6 +122,20 @@ def test_loaded_models_are_kernelized_by_default(saved_families):
     assert lin.training and not lin.model.training and not lin.model.use_kernels
 
 
+def test_kernels_off_and_the_wrapped_model_saves_like_any_model(saved_families, tmp_path):
+    import transformers
+
+    saved = saved_families["llama"]
+    model = transformers.AutoModelForCausalLM.from_pretrained(saved.folder, use_kernels=False)
+    lin = LinearizedModel(model).train()
+    lin(**saved.inputs).loss.backward()
+    assert lin.model.num_parameters() == model.num_parameters()
+    lin.model.save_pretrained(tmp_path / "theta0")  # theta0 is an ordinary transformers model
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "theta0")
+    for (n, a), (_, b) in zip(model.state_dict().items(), reloaded.state_dict().items()):
+        assert torch.equal(a, b), n
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_linearized_model_trains_in_every_precision(saved_families, family):
     saved = saved_families[family]
