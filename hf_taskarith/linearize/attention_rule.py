@@ -30,6 +30,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 
+from . import blockwise_attention as blockwise
 from .math_attention import attention_scale, math_attention, repeat_kv
 from .tangent_rules import autocast_dtype, cast, no_autocast, register_tangent_rule, split_dual
 
@@ -155,6 +156,8 @@ def sdpa_rule(*args: Any, **kwargs: Any):
     is_causal = bool(a.get("is_causal", False))
     batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2],
                                    () if mask is None else mask.shape[:-2])
+    if q.shape[-2] * k.shape[-2] > blockwise.BLOCKWISE_MIN_SCORES:
+        return _blockwise(q, k, v, q_t, k_t, v_t, mask, is_causal, scale, device)
     with no_autocast(device):
         with torch.no_grad():
             q3, k3, v3 = (_flat(t.expand(*batch, *t.shape[-2:])) for t in (q, k, v))
@@ -164,4 +167,17 @@ def sdpa_rule(*args: Any, **kwargs: Any):
             out = torch.bmm(p3, v3).view(*p.shape[:-1], v.shape[-1])
         q_t, k_t, v_t = (None if t is None else t.expand(*batch, *t.shape[-2:]) for t in (q_t, k_t, v_t))
         out_t = _AttentionTangent.apply(q3, k3, v3, p3, scale, q_t, k_t, v_t)
+    return fwAD.make_dual(out, out_t)
+
+
+def _blockwise(q, k, v, q_t, k_t, v_t, mask, is_causal: bool, scale: float, device: str):
+    """Long sequences: the primal through PyTorch's fused kernel, the tangent in key blocks
+    (:mod:`~hf_taskarith.linearize.blockwise_attention`); no ``L x L`` tensor is kept."""
+    with no_autocast(device):
+        with torch.no_grad():
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)
+            lse = blockwise.attention_lse(q, k, mask, is_causal, scale, blockwise.BLOCK_SIZE)
+            out = out.masked_fill(torch.isinf(lse), 0.0)  # fully masked rows: zeros, as the math backend
+        out_t = blockwise.BlockwiseAttentionTangent.apply(q, k, v, out, lse, mask, is_causal, scale,
+                                                          blockwise.BLOCK_SIZE, q_t, k_t, v_t)
     return fwAD.make_dual(out, out_t)

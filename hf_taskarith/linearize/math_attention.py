@@ -15,11 +15,12 @@ fully masked rows zero output *and* zero derivatives. It is used
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
+
+from .reentrant import call_reentrant
 
 
 def attention_scale(query: torch.Tensor, scale: float | None) -> float:
@@ -96,21 +97,3 @@ class MathAttentionMode(TorchFunctionMode):
         if func is F.scaled_dot_product_attention:
             return math_attention(*args, **kwargs)
         return call_reentrant(self, func, types, args, kwargs)
-
-
-def call_reentrant(mode: TorchFunctionMode, func: Any, types: Any, args: Any, kwargs: dict) -> Any:
-    """Call ``func`` from ``mode.__torch_function__``, with ``mode`` active for the calls it makes.
-
-    Inside ``__torch_function__`` a mode is switched off, so a ``torch.nn.functional``
-    composite written in Python (``F.multi_head_attention_forward``) would run its inner torch
-    calls -- an SDPA call, say -- past the mode. Those functions are re-dispatched with the mode
-    pushed again (``torch.overrides.redispatch_function``, PyTorch >= 2.13). Everything else is
-    called directly: built-in operators make no nested calls, and Python-level ``Tensor``
-    methods dispatch to themselves again (re-entering them would recurse). On older PyTorch
-    nested calls bypass the mode.
-    """
-    redispatch = getattr(torch.overrides, "redispatch_function", None)
-    if redispatch is None or getattr(func, "__module__", None) != "torch.nn.functional":
-        return func(*args, **kwargs)
-    with mode:
-        return redispatch(func, types, args, kwargs)

@@ -45,7 +45,7 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from .math_attention import call_reentrant
+from .reentrant import call_reentrant
 
 TangentRule = Callable[..., Any]
 """A rule takes the torch function's ``(*args, **kwargs)`` (some tensors are dual) and returns
