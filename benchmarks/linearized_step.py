@@ -17,12 +17,15 @@ set size in a fresh subprocess, minus the size after imports.
 
 Usage::
 
-    python benchmarks/linearized_step.py                 # the issue's ViT, batch 16, image 64, patch 8
+    python benchmarks/linearized_step.py                 # small ViT, batch 16, image 64, patch 8
+    python benchmarks/linearized_step.py --dtype bf16    # bf16 autocast over float32 weights
+    python benchmarks/linearized_step.py --device cuda --dtype bf16 --model vit-b16 --compiled-naive
+    python benchmarks/linearized_step.py --device cuda --dtype bf16 --model llama   # seq 2048, GQA, RoPE
     python benchmarks/linearized_step.py --model bert    # MiniLM-sized BERT, batch 16 x 64
     python benchmarks/linearized_step.py --rounds 9 --batch 32 --seq 64 --attn sdpa
     python benchmarks/linearized_step.py --threads 1 --clock cpu   # shared / noisy machine
 
-Prints one line per variant and the three ratios the linearized fine-tuning issue asks for
+Prints one line per variant and the ratios against the baselines
 (ours/naive time, ours/ordinary time, ours/ordinary peak memory), the forward and backward
 times of ordinary and ours measured separately (where the step ratio comes from: three
 matmuls per linear layer in a linearized forward against one, two in either backward), then
@@ -57,7 +60,7 @@ def build_bert(attn: str):
 
 
 def build_vit(attn: str):
-    """The issue's ViT classifier: hidden 192, 6 layers, 3 heads, image 64, patch 8."""
+    """A small ViT classifier: hidden 192, 6 layers, 3 heads, image 64, patch 8."""
     from transformers import ViTConfig, ViTForImageClassification
 
     torch.manual_seed(0)
@@ -80,13 +83,85 @@ def vit_batch(batch: int, seq: int) -> dict[str, torch.Tensor]:
             "labels": torch.randint(0, 4, (batch,), generator=g)}
 
 
-#: --model -> (builder, batch maker)
-MODELS = {"vit": (build_vit, vit_batch), "bert": (build_bert, bert_batch)}
+def build_vit_b16(attn: str):
+    """ViT-B/16-sized: hidden 768, 12 layers, 12 heads, 224 px, patch 16 (GPU sizes)."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    cfg = ViTConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                    image_size=224, patch_size=16, num_labels=10, hidden_dropout_prob=0.0,
+                    attention_probs_dropout_prob=0.0, attn_implementation=attn)
+    return ViTForImageClassification(cfg).eval()
+
+
+def vit_b16_batch(batch: int, seq: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {"pixel_values": torch.randn(batch, 3, 224, 224, generator=g),
+            "labels": torch.randint(0, 10, (batch,), generator=g)}
+
+
+def build_bert_base(attn: str):
+    """BERT-base-sized classifier: hidden 768, 12 layers, 12 heads."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = BertConfig(num_labels=4, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, attn_implementation=attn)
+    return BertForSequenceClassification(cfg).eval()
+
+
+def build_gpt2(attn: str):
+    """GPT-2-small-sized causal LM (tied embeddings)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation=attn)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def build_llama(attn: str):
+    """SmolLM2-135M-shaped Llama: RoPE, RMSNorm, SiLU, GQA (9 query / 3 key-value heads)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                      num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192,
+                      tie_word_embeddings=True, attn_implementation=attn)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def lm_batch(batch: int, seq: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(100, 40000, (batch, seq), generator=g)
+    return {"input_ids": ids, "labels": ids.clone()}
+
+
+#: --model -> (builder, batch maker, default batch, default sequence length)
+MODELS = {"vit": (build_vit, vit_batch, 16, 64), "bert": (build_bert, bert_batch, 16, 64),
+          "vit-b16": (build_vit_b16, vit_b16_batch, 64, 197), "bert-base": (build_bert_base, bert_batch, 32, 128),
+          "gpt2": (build_gpt2, lm_batch, 8, 256), "llama": (build_llama, lm_batch, 1, 2048)}
 MODEL = "vit"
+DEVICE = torch.device("cpu")
+AUTOCAST: torch.dtype | None = None
 
 
 def build_model(attn: str):
-    return MODELS[MODEL][0](attn)
+    return MODELS[MODEL][0](attn).to(DEVICE)
+
+
+def loss_of(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy; token-level (next-token) for causal LMs."""
+    if logits.dim() == 3:
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten())
+    return F.cross_entropy(logits.float(), labels)
+
+
+def autocast():
+    return torch.autocast(DEVICE.type, dtype=AUTOCAST, enabled=AUTOCAST is not None)
+
+
+def sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
 
 
 class NaiveLinearized(torch.nn.Module):
@@ -125,11 +200,12 @@ def make_step(variant: str, attn: str):
 
         def logits(batch):
             return net(**model_inputs(batch)).logits
-    elif variant == "naive":
+    elif variant in ("naive", "naive_compiled"):
         net = NaiveLinearized(model)
+        run = torch.compile(net) if variant == "naive_compiled" else net
 
         def logits(batch):
-            return net(**model_inputs(batch))
+            return run(**model_inputs(batch))
     else:
         from hf_taskarith.linearize import LinearizedModel
 
@@ -140,17 +216,18 @@ def make_step(variant: str, attn: str):
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-5)
 
     def step(batch):
-        loss = F.cross_entropy(logits(batch), batch["labels"])
+        with autocast():
+            loss = loss_of(logits(batch), batch["labels"])
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(loss.detach())
+        return loss.detach()
 
     return step, net
 
 
 def make_batch(batch: int, seq: int) -> dict[str, torch.Tensor]:
-    return MODELS[MODEL][1](batch, seq)
+    return {k: v.to(DEVICE) for k, v in MODELS[MODEL][1](batch, seq).items()}
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -159,19 +236,27 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def time_variants(args) -> dict[str, list[float]]:
     batch = make_batch(args.batch, args.seq)
+    variants = active_variants(args)
     steps = {}
-    for v in VARIANTS:
+    for v in variants:
         steps[v] = make_step(v, args.attn)[0]
-        steps[v](batch)  # warm-up (allocations, first-call overheads)
+        for _ in range(3 if v == "naive_compiled" else 1):
+            steps[v](batch)  # warm-up (allocations, first-call overheads, compilation)
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
-    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    times: dict[str, list[float]] = {v: [] for v in variants}
     for r in range(args.rounds):
-        order = VARIANTS if r % 2 == 0 else tuple(reversed(VARIANTS))
+        order = variants if r % 2 == 0 else tuple(reversed(variants))
         for v in order:
+            sync()
             t0 = clock()
             steps[v](batch)
+            sync()
             times[v].append(clock() - t0)
     return times
+
+
+def active_variants(args) -> tuple[str, ...]:
+    return VARIANTS + (("naive_compiled",) if args.compiled_naive else ())
 
 
 def time_phases(args) -> dict[str, dict[str, float]]:
@@ -188,10 +273,14 @@ def time_phases(args) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, list[float]]] = {v: {"forward": [], "backward": []} for v in nets}
     for r in range(args.rounds + 1):
         for v, net in nets.items():
+            sync()
             t0 = clock()
-            loss = F.cross_entropy(net(**inputs).logits, batch["labels"])
+            with autocast():
+                loss = loss_of(net(**inputs).logits, batch["labels"])
+            sync()
             t1 = clock()
             loss.backward()
+            sync()
             t2 = clock()
             for prm in net.parameters():
                 prm.grad = None
@@ -227,8 +316,24 @@ def peak_memory_child(variant: str, args) -> None:
 
 
 def peak_memory(variant: str, args) -> float:
-    cmd = [sys.executable, __file__, "--child-memory", variant, "--model", MODEL, "--batch", str(args.batch), "--seq", str(args.seq),
-           "--attn", args.attn] + (["--threads", str(args.threads)] if args.threads else [])
+    if DEVICE.type == "cuda":  # CUDA max allocated over 3 steps, in this process
+        import gc
+
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step, net = make_step(variant, args.attn)
+        batch = make_batch(args.batch, args.seq)
+        for _ in range(3):
+            step(batch)
+        sync()
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+        del step, net
+        return peak
+    cmd = [sys.executable, __file__, "--child-memory", variant, "--model", MODEL, "--batch", str(args.batch),
+           "--seq", str(args.seq), "--attn", args.attn, "--dtype", args.dtype] + \
+        (["--threads", str(args.threads)] if args.threads else [])
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ}).stdout
     return json.loads(out.strip().splitlines()[-1])["peak_mib"]
 
@@ -236,10 +341,16 @@ def peak_memory(variant: str, args) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", choices=sorted(MODELS), default="vit",
-                   help="vit: the issue's ViT (hidden 192, 6 layers, image 64, patch 8); bert: MiniLM-sized BERT")
+                   help="vit: small ViT (hidden 192, 6 layers, image 64, patch 8); bert: MiniLM-sized BERT; "
+                        "vit-b16, bert-base, gpt2, llama (SmolLM2-135M-shaped, seq 2048): GPU sizes")
     p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--batch", type=int, default=None, help="default: the model's (see MODELS)")
+    p.add_argument("--seq", type=int, default=None, help="default: the model's (see MODELS)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="bf16/fp16: autocast over float32 weights, as TrainingArguments(bf16=True) does")
+    p.add_argument("--compiled-naive", action="store_true",
+                   help="add the naive wrapper under torch.compile (inductor) as a row")
     p.add_argument("--attn", choices=["sdpa", "eager"], default="sdpa")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
@@ -247,8 +358,12 @@ def main() -> None:
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--child-memory", choices=VARIANTS, help=argparse.SUPPRESS)
     args = p.parse_args()
-    global MODEL
+    global MODEL, DEVICE, AUTOCAST
     MODEL = args.model
+    DEVICE = torch.device(args.device)
+    AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    args.batch = args.batch or MODELS[MODEL][2]
+    args.seq = args.seq or MODELS[MODEL][3]
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # AdamW moments of rarely used embedding rows get tiny
@@ -259,18 +374,22 @@ def main() -> None:
 
     times = time_variants(args)
     med = {v: statistics.median(ts) for v, ts in times.items()}
-    for v in VARIANTS:
+    for v in times:
         print(f"{v:9s} step median {med[v] * 1000:8.1f} ms  (rounds: {', '.join(f'{t * 1000:.0f}' for t in times[v])})")
     phases = time_phases(args)
     for v, d in phases.items():
         print(f"{v:9s} forward+loss {d['forward'] * 1000:7.1f} ms, backward {d['backward'] * 1000:7.1f} ms")
     mem = {} if args.no_memory else {v: peak_memory(v, args) for v in ("ordinary", "naive", "ours")}
+    what = "peak CUDA allocated" if DEVICE.type == "cuda" else "peak RSS growth"
     for v, m in mem.items():
-        print(f"{v:9s} peak RSS growth {m:8.1f} MiB")
+        print(f"{v:9s} {what} {m:8.1f} MiB")
     ratios = {"ours/naive time": med["ours"] / med["naive"], "ours/ordinary time": med["ours"] / med["ordinary"],
               "ours_jvp/naive time": med["ours_jvp"] / med["naive"],
               "ours/ordinary forward": phases["ours"]["forward"] / phases["ordinary"]["forward"],
               "ours/ordinary backward": phases["ours"]["backward"] / phases["ordinary"]["backward"]}
+    if "naive_compiled" in med:
+        ratios["ours/naive_compiled time"] = med["ours"] / med["naive_compiled"]
+        ratios["naive_compiled/ordinary time"] = med["naive_compiled"] / med["ordinary"]
     if mem:
         ratios["ours/ordinary peak memory"] = mem["ours"] / mem["ordinary"]
         ratios["naive/ordinary peak memory"] = mem["naive"] / mem["ordinary"]
