@@ -204,3 +204,21 @@ def test_peft_hooks_the_adapters_override_still_exist():
             assert got[:len(params)] == params, f"peft {cls.__name__}.{name}{got} changed; expected {params}"
     for prop in ("disable_adapters", "active_adapters", "merged_adapters"):
         assert hasattr(BaseTunerLayer, prop), f"peft BaseTunerLayer.{prop} is gone; TangentStatus reports it"
+
+
+@pytest.mark.parametrize("engine", ["dual", "jvp"])
+def test_torch_compile_gives_the_eager_result(engine):
+    """A compiled LinearizedModel must not silently differ from the eager one (the dual engine used
+    to lose its tangent under dynamo: outputs off by the whole J delta term)."""
+    torch._dynamo.reset()
+    model = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.LayerNorm(8), nn.Linear(8, 2))
+    lin = LinearizedModel(model, engine=engine, loss_fn=lambda o, y, num_items_in_batch=None: o.sum())
+    with torch.no_grad():
+        for d in lin.deltas().values():
+            d.normal_(generator=torch.Generator().manual_seed(0))
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(1))
+    expected = lin(x)
+    compiled = torch.compile(lin, backend="eager")
+    torch.testing.assert_close(compiled(x), expected)
+    compiled(x).sum().backward()
+    assert all(d.grad is not None for d in lin.deltas().values())

@@ -42,6 +42,11 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+#: The dual engine runs eagerly even inside ``torch.compile``: dynamo does not trace forward-mode
+#: dual tensors faithfully (a compiled dual forward silently dropped the tangent: wrong outputs), so
+#: the compiled graph breaks around it. ``engine="jvp"`` compiles (torch.func is traceable).
+_eager_linearized_call = torch.compiler.disable(linearized_call)
+
 LossFn = Callable[..., torch.Tensor]
 """``loss_fn(outputs, labels, num_items_in_batch=None) -> scalar``, for models without a known loss."""
 
@@ -445,10 +450,11 @@ class LinearizedModel(nn.Module):
         tangents = {n: d if d.dtype == primals[n].dtype else d.to(primals[n].dtype)
                     for n, d in self._delta_params.items()}
         layers = self._checkpoint_layers if self._gradient_checkpointing and self.training else []
+        call = linearized_call if self.engine == "jvp" else _eager_linearized_call
         try:
             with checkpointed(layers):
-                out, out_t = linearized_call(self.model, primals, tangents, args, kwargs,
-                                             engine=self.engine, aliases=self._aliases)
+                out, out_t = call(self.model, primals, tangents, args, kwargs,
+                                  engine=self.engine, aliases=self._aliases)
         except NotImplementedError as e:
             raise NotImplementedError(
                 f"{e}\nThe linearized forward needs forward-mode AD through every operation downstream of a "
