@@ -29,6 +29,7 @@ class ApplyReport:
     fingerprint_expected: str | None = None
     fingerprint_found: str | None = None
     identity_notes: list[str] = field(default_factory=list)  # base id / revision differences
+    performed: bool = False  # set once the tensors in ``applied`` were actually changed
 
     @property
     def fingerprint_ok(self) -> bool:
@@ -45,7 +46,9 @@ class ApplyReport:
         return self.missing_in_base + [s.split(":")[0] for s in self.shape_mismatch]
 
     def describe(self) -> str:
-        lines = [f"applied {len(self.applied)} tensors"]
+        n = len(self.applied)
+        total = n + len(self.skipped)
+        lines = [f"applied {n} tensors" if self.performed else f"{n} of {total} tensors fit (nothing applied)"]
         if not self.fingerprint_ok:
             lines.append(f"base fingerprint {self.fingerprint_found} != expected {self.fingerprint_expected}")
         lines += self.identity_notes
@@ -134,10 +137,20 @@ def apply_to_module(tv: "TaskVector", model: torch.nn.Module, scaling: float, *,
         logger.warning("applying task vector with mismatches: %s", report.describe())
     elif report.identity_notes:
         logger.info("base weights match the vector's fingerprint (%s)", "; ".join(report.identity_notes))
+    negative_variances = []
     with torch.no_grad():
         for name in report.applied:  # check everything first: a refusal leaves the model unchanged
-            _updated(tv, state, name, scaling)
+            new = _updated(tv, state, name, scaling)
+            if name.endswith("running_var") and bool((new < 0).any()):
+                negative_variances.append(name)
         for name in report.applied:
             state[name].copy_(_updated(tv, state, name, scaling))
+    report.performed = True
+    if negative_variances:
+        logger.warning(
+            "applying the task vector with scaling %s makes normalization variances negative in %s: the model's "
+            "outputs will be NaN in eval mode. Use a smaller |scaling|, or leave the running statistics out of the "
+            "vector before applying it: TaskVector({k: v for k, v in tv.items() if 'running_' not in k}, tv.metadata).",
+            scaling, format_names(negative_variances))
     model.hf_taskarith_apply_report = report
     return model

@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import tempfile
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 
@@ -14,30 +16,85 @@ from pathlib import Path
 def atomic_output_dir(target: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside ``target``; rename it to ``target`` only on success.
 
-    A crash, an exception or Ctrl-C inside the block removes the temporary folder and
-    leaves ``target`` as it was. With ``overwrite=True`` an existing ``target`` is replaced
-    only after the new one is complete.
+    A crash, an exception, Ctrl-C or SIGTERM (``kill``, a scheduler's timeout) inside the
+    block removes the temporary folder and leaves ``target`` as it was. With
+    ``overwrite=True`` an existing ``target`` (a folder, or a file) is replaced only after the
+    new one is complete.
 
     Raises:
         FileExistsError: ``target`` exists (and is not an empty folder) and ``overwrite`` is False.
     """
     target = Path(target).absolute()
     if target.exists() and not overwrite and not (target.is_dir() and not any(target.iterdir())):
+        what = "folder" if target.is_dir() else "file"
         raise FileExistsError(
-            f"output folder {target} already exists and is not empty; choose another path or "
-            "pass overwrite=True (CLI: --overwrite)."
+            f"output path {target} is an existing {what}{' that is not empty' if what == 'folder' else ''}; "
+            "choose another path or pass overwrite=True (CLI: --overwrite) to replace it."
         )
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        yield tmp
+        with _sigterm_raises():
+            yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     old = None
-    if target.exists():
+    if target.exists() or target.is_symlink():
         old = target.parent / f".{target.name}.old-{os.getpid()}"
         os.replace(target, old)
     os.replace(tmp, target)
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
+
+
+class Terminated(SystemExit):
+    """Raised in the main thread on SIGTERM inside :func:`atomic_output_dir` (exit status 143)."""
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """Turn SIGTERM into a :class:`Terminated` exception for the duration, so cleanup runs.
+
+    Python's default SIGTERM action kills the process without unwinding, leaving temporary
+    folders behind. Signal handlers can only be set from the main thread; elsewhere this does
+    nothing. A handler the application installed itself is kept.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous not in (signal.SIG_DFL, None):
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def check_output_not_input(output: str | os.PathLike, inputs: Sequence[object]) -> None:
+    """Refuse an output path that is (or contains, or lies inside) one of the input folders.
+
+    ``--overwrite`` onto the base would otherwise replace the base with the merge, and an
+    output inside an input folder would be read back as part of it.
+
+    Raises:
+        ValueError: naming the input.
+    """
+    out = Path(output).absolute().resolve()
+    for x in inputs:
+        if not isinstance(x, (str, os.PathLike)) or not Path(x).exists():
+            continue  # Hub ids, modules, task vectors in memory
+        src = Path(x).absolute().resolve()
+        if out == src or src in out.parents or out in src.parents:
+            raise ValueError(f"the output path {output} is {'the same as' if out == src else 'nested with'} the "
+                             f"input {x}; write the merge to another folder.")

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..errors import MergeConfigError
+from ..io.atomic import check_output_not_input
 from ..io.writer import ShardedWriter, atomic_output_dir
 from .engine import MergePlan, MergeReport, plan_merge, run_merge
 from .output import write_side_files
+from .config import parse_seed
 from .registry import get_merge_method
 from .sources import ModelDelta, open_delta_source, open_tensor_source
 
@@ -86,6 +88,12 @@ def merge(base: Any, models: Sequence[Any], *, method: str = "task_arithmetic",
     m = get_merge_method(method)
     if "lambda_" in params:
         params["lambda"] = params.pop("lambda_")
+    if isinstance(models, (str, os.PathLike, torch.nn.Module, Mapping)) or not isinstance(models, Iterable):
+        raise TypeError(f"merge(base, models): models must be a list of inputs, got {type(models).__name__} "
+                        f"({models!r:.80}); for one input pass [{models!r:.60}].")
+    seed = parse_seed(seed)
+    if output_dir is not None:
+        check_output_not_input(output_dir, [base, *models])
     models = list(models)
     if not models:
         raise MergeConfigError("merge() needs at least one model or task vector to merge.")
@@ -140,7 +148,12 @@ def _merge_into_module(plan: MergePlan, base: torch.nn.Module, *, inplace: bool,
 def _vocab_source(ref: Any, base_src, inputs):
     if ref in (None, "base"):
         return base_src
+    if isinstance(ref, bool) or not isinstance(ref, (int, str, os.PathLike)):
+        raise MergeConfigError(f"tokenizer_source must be 'base', a model's index or path; got {ref!r}.")
     if isinstance(ref, int):
+        if not -len(inputs) <= ref < len(inputs):
+            raise MergeConfigError(f"tokenizer_source={ref} is not a model index; there are {len(inputs)} models "
+                                   f"(0..{len(inputs) - 1}).")
         src = inputs[ref]
     else:
         matches = [s for s in inputs if s.label == str(ref)]

@@ -55,18 +55,26 @@ class MergeConfig:
 
     @classmethod
     def from_yaml(cls, path_or_text: str | os.PathLike, *, base_dir: str | os.PathLike | None = None) -> "MergeConfig":
-        """Parse a YAML file (or YAML text). Relative model paths resolve against the file's folder."""
-        p = Path(path_or_text) if not str(path_or_text).lstrip().startswith(("merge_method", "{", "#")) else None
+        """Parse a YAML file (or YAML text). Relative model paths resolve against the file's folder.
+
+        An existing path is always read as a file, whatever its name; a one-line string that
+        is not a file and does not look like YAML is a missing file.
+        """
+        text = str(path_or_text)
+        looks_like_yaml = "\n" in text or text.lstrip().startswith(("merge_method", "{", "#"))
+        p = Path(text) if "\n" not in text and len(text) < 4096 else None
         if p is not None and p.is_file():
             text, base_dir = p.read_text(), base_dir or p.parent
-        elif p is not None and "\n" not in str(path_or_text):
+        elif p is not None and p.exists():
+            raise MergeConfigError(f"merge config {path_or_text} is a folder; give the YAML file inside it.")
+        elif isinstance(path_or_text, os.PathLike) or not looks_like_yaml:
             raise MergeConfigError(f"merge config file not found: {path_or_text}")
-        else:
-            text = str(path_or_text)
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as e:
             raise MergeConfigError(f"merge config is not valid YAML: {e}") from None
+        if p is not None and not p.is_file() and not isinstance(data, dict):
+            raise MergeConfigError(f"merge config file not found: {path_or_text} (and it is not YAML config text)")
         cfg = cls.from_dict(data, base_dir=base_dir)
         cfg.source_text = text
         return cfg
@@ -115,12 +123,15 @@ class MergeConfig:
         if not isinstance(shared, dict):
             raise MergeConfigError(f"parameters must be a mapping, got {shared!r}.")
         tok = data.get("tokenizer_source", "base")
-        if tok not in (None, "base") and isinstance(tok, str):
+        if tok is not None and not isinstance(tok, str):
+            raise MergeConfigError(f"tokenizer_source must be 'base', a model of the config, or null; got {tok!r}.")
+        if tok not in (None, "base"):
             tok = resolve(tok)
         return cls(
             merge_method=str(data["merge_method"]), base_model=base, models=models, model_parameters=params,
             parameters=dict(shared), dtype=data.get("out_dtype") or data.get("dtype"),
-            tokenizer_source=tok, seed=int(data.get("seed", 0)), max_shard_size=data.get("max_shard_size", "5GB"),
+            tokenizer_source=tok, seed=parse_seed(data.get("seed", 0)),
+            max_shard_size=data.get("max_shard_size", "5GB"),
         )
 
     def merge_kwargs(self) -> dict[str, Any]:
@@ -165,8 +176,11 @@ def merge_from_config(config: str | os.PathLike | MergeConfig | dict, output_dir
     """
     if isinstance(config, dict):
         config = MergeConfig.from_dict(config)
-    elif not isinstance(config, MergeConfig):
+    elif isinstance(config, (str, os.PathLike)):
         config = MergeConfig.from_yaml(config)
+    elif not isinstance(config, MergeConfig):
+        raise TypeError(f"merge_from_config: config must be a YAML path or text, a dict or a MergeConfig; got "
+                        f"{type(config).__name__} ({config!r:.80}).")
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if fast_path:
         from .lite import merge_config_lite
@@ -181,6 +195,23 @@ def merge_from_config(config: str | os.PathLike | MergeConfig | dict, output_dir
                   config_yaml=config.source_text, **config.merge_kwargs())
     kwargs.update(overrides)
     return merge(config.base_model, config.models, **kwargs)
+
+
+def parse_seed(value: Any) -> int:
+    """A seed: a non-negative integer (``7`` or ``"7"``); ``7.9``, ``abc`` and ``True`` are refused.
+
+    Raises:
+        MergeConfigError: naming the value received.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise MergeConfigError(f"seed must be a non-negative integer, got {value!r} ({type(value).__name__}).")
+    try:
+        seed = int(value)
+    except ValueError:
+        raise MergeConfigError(f"seed must be a non-negative integer, got {value!r}.") from None
+    if seed < 0:
+        raise MergeConfigError(f"seed must be a non-negative integer, got {seed}.")
+    return seed
 
 
 def _resolver(base_dir):

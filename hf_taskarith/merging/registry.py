@@ -92,6 +92,8 @@ class MergeMethod:
             returns a :class:`~hf_taskarith.merging.blockwise.BlockKernel` that must agree
             with ``fn`` exactly, or ``None`` where it does not apply. Elementwise methods need
             none: their ``fn`` is run on blocks.
+        check: ``check(resolved_params)`` raises :class:`MergeConfigError` for combinations
+            of parameters the per-parameter checks cannot see (``linear``: weights summing to 0).
     """
 
     name: str
@@ -104,6 +106,7 @@ class MergeMethod:
     elementwise: bool = False
     takes_base: bool = False
     block_kernel: Callable[[dict[str, Any]], Any] | None = None
+    check: Callable[[dict[str, Any]], None] | None = None
     param_index: dict[str, ParamSpec] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -132,6 +135,8 @@ class MergeMethod:
                 out[spec.name] = [spec.check(v, f"{self.name} model {i}") for i, v in enumerate(values)]
             else:
                 out[spec.name] = spec.check(value, self.name)
+        if self.check is not None:
+            self.check(out)
         return out
 
 

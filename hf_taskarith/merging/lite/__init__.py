@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ...io.atomic import atomic_output_dir
+from ...io.atomic import atomic_output_dir, check_output_not_input
 from ..output import write_side_files
 from .engine import Declined, LitePlan, plan_lite, run_lite
 
@@ -54,6 +54,7 @@ def merge_config_lite(config: Any, output_dir: str | os.PathLike, *, dtype: str 
                      seed=seed if seed is not None else config.seed)
     if plan is None:
         return None
+    check_output_not_input(output_dir, [base, *config.models])
     try:
         with atomic_output_dir(output_dir, overwrite=bool(overwrite)) as tmp:
             run_lite(plan, tmp, max_shard_size=max_shard_size or config.max_shard_size, progress=progress)

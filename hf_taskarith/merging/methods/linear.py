@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from ...errors import MergeConfigError
 from ..registry import MergeMethod, ParamSpec, register_merge_method, weight_param
 
 if TYPE_CHECKING:  # the maths below needs only tensor methods: importing this module costs no torch
@@ -34,6 +35,20 @@ def linear_merge(deltas: list[torch.Tensor], p: dict[str, Any], gen: torch.Gener
     return merged.add_(base * (total - 1.0))
 
 
+def check_linear(p: dict[str, Any]) -> None:
+    """A normalized average needs weights that do not sum to zero.
+
+    Raises:
+        MergeConfigError: ``normalize`` and ``|sum(weights)| < 1e-8`` (dividing by it is undefined;
+            mergekit would divide by 1 instead and silently write ``sum_i w_i theta_i``).
+    """
+    total = float(sum(p["weight"]))
+    if p["normalize"] and abs(total) < 1e-8:
+        raise MergeConfigError(f"linear: the weights {p['weight']} sum to {total:g}, so the normalized average is "
+                               "undefined; give weights that do not cancel, or set normalize: false for the plain "
+                               "weighted sum.")
+
+
 def _block_kernel(p: dict[str, Any]):
     from ..blockwise import ElementwiseKernel
 
@@ -45,5 +60,5 @@ register_merge_method(MergeMethod(
     params=(weight_param(), ParamSpec("normalize", True, kind=bool, help="divide by the sum of weights")),
     description="Weighted average of the models' weights (normalized by the sum of weights).",
     reference="https://arxiv.org/abs/2203.05482", needs_base=False, elementwise=True, takes_base=True,
-    block_kernel=_block_kernel,
+    block_kernel=_block_kernel, check=check_linear,
 ))
