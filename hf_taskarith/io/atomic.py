@@ -88,13 +88,15 @@ def check_output_not_input(output: str | os.PathLike, inputs: Sequence[object]) 
     output inside an input folder would be read back as part of it.
 
     Raises:
-        ValueError: naming the input.
+        MergeConfigError: (a ``ValueError``) naming the input.
     """
+    from ..errors import MergeConfigError
+
     out = Path(output).absolute().resolve()
     for x in inputs:
         if not isinstance(x, (str, os.PathLike)) or not Path(x).exists():
             continue  # Hub ids, modules, task vectors in memory
         src = Path(x).absolute().resolve()
         if out == src or src in out.parents or out in src.parents:
-            raise ValueError(f"the output path {output} is {'the same as' if out == src else 'nested with'} the "
+            raise MergeConfigError(f"the output path {output} is {'the same as' if out == src else 'nested with'} the "
                              f"input {x}; write the merge to another folder.")
