@@ -63,3 +63,34 @@ def test_svd_failure_in_float64_too_is_raised(monkeypatch):
     monkeypatch.setattr(torch.linalg, "svd", broken_svd)
     with pytest.raises(torch.linalg.LinAlgError):
         subspace.svd(torch.eye(3))
+
+
+def test_iso_non_matrix_tensors_are_averaged_as_the_reference():
+    from hf_taskarith.merging.methods.iso import iso_c_merge, iso_cts_merge
+
+    g = torch.Generator().manual_seed(0)
+    biases = [torch.randn(7, generator=g) for _ in range(3)]
+    p = {"weight": [1.0, 1.0, 1.0], "lambda": 1.0, "common_fraction": 0.8}
+    for fn in (iso_c_merge, iso_cts_merge):
+        torch.testing.assert_close(fn([b.clone() for b in biases], p, None), sum(biases) / 3)
+
+
+@pytest.mark.parametrize("rank,n,frac,expected", [(10, 3, 0.8, (7, 1)), (64, 8, 0.8, (48, 2)), (12, 2, 0.5, (6, 3)),
+                                                  (5, 3, 0.8, (5, 0)), (3, 2, 0.2, (1, 1))])
+def test_iso_cts_rank_split_uses_every_direction(rank, n, frac, expected):
+    from hf_taskarith.merging.methods.iso import cts_ranks
+
+    common, per_task = cts_ranks(rank, n, frac)
+    assert (common, per_task) == expected and common + n * per_task == rank and common >= 1
+
+
+def test_iso_cts_merge_has_full_rank_and_a_flat_spectrum():
+    from hf_taskarith.merging.methods.iso import iso_cts_merge
+
+    g = torch.Generator().manual_seed(1)
+    deltas = [torch.randn(12, 10, generator=g) for _ in range(3)]
+    merged = iso_cts_merge([d.clone() for d in deltas], {"weight": [1.0] * 3, "lambda": 1.0, "common_fraction": 0.8},
+                           None)
+    s = torch.linalg.svdvals(merged)
+    assert int(torch.linalg.matrix_rank(merged)) == 10  # the remainder is no longer left unused
+    torch.testing.assert_close(s, torch.full_like(s, float(s.mean())), rtol=1e-4, atol=1e-5)

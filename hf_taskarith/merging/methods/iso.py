@@ -6,8 +6,11 @@ replace the spectrum by its mean: ``mean(S) * U V^T`` (every direction equally s
 ``iso_cts``: keep the top ``common_fraction`` of the sum's singular vectors as a common
 subspace, fill the rest of the rank with each task's leading directions orthogonal to it,
 orthogonalize the concatenation, and flatten the spectrum the same way.
-Other tensors take the task-arithmetic sum. The result is scaled by ``lambda`` (the paper's
-alpha, tuned on validation data; 1.0 by default).
+Other tensors (biases, norms, embeddings of other ranks) take the *average* of the weighted
+task vectors, as the official code does (``iso-merging``, ``src/utils/iso.py``). In ``iso_cts``
+the rank split follows the official code too: the task-specific part is rounded to a multiple
+of the number of tasks and the remainder goes to the common subspace. The result is scaled by
+``lambda`` (the paper's alpha, tuned on validation data; 1.0 by default).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from ..subspace import is_matrix, nearest_orthonormal, svd, top_components
 def iso_c_merge(deltas: list[torch.Tensor], p: dict[str, Any], gen: torch.Generator | None) -> torch.Tensor:
     total = sum(d * w for d, w in zip(deltas, p["weight"]))
     if not is_matrix(total):
-        return total * p["lambda"]
+        return total * (p["lambda"] / len(deltas))  # the average, as the reference
     u, s, vh = svd(total)
     return (s.mean() * (u @ vh)) * p["lambda"]
 
@@ -32,10 +35,9 @@ def iso_cts_merge(deltas: list[torch.Tensor], p: dict[str, Any], gen: torch.Gene
     weighted = [d * w for d, w in zip(deltas, p["weight"])]
     total = sum(weighted)
     if not is_matrix(total):
-        return total * p["lambda"]
-    n, full = len(weighted), min(total.shape)
-    k_common = max(1, int(p["common_fraction"] * full))
-    k_task = (full - k_common) // n
+        return total * (p["lambda"] / len(weighted))  # the average, as the reference
+    n = len(weighted)
+    k_common, k_task = cts_ranks(min(total.shape), n, p["common_fraction"])
     u_c, s_c, vh_c = top_components(total, k_common)
     us, ss, vhs = [u_c], [s_c], [vh_c]
     for d in weighted if k_task > 0 else []:
@@ -46,6 +48,19 @@ def iso_cts_merge(deltas: list[torch.Tensor], p: dict[str, Any], gen: torch.Gene
     u = nearest_orthonormal(torch.cat(us, dim=1))
     vh = nearest_orthonormal(torch.cat(vhs, dim=0).T).T
     return (torch.cat(ss).mean() * (u @ vh)) * p["lambda"]
+
+
+def cts_ranks(rank: int, n_tasks: int, common_fraction: float) -> tuple[int, int]:
+    """``(common, per_task)`` ranks of Iso-CTS, as the reference splits them.
+
+    ``common = int(fraction * rank)``; the task-specific total is rounded (Python's ``round``)
+    to a multiple of ``n_tasks`` and the remainder ``rank - n_tasks * per_task`` is common, so
+    no direction is left unused. At least one common direction is kept.
+    """
+    common = int(rank * common_fraction)
+    per_task = round((rank - common) / n_tasks)
+    per_task = max(0, min(per_task, (rank - 1) // n_tasks))
+    return rank - per_task * n_tasks, per_task
 
 
 register_merge_method(MergeMethod(
