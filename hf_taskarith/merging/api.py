@@ -176,6 +176,10 @@ def _label(x: Any, default: str) -> str:
 
 
 def _log_report(report: MergeReport) -> None:
+    if report.vocab:  # mergekit refuses this; we align, but the user must know
+        logger.warning("merge: vocabulary sizes differ (%s); merged over the rows all inputs share, the rest taken "
+                       "from the tokenizer source. Check that the models share a tokenizer.",
+                       "; ".join(v.describe() for v in report.vocab[:4]))
     if report.skipped or report.fingerprint_mismatch:
         logger.warning("merge: %s", report.describe())
     else:
