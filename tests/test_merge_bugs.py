@@ -137,3 +137,30 @@ def test_sigterm_mid_write_leaves_no_temporary_folder(tmp_path):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 128 + signal.SIGTERM
     assert list(tmp_path.iterdir()) == []
+
+
+def test_della_inverse_probability_rescale_is_unbiased_per_entry():
+    """The paper's rescale (each kept entry / its keep-probability) is unbiased entry by entry;
+    mergekit's L1 rescale (the default) matches the L1 norm instead."""
+    from hf_taskarith.merging.sparsify import della_magprune
+
+    delta = torch.linspace(0.1, 1.0, 50).reshape(5, 10)
+    g = torch.Generator().manual_seed(0)
+    mean = sum(della_magprune(delta.clone(), 0.5, epsilon=0.2, generator=g, rescale_mode="inverse_probability")
+               for _ in range(4000)) / 4000
+    torch.testing.assert_close(mean, delta, rtol=0.08, atol=0.0)
+    l1 = della_magprune(delta.clone(), 0.5, epsilon=0.2, generator=g)
+    torch.testing.assert_close(l1.abs().sum(), delta.abs().sum())
+
+
+def test_della_rescale_mode_through_merge(ckpts, tmp_path):
+    outs = {}
+    for mode in ("l1", "inverse_probability"):
+        outs[mode] = merge(ckpts / "base", [ckpts / "ft0", ckpts / "ft1"], method="della", density=0.5,
+                           rescale_mode=mode, output_dir=tmp_path / mode, seed=0, progress=False)
+    from safetensors.torch import load_file
+
+    a, b = (load_file(next(outs[m].glob("*.safetensors"))) for m in ("l1", "inverse_probability"))
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(MergeConfigError, match="rescale_mode must be one of"):
+        merge(ckpts / "base", [ckpts / "ft0"], method="della", rescale_mode="l2", output_dir=tmp_path / "bad")

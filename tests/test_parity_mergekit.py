@@ -421,7 +421,8 @@ def test_method_sets_differ_exactly_as_documented():
 
 # parameters one side accepts and the other does not (docs/mergekit_compatibility.md, "Parameters")
 MERGEKIT_ONLY_PARAMS = {"task_arithmetic": {"density", "rescale"}}  # accepted but without effect there
-OURS_ONLY_PARAMS: dict[str, set[str]] = {}
+# della: rescale_mode (default "l1" = mergekit's rescale; "inverse_probability" = the DELLA paper's)
+OURS_ONLY_PARAMS: dict[str, set[str]] = {"della": {"rescale_mode"}, "della_linear": {"rescale_mode"}}
 
 
 @pytest.mark.parametrize("name", GTA_METHODS + ["linear"])

@@ -30,8 +30,9 @@ class ParamSpec:
         name: key in YAML ``parameters`` / keyword argument.
         default: default value, or :data:`REQUIRED`.
         per_model: True if each input model has its own value (weight, density, ...).
-        kind: ``float``, ``int`` or ``bool``.
+        kind: ``float``, ``int``, ``bool`` or ``str`` (one of ``choices``).
         low, high, low_open: allowed range (``low`` exclusive when ``low_open``).
+        choices: the allowed values of a ``str`` parameter.
         help: one line shown by ``hf-taskarith methods``.
     """
 
@@ -43,10 +44,15 @@ class ParamSpec:
     high: float | None = None
     low_open: bool = False
     help: str = ""
+    choices: tuple[str, ...] = ()
 
     def check(self, value: Any, where: str) -> Any:
         if value is None and self.default is None:  # optional parameter left unset
             return None
+        if self.kind is str:
+            if value not in self.choices:
+                raise MergeConfigError(f"{where}: {self.name} must be one of {list(self.choices)}, got {value!r}.")
+            return value
         if self.kind is bool:
             if not isinstance(value, bool):
                 raise MergeConfigError(f"{where}: {self.name} must be true or false, got {value!r}.")

@@ -237,9 +237,14 @@ def magnitude_outliers(delta: torch.Tensor, density: float, *, gamma: float = 0.
 
 
 def della_magprune(delta: torch.Tensor, density: float, *, epsilon: float = 0.15, rescale: bool = True,
-                   generator: torch.Generator | None = None, inplace: bool = False) -> torch.Tensor:
+                   generator: torch.Generator | None = None, inplace: bool = False,
+                   rescale_mode: str = "l1") -> torch.Tensor:
     """DELLA MagPrune: drop entries at random with keep-probabilities that grow linearly with
-    magnitude rank within each row, from ``density - epsilon`` to ``density + epsilon``."""
+    magnitude rank within each row, from ``density - epsilon`` to ``density + epsilon``.
+
+    ``rescale_mode``: ``"l1"`` (mergekit's: the kept entries are scaled so the delta keeps its
+    L1 norm) or ``"inverse_probability"`` (the paper's: each kept entry is divided by its own
+    keep-probability ``1 - p_i``, so every entry is unbiased in expectation)."""
     if density >= 1:
         return delta
     if not (0 < density - epsilon and density + epsilon < 1):
@@ -256,7 +261,11 @@ def della_magprune(delta: torch.Tensor, density: float, *, epsilon: float = 0.15
     probs = (density - epsilon) + norm * (2 * epsilon)
     mask = torch.bernoulli(probs, generator=generator).reshape(delta.shape)
     kept = delta * mask
-    return rescale_l1(delta, kept) if rescale else kept
+    if not rescale:
+        return kept
+    if rescale_mode == "inverse_probability":
+        return kept / probs.reshape(delta.shape)
+    return rescale_l1(delta, kept)
 
 
 #: name -> sparsifier, as used by the generalized task-arithmetic pipeline.

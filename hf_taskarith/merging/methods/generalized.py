@@ -22,9 +22,10 @@ def run(pipeline: Pipeline, deltas: list[torch.Tensor], p: dict[str, Any], gen: 
     if pipeline.sparsify is not None:  # replace list entries so each input delta is freed as it is trimmed
         fn = SPARSIFIERS[pipeline.sparsify]
         extra = [k for k in ("gamma", "epsilon") if k in p]
+        shared = {"rescale_mode": p["rescale_mode"]} if "rescale_mode" in p else {}
         for i in range(len(deltas)):
             deltas[i] = fn(deltas[i], p["density"][i], rescale=p.get("rescale", pipeline.default_rescale),
-                           generator=gen, inplace=True, **{k: p[k][i] for k in extra})
+                           generator=gen, inplace=True, **{k: p[k][i] for k in extra}, **shared)
     return combine(pipeline, deltas, p)
 
 

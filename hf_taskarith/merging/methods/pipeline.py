@@ -89,6 +89,9 @@ def make_method(name: str, pipeline: Pipeline, *, description: str, reference: s
     if pipeline.sparsify == "della_magprune":
         params.append(ParamSpec("epsilon", 0.15, per_model=True, low=0.0, high=1.0, low_open=True,
                                 help="spread of keep-probabilities around density"))
+        params.append(ParamSpec("rescale_mode", "l1", kind=str, choices=("l1", "inverse_probability"),
+                                help="with rescale: l1 (mergekit: keep each delta's L1 norm) or inverse_probability "
+                                     "(the DELLA paper: each kept entry divided by its keep-probability)"))
     return MergeMethod(
         name=name, fn=pipeline, params=tuple(params), description=description,
         reference=reference, randomized=pipeline.sparsify in ("random", "della_magprune"),
