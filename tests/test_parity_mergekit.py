@@ -223,7 +223,7 @@ def _mk_group_merge(method: str, base: torch.Tensor, deltas: list[torch.Tensor],
 
 
 @pytest.mark.parametrize("method", GTA_METHODS)
-@pytest.mark.parametrize("shape", [(48, 40), (37,)])
+@pytest.mark.parametrize("shape", [(48, 40), (37,), (6, 5, 3, 3)])  # 4-D: DELLA ranks along dim 1, as mergekit
 def test_pipeline_equals_mergekit_for_the_same_seed(method, shape):
     """The pure functions against mergekit's ``merge_group``: equal for every method, including
     DARE/DELLA below density 1 when mergekit's global RNG and our generator share a seed."""

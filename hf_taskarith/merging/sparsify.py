@@ -240,7 +240,8 @@ def della_magprune(delta: torch.Tensor, density: float, *, epsilon: float = 0.15
                    generator: torch.Generator | None = None, inplace: bool = False,
                    rescale_mode: str = "l1") -> torch.Tensor:
     """DELLA MagPrune: drop entries at random with keep-probabilities that grow linearly with
-    magnitude rank within each row, from ``density - epsilon`` to ``density + epsilon``.
+    magnitude rank along dimension 1 (within each row of a matrix), from ``density - epsilon``
+    to ``density + epsilon``.
 
     ``rescale_mode``: ``"l1"`` (mergekit's: the kept entries are scaled so the delta keeps its
     L1 norm) or ``"inverse_probability"`` (the paper's: each kept entry is divided by its own
@@ -254,7 +255,9 @@ def della_magprune(delta: torch.Tensor, density: float, *, epsilon: float = 0.15
             f"della needs 0 < density - epsilon and density + epsilon < 1; got density={density}, "
             f"epsilon={epsilon}. Lower epsilon or move density away from 0 and 1."
         )
-    rows = delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)
+    # ranks along dimension 1, as mergekit: within each row of a matrix, and for >= 3-D tensors
+    # (convolutions) along the input channels at each (output channel, position)
+    rows = delta.reshape(1, -1) if delta.dim() < 2 else delta
     n = rows.shape[1]
     ranks = rows.abs().argsort(dim=1).argsort(dim=1).to(torch.float32)  # 0 = smallest
     norm = ranks / max(n - 1, 1)
