@@ -33,6 +33,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--user", default="local", help="account name (whoami, default namespace, commit author)")
     s.add_argument("--max-request-size", default="64MiB", help="largest JSON/commit body (default: %(default)s)")
     s.add_argument("--max-upload-size", default="5GiB", help="largest LFS file (default: %(default)s)")
+    s.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="also serve requests whose Host header names NAME (repeatable; loopback names and the "
+                        "bound address are always served; '*' serves any, disabling DNS-rebinding protection)")
     s.set_defaults(func=run_serve)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
@@ -55,7 +58,8 @@ def build_config(args: argparse.Namespace):
     return HubServerConfig(root=Path(args.root), host=args.host, port=args.port, token=token,
                            public_read=args.public_read, user=args.user,
                            max_request_bytes=parse_size(args.max_request_size),
-                           max_upload_bytes=parse_size(args.max_upload_size))
+                           max_upload_bytes=parse_size(args.max_upload_size),
+                           allow_hosts=tuple(args.allow_host))
 
 
 def run_serve(args: argparse.Namespace) -> int:

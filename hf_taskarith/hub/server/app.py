@@ -24,6 +24,7 @@ from .auth import Authenticator, Caller
 from .config import HubServerConfig
 from .errors import HubHTTPError
 from .git import git_executable
+from .guard import allowed_hosts, check_request, check_write_body
 from .limits import TruncatedBody
 from .messages import FileResponse, JSONResponse, Request, Response, StreamResponse
 from .names import REPO_TYPES, repo_type_from_plural, validate_repo_id
@@ -160,6 +161,7 @@ class HubRequestHandler(BaseHTTPRequestHandler):
             query = parse_qs(url.query, keep_blank_values=True)
             req = Request(method, url.path, query, self.headers, self.rfile, self.server,
                           Caller(authenticated=False, anonymous_reader=False))
+            check_request(method, self.headers, self.server.allowed_hosts)
             try:
                 route, params = match_route(method, url.path)
             except HubHTTPError:
@@ -169,6 +171,8 @@ class HubRequestHandler(BaseHTTPRequestHandler):
                 req.caller = self.server.auth.check(self.headers.get("Authorization"))
                 if not req.caller.authenticated and not route.read_only:
                     self.server.auth.require_write(req.caller)
+            if not route.read_only:
+                check_write_body(method, self.headers, has_body=self._has_body())
             req.params = params
             response = route.endpoint(req)
         except HubHTTPError as e:
@@ -266,6 +270,7 @@ class HubServer(ThreadingHTTPServer):
         self.config = config
         self.store = RepoStore(config.root, user=config.user)
         self.auth = Authenticator(config.token, public_read=config.public_read)
+        self.allowed_hosts = allowed_hosts(config.host, config.allow_hosts)
         if ":" in config.host:
             self.address_family = socket.AF_INET6
         super().__init__((config.host, config.port), HubRequestHandler)

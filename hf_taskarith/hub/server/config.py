@@ -46,6 +46,8 @@ class HubServerConfig:
             (``preupload`` tells the client so).
         read_timeout_s: a client that sends nothing for this long is disconnected.
         upload_url_ttl_s: validity of the signed LFS upload URLs.
+        allow_hosts: ``Host`` names served besides the loopback names and the bound address
+            (DNS-rebinding protection, see :mod:`~hf_taskarith.hub.server.guard`); ``"*"`` serves any.
     """
 
     root: Path = field(metadata={"help": "folder holding the git repositories"})
@@ -59,6 +61,8 @@ class HubServerConfig:
     max_regular_file_bytes: int = field(default=10 * MiB, metadata={"help": "largest non-LFS file"})
     read_timeout_s: float = field(default=120.0, metadata={"help": "idle time before a client is dropped"})
     upload_url_ttl_s: int = field(default=3600, metadata={"help": "lifetime of signed LFS upload URLs"})
+    allow_hosts: tuple[str, ...] = field(default=(), metadata={
+        "help": "extra Host names served besides loopback names and the bound address ('*': any)"})
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
@@ -82,5 +86,8 @@ class HubServerConfig:
         if self.max_regular_file_bytes > self.max_request_bytes:
             raise ValueError(f"max_regular_file_bytes ({self.max_regular_file_bytes}) must not exceed "
                              f"max_request_bytes ({self.max_request_bytes}): regular files travel in the commit body")
+        if isinstance(self.allow_hosts, str) or not all(isinstance(h, str) and h for h in self.allow_hosts):
+            raise ValueError(f"allow_hosts must be a list of host names, got {self.allow_hosts!r}")
+        self.allow_hosts = tuple(self.allow_hosts)
         if not self.read_timeout_s > 0:
             raise ValueError(f"read_timeout_s must be > 0, got {self.read_timeout_s!r}")
