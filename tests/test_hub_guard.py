@@ -90,3 +90,24 @@ def test_allow_host_serves_another_name(tmp_path):
     with pytest.raises(ValueError, match="allow_hosts"):
         with serve_in_thread(tmp_path / "hub2", allow_hosts="hub.internal"):
             pass
+
+
+@pytest.mark.parametrize("body,expected", [
+    ({"name": "tv", "organization": "team", "private": "false"}, "'private' must be true/false"),
+    ({"name": ["tv"], "organization": "team"}, None),  # a one-element list is a form field: accepted
+    ({"name": 5, "organization": "team"}, "'name' must be a string"),
+    ({"name": "tv", "organization": {"a": 1}}, "'organization' must be a string"),
+])
+def test_wrong_json_types_are_400_not_500(hub, body, expected):
+    status, data = _request(hub, "POST", "/api/repos/create", json.dumps(body).encode(),
+                            {"Content-Type": "application/json"})
+    if expected is None:
+        assert status == 200
+    else:
+        assert status == 400 and expected in data.decode(), data
+
+
+def test_deeply_nested_json_is_400(hub):
+    body = b"[" * 100_000 + b"]" * 100_000
+    status, data = _request(hub, "POST", "/api/repos/create", body, {"Content-Type": "application/json"})
+    assert status == 400 and b"nested" in data

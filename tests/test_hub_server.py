@@ -237,6 +237,9 @@ def test_interrupted_lfs_upload_leaves_the_repo_unchanged(api, hub):
     with socket.create_connection((target.hostname, target.port), timeout=10) as s:
         s.sendall(f"PUT {target.path}?{target.query} HTTP/1.1\r\nHost: {target.netloc}\r\n"
                   f"Content-Length: {len(data)}\r\n\r\n".encode() + data[:50_000])
+        s.shutdown(socket.SHUT_WR)
+        while s.recv(4096):  # the server closes the connection once it has given up on the body (and
+            pass             # cleaned up): checking earlier raced with the server creating its temp file
     lfs_dir = root / "models" / "team" / "interrupted" / ".git" / "lfs"
     deadline = time.time() + 10
     while any((lfs_dir / "tmp").glob("*")) and time.time() < deadline:

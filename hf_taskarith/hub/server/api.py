@@ -14,7 +14,7 @@ from urllib.parse import quote, urlencode
 
 from .commits import Operation, create_commit
 from .errors import HubHTTPError
-from .messages import JSONResponse, Request
+from .messages import JSONResponse, Request, field_of
 from .names import (URL_PREFIXES, repo_type_from_name, validate_new_ref_name, validate_oid, validate_path,
                     validate_ref_name, validate_repo_id, validate_size)
 from .storage import Repo, iso
@@ -67,11 +67,11 @@ def whoami(req: Request) -> JSONResponse:
 def create_repo(req: Request) -> JSONResponse:
     req.server.auth.require_write(req.caller)
     data = req.form_or_json()
-    repo_type = repo_type_from_name(data.get("type"))
-    namespace = data.get("organization") or req.server.config.user
-    repo_id = validate_repo_id(namespace, data.get("name") or "")
-    visibility = data.get("visibility")
-    private = visibility == "private" if visibility is not None else bool(data.get("private", False))
+    repo_type = repo_type_from_name(field_of(data, "type", str))
+    namespace = field_of(data, "organization", str) or req.server.config.user
+    repo_id = validate_repo_id(namespace, field_of(data, "name", str, ""))
+    visibility = field_of(data, "visibility", str)
+    private = visibility == "private" if visibility is not None else field_of(data, "private", bool, False)
     if visibility not in (None, "public", "private"):
         raise HubHTTPError(400, f"Unsupported visibility {visibility!r}: expected 'public' or 'private'.")
     url = f"{req.base_url()}/{URL_PREFIXES[repo_type]}{repo_id}"
@@ -87,8 +87,9 @@ def create_repo(req: Request) -> JSONResponse:
 def delete_repo(req: Request) -> JSONResponse:
     req.server.auth.require_write(req.caller)
     data = req.form_or_json()
-    repo_type = repo_type_from_name(data.get("type"))
-    repo_id = validate_repo_id(data.get("organization") or req.server.config.user, data.get("name") or "")
+    repo_type = repo_type_from_name(field_of(data, "type", str))
+    repo_id = validate_repo_id(field_of(data, "organization", str) or req.server.config.user,
+                               field_of(data, "name", str, ""))
     req.server.store.delete(repo_type, repo_id)
     return JSONResponse(body={})
 
@@ -105,7 +106,7 @@ def update_settings(req: Request) -> JSONResponse:
             raise HubHTTPError(400, f"Unsupported visibility {data['visibility']!r}: expected 'public' or 'private'.")
         repo.write_meta(private=data["visibility"] == "private")
     elif "private" in data:
-        repo.write_meta(private=bool(data["private"]))
+        repo.write_meta(private=field_of(data, "private", bool, False))
     return JSONResponse(body={"private": repo.private})
 
 

@@ -46,6 +46,8 @@ class Request:
             return json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise HubHTTPError(400, f"Request body is not valid JSON: {e}") from None
+        except RecursionError:
+            raise HubHTTPError(400, "Request body is JSON nested too deeply.") from None
 
     def form_or_json(self, limit: int | None = None) -> dict[str, Any]:
         """A body sent either as JSON or as ``application/x-www-form-urlencoded`` (lists kept)."""
@@ -99,3 +101,25 @@ class FileResponse(Response):
     file: Path | None = None
     offset: int = 0
     length: int = 0
+
+
+def field_of(data: dict[str, Any], key: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
+    """``data[key]`` checked to be a JSON value of ``kind`` (``default`` when absent or null).
+
+    Raises:
+        HubHTTPError: 400 naming the field, the type expected and the value received
+            (``"private": "false"`` is a string, not false).
+    """
+    value = data.get(key)
+    if value is None:
+        return default
+    if isinstance(value, list) and len(value) == 1 and kind is not list:  # form fields arrive as lists
+        value = value[0]
+    expected = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool) and bool not in expected:
+        value = None  # bool is an int in Python; not for JSON fields
+    if not isinstance(value, expected):
+        names = " or ".join({bool: "true/false", str: "a string", int: "an integer", list: "a list",
+                             dict: "an object"}.get(k, k.__name__) for k in expected)
+        raise HubHTTPError(400, f"Field {key!r} must be {names}, got {data.get(key)!r}.")
+    return value
