@@ -453,3 +453,21 @@ def test_olah_serves_what_the_server_wrote(olah_endpoint, versioned, tmp_path):
     kw = {"endpoint": olah_endpoint, "token": False, "cache_dir": tmp_path / "cache"}
     assert Path(hf_hub_download("team/model", "model.safetensors", revision="v1", **kw)).read_bytes() == SAFETENSORS_V1
     assert Path(hf_hub_download("team/model", "config.json", revision="v2", **kw)).read_text() == '{"version": 2}'
+
+
+def test_a_missing_lfs_object_is_an_error_not_its_pointer_text(api, hub):
+    """The listing keeps the LFS size; a download fails naming the missing object (it used to be
+    served as the 131-byte pointer with 200 OK)."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    url, root = hub
+    api.create_repo("team/lost-object")
+    data = os.urandom(50_000)
+    api.upload_file(path_or_fileobj=data, path_in_repo="w.safetensors", repo_id="team/lost-object")
+    oid = hashlib.sha256(data).hexdigest()
+    obj = root / "models" / "team" / "lost-object" / ".git" / "lfs" / "objects" / oid[:2] / oid[2:4] / oid
+    obj.unlink()
+    info = {f.path: f for f in api.list_repo_tree("team/lost-object")}["w.safetensors"]
+    assert info.size == 50_000 and info.lfs is not None and info.lfs.sha256 == oid
+    with pytest.raises(HfHubHTTPError, match="missing"):
+        api.hf_hub_download("team/lost-object", "w.safetensors", cache_dir=root.parent / "lost-cache")

@@ -197,8 +197,8 @@ class Repo:
         pointers = {}
         for oid, data in self.git.cat_file_batch(sorted(set(candidates))).items():
             parsed = parse_pointer(data)
-            if parsed and self.lfs.has(parsed[0]):
-                pointers[oid] = (parsed, len(data))
+            if parsed:  # an LFS file even when its object is missing: downloads then fail loudly, never
+                pointers[oid] = (parsed, len(data))  # serving the pointer text as the file's content
         entries = []
         for mode, kind, oid, size, path in rows:
             if kind == "tree":
