@@ -471,3 +471,20 @@ def test_a_missing_lfs_object_is_an_error_not_its_pointer_text(api, hub):
     assert info.size == 50_000 and info.lfs is not None and info.lfs.sha256 == oid
     with pytest.raises(HfHubHTTPError, match="missing"):
         api.hf_hub_download("team/lost-object", "w.safetensors", cache_dir=root.parent / "lost-cache")
+
+
+def test_unsigned_lfs_put_does_not_reveal_private_repos(api, hub):
+    import http.client
+
+    url, _ = hub
+    api.create_repo("team/hidden-lfs", private=True)
+    target = urlsplit(url)
+    answers = {}
+    for repo in ("team/hidden-lfs", "team/no-such-repo"):
+        conn = http.client.HTTPConnection(target.hostname, target.port, timeout=10)
+        conn.request("PUT", f"/{repo}.git/info/lfs/objects/{'a' * 64}", body=b"x", headers={"Content-Length": "1"})
+        resp = conn.getresponse()
+        answers[repo] = (resp.status, resp.read())
+        conn.close()
+    assert answers["team/hidden-lfs"] == answers["team/no-such-repo"]
+    assert answers["team/hidden-lfs"][0] == 404

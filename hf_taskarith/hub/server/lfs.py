@@ -196,9 +196,17 @@ def batch(req: Request) -> JSONResponse:
 def upload(req: Request) -> JSONResponse:
     """``PUT /<repo>.git/info/lfs/objects/<oid>?size&expires&sig``: the bytes of one object."""
     server = req.server
-    repo = server.store.open(req.params["repo_type"], req.params["repo_id"])  # the signature is the credential
     oid = validate_oid(req.params["oid"])
-    size = server.auth.verify_upload(repo.key, oid, req.query)
+    try:  # the signature is the credential; a missing repo and a bad signature answer alike, so an
+        # unsigned PUT cannot tell whether a private repo exists
+        repo = server.store.open(req.params["repo_type"], req.params["repo_id"])
+        size = server.auth.verify_upload(repo.key, oid, req.query)
+    except HubHTTPError as e:
+        if e.status not in (403, 404):
+            raise
+        logger.info("LFS upload refused: %s", e.message)  # the server log keeps the reason
+        raise HubHTTPError(404, "No LFS upload at this URL: the repository does not exist, or the upload URL is "
+                                "unsigned, invalid or expired. Ask the batch endpoint for a new one.") from None
     reader = req.body_reader(server.config.max_upload_bytes)
     if reader.length is not None and reader.length != size:
         raise HubHTTPError(400, f"LFS upload of {oid}: Content-Length {reader.length} differs from the "
