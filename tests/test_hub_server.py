@@ -488,3 +488,34 @@ def test_unsigned_lfs_put_does_not_reveal_private_repos(api, hub):
         conn.close()
     assert answers["team/hidden-lfs"] == answers["team/no-such-repo"]
     assert answers["team/hidden-lfs"][0] == 404
+
+
+def test_leftovers_of_a_killed_server_are_removed_at_start(tmp_path):
+    from huggingface_hub import HfApi
+
+    from hf_taskarith.hub.server import serve_in_thread
+
+    root = tmp_path / "hub"
+    with serve_in_thread(root) as url:
+        import huggingface_hub.constants as c
+
+        mp = pytest.MonkeyPatch()
+        mp.setattr(c, "HF_HUB_OFFLINE", False)
+        mp.setattr(c, "HF_HUB_DISABLE_XET", True)
+        try:
+            HfApi(endpoint=url).create_repo("team/crashy")
+        finally:
+            mp.undo()
+    git_dir = root / "models" / "team" / "crashy" / ".git"
+    (git_dir / "hub-spool-deadbeef").mkdir()
+    (git_dir / "hub-spool-deadbeef" / "blob").write_bytes(b"x" * 100)
+    (git_dir / "lfs" / "tmp").mkdir(parents=True, exist_ok=True)
+    (git_dir / "lfs" / "tmp" / "0123456789abcdef-x.part").write_bytes(b"partial")
+    (git_dir / "hf-hub.json.cafe.tmp").write_text("{")
+    head = (git_dir / "HEAD").read_text()
+    with serve_in_thread(root):
+        pass
+    assert not (git_dir / "hub-spool-deadbeef").exists()
+    assert not list((git_dir / "lfs" / "tmp").glob("*.part"))
+    assert not list(git_dir.glob("hf-hub.json.*.tmp"))
+    assert (git_dir / "HEAD").read_text() == head  # the repo itself is untouched

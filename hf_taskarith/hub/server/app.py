@@ -269,6 +269,9 @@ class HubServer(ThreadingHTTPServer):
         git_executable()  # fail now, not at the first request
         self.config = config
         self.store = RepoStore(config.root, user=config.user)
+        leftovers = self.store.clean_leftovers()  # before any request: nothing is in flight yet
+        if leftovers:
+            logger.info("removed %d leftovers of an earlier, interrupted run (spools, partial uploads)", len(leftovers))
         self.auth = Authenticator(config.token, public_read=config.public_read)
         self.allowed_hosts = allowed_hosts(config.host, config.allow_hosts)
         if ":" in config.host:

@@ -318,6 +318,33 @@ class RepoStore:
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
 
+    def clean_leftovers(self) -> list[Path]:
+        """Remove what a crashed or killed server left behind; call before serving.
+
+        Commit spools (``.git/hub-spool-*``), partial LFS uploads (``.git/lfs/tmp/*.part``),
+        half-written settings (``.git/hf-hub.json.*.tmp``) and the store's ``.tmp`` folder are
+        never part of a repo's state (every write is renamed into place when complete), so
+        deleting them loses nothing acknowledged.
+
+        Returns:
+            The paths removed.
+        """
+        removed: list[Path] = []
+        patterns = ("hub-spool-*", "lfs/tmp/*.part", f"{META_FILE}.*.tmp")
+        for git_dir in self.root.glob("*s/*/*/.git"):
+            for pattern in patterns:
+                for leftover in git_dir.glob(pattern):
+                    if leftover.is_dir():
+                        shutil.rmtree(leftover, ignore_errors=True)
+                    else:
+                        leftover.unlink(missing_ok=True)
+                    removed.append(leftover)
+        if self._tmp.is_dir():
+            for leftover in self._tmp.iterdir():
+                shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+                removed.append(leftover)
+        return removed
+
     def lock_for(self, key: str) -> threading.Lock:
         with self._locks_guard:
             return self._locks.setdefault(key, threading.Lock())
