@@ -519,3 +519,33 @@ def test_leftovers_of_a_killed_server_are_removed_at_start(tmp_path):
     assert not list((git_dir / "lfs" / "tmp").glob("*.part"))
     assert not list(git_dir.glob("hf-hub.json.*.tmp"))
     assert (git_dir / "HEAD").read_text() == head  # the repo itself is untouched
+
+
+def test_commits_racing_delete_repo_never_get_500(api, hub):
+    """Commits in flight while the repo is deleted end in 200 or 404, never in a server error."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    statuses, errors = [], []
+    api.create_repo("team/racing")
+
+    def commit_loop(i):
+        for j in range(8):
+            try:
+                api.upload_file(path_or_fileobj=f"{i}-{j}".encode(), path_in_repo=f"f{i}-{j}.txt",
+                                repo_id="team/racing")
+                statuses.append(200)
+            except HfHubHTTPError as e:
+                code = e.response.status_code if e.response is not None else None
+                statuses.append(code)
+                if code is None or code >= 500:
+                    errors.append(str(e)[:200])
+
+    threads = [threading.Thread(target=commit_loop, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(0.05)
+    api.delete_repo("team/racing")
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    assert set(statuses) <= {200, 404}

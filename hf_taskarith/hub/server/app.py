@@ -22,8 +22,8 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from . import api, files, lfs
 from .auth import Authenticator, Caller
 from .config import HubServerConfig
-from .errors import HubHTTPError
-from .git import git_executable
+from .errors import HubHTTPError, repo_not_found
+from .git import GitError, git_executable
 from .guard import allowed_hosts, check_request, check_write_body
 from .limits import TruncatedBody
 from .messages import FileResponse, JSONResponse, Request, Response, StreamResponse
@@ -120,6 +120,13 @@ def _header_safe(text: str, limit: int = 1000) -> str:
     return re.sub(r"[\r\n\t]+", " ", text).encode("latin-1", errors="replace").decode("latin-1")[:limit]
 
 
+def _error_response(e: HubHTTPError) -> JSONResponse:
+    """The JSON answer to a refused request, with the headers huggingface_hub reads."""
+    return JSONResponse(e.status, {**e.headers, "X-Error-Message": _header_safe(e.message),
+                                   **({"X-Error-Code": e.code} if e.code else {})},
+                        body={**e.body, "error": e.message})
+
+
 class HubRequestHandler(BaseHTTPRequestHandler):
     server: "HubServer"
     protocol_version = "HTTP/1.1"
@@ -176,9 +183,7 @@ class HubRequestHandler(BaseHTTPRequestHandler):
             req.params = params
             response = route.endpoint(req)
         except HubHTTPError as e:
-            response = JSONResponse(e.status, {**e.headers, "X-Error-Message": _header_safe(e.message),
-                                               **({"X-Error-Code": e.code} if e.code else {})},
-                                    body={**e.body, "error": e.message})
+            response = _error_response(e)
         except TruncatedBody as e:
             logger.info("%s: client went away mid-request (%s)", self.path.split("?")[0], e)
             self.close_connection = True
@@ -186,6 +191,8 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         except (ConnectionError, TimeoutError, socket.timeout):
             self.close_connection = True
             return
+        except (FileNotFoundError, NotADirectoryError, GitError) as e:
+            response = self._vanished_repo(req, e)
         except Exception:
             logger.exception("internal error while serving %s %s", method, self.path.split("?")[0])
             response = JSONResponse(500, {"X-Error-Message": "Internal server error (see the server log)."},
@@ -196,6 +203,17 @@ class HubRequestHandler(BaseHTTPRequestHandler):
             self._send(method, response)
         except (ConnectionError, TimeoutError, socket.timeout):
             self.close_connection = True
+
+    def _vanished_repo(self, req: Request | None, error: Exception) -> Response:
+        """A repo deleted while a request on it ran: 404 ``RepoNotFound`` (the answer the request gets
+        a moment later), not a server error. Any other such failure is one, and is logged."""
+        params = req.params if req is not None else {}
+        repo_type, repo_id = params.get("repo_type"), params.get("repo_id")
+        if repo_type and repo_id and not (self.server.store.path_for(repo_type, repo_id) / ".git" / "HEAD").is_file():
+            return _error_response(repo_not_found(repo_id))
+        logger.error("internal error while serving %s: %s", self.path.split("?")[0], error, exc_info=error)
+        return JSONResponse(500, {"X-Error-Message": "Internal server error (see the server log)."},
+                            body={"error": "Internal server error (see the server log)."})
 
     def _drain_or_close(self, limit: int = 4 * 1024 * 1024) -> None:
         """Read and drop a small unread body (so the client sees our answer); close on a large one."""

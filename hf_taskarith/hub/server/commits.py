@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from .errors import HubHTTPError, entry_not_found
+from .errors import HubHTTPError, entry_not_found, repo_not_found
 from .git import EMPTY_TREE, GitError
 from .lfs import format_pointer
 from .names import is_short_sha
@@ -126,6 +126,22 @@ def apply_operations(repo: "Repo", files: dict[str, tuple[str, str]], ops: list[
 
 def create_commit(repo: "Repo", branch: str, ops: list[Operation], *, summary: str, description: str = "",
                   parent_commit: str | None = None) -> str:
+    """Apply ``ops`` on top of ``branch`` as one commit; returns its sha (see :func:`_create_commit`).
+
+    A repo deleted while the commit runs answers 404 ``RepoNotFound`` (git commands then fail
+    on a vanished folder), never 500.
+    """
+    try:
+        return _create_commit(repo, branch, ops, summary=summary, description=description,
+                              parent_commit=parent_commit)
+    except (FileNotFoundError, NotADirectoryError, GitError):
+        if not (repo.path / ".git" / "HEAD").is_file():
+            raise repo_not_found(repo.repo_id) from None
+        raise
+
+
+def _create_commit(repo: "Repo", branch: str, ops: list[Operation], *, summary: str, description: str = "",
+                   parent_commit: str | None = None) -> str:
     """Apply ``ops`` on top of ``branch`` as one commit; returns its sha.
 
     Raises:
@@ -142,6 +158,8 @@ def create_commit(repo: "Repo", branch: str, ops: list[Operation], *, summary: s
     blob_ids = dict(zip(contents, write_blobs(repo, list(contents.values()))))
     message = summary.strip() + (f"\n\n{description.strip()}" if description.strip() else "") + "\n"
     with repo.store.lock_for(repo.key):
+        if not (repo.path / ".git" / "HEAD").is_file():  # deleted while the blobs were written
+            raise repo_not_found(repo.repo_id)
         head = repo.branch_head(branch)
         if head is None:
             raise HubHTTPError(404, f"Branch {branch!r} does not exist in {repo.repo_id}: create it first "

@@ -400,6 +400,7 @@ class RepoStore:
         repo = self.open(repo_type, repo_id)
         self._tmp.mkdir(parents=True, exist_ok=True)
         trash = self._tmp / f"deleted-{uuid.uuid4().hex}"
-        os.rename(repo.path, trash)  # atomic: the repo disappears at once
+        with self.lock_for(repo.key):  # not in the middle of a commit's ref update
+            os.rename(repo.path, trash)  # atomic: the repo disappears at once
         shutil.rmtree(trash, ignore_errors=True)
         logger.info("deleted %s repo %s", repo_type, repo_id)
