@@ -59,15 +59,19 @@ def build_bert(attn: str):
     return BertForSequenceClassification(cfg).eval()
 
 
-def build_vit(attn: str):
-    """A small ViT classifier: hidden 192, 6 layers, 3 heads, image 64, patch 8."""
+def _vit(attn: str, *, hidden: int, layers: int, heads: int, image: int, patch: int, labels: int):
     from transformers import ViTConfig, ViTForImageClassification
 
     torch.manual_seed(0)
-    cfg = ViTConfig(hidden_size=192, num_hidden_layers=6, num_attention_heads=3, intermediate_size=768,
-                    image_size=64, patch_size=8, num_labels=4, hidden_dropout_prob=0.0,
-                    attention_probs_dropout_prob=0.0, attn_implementation=attn)
+    cfg = ViTConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                    intermediate_size=4 * hidden, image_size=image, patch_size=patch, num_labels=labels,
+                    hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, attn_implementation=attn)
     return ViTForImageClassification(cfg).eval()
+
+
+def build_vit(attn: str):
+    """A small ViT classifier: hidden 192, 6 layers, 3 heads, image 64, patch 8."""
+    return _vit(attn, hidden=192, layers=6, heads=3, image=64, patch=8, labels=4)
 
 
 def bert_batch(batch: int, seq: int) -> dict[str, torch.Tensor]:
@@ -85,13 +89,7 @@ def vit_batch(batch: int, seq: int) -> dict[str, torch.Tensor]:
 
 def build_vit_b16(attn: str):
     """ViT-B/16-sized: hidden 768, 12 layers, 12 heads, 224 px, patch 16 (GPU sizes)."""
-    from transformers import ViTConfig, ViTForImageClassification
-
-    torch.manual_seed(0)
-    cfg = ViTConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
-                    image_size=224, patch_size=16, num_labels=10, hidden_dropout_prob=0.0,
-                    attention_probs_dropout_prob=0.0, attn_implementation=attn)
-    return ViTForImageClassification(cfg).eval()
+    return _vit(attn, hidden=768, layers=12, heads=12, image=224, patch=16, labels=10)
 
 
 def vit_b16_batch(batch: int, seq: int) -> dict[str, torch.Tensor]:

@@ -21,26 +21,22 @@ from hf_taskarith.merging.config import MergeConfig, merge_from_config
 
 
 @pytest.fixture(scope="module")
-def ckpts(tmp_path_factory, llama_models):
-    root = tmp_path_factory.mktemp("bugs")
-    base, fts = llama_models
-    base.save_pretrained(root / "base")
-    fts[0].save_pretrained(root / "ft0")
-    fts[1].save_pretrained(root / "ft1")
-    return root
+def ckpts(llama_checkpoints):
+    """Folders base, ft1, ft2 (and ft3) of the tiny Llama (conftest)."""
+    return llama_checkpoints
 
 
 def test_linear_with_weights_summing_to_zero_is_an_error(ckpts, tmp_path):
     for fast in (True, False):
         with pytest.raises(MergeConfigError, match="sum to 0"):
             merge_from_config({"merge_method": "linear", "models": [
-                {"model": str(ckpts / "ft0"), "parameters": {"weight": 1.0}},
-                {"model": str(ckpts / "ft1"), "parameters": {"weight": -1.0}}]}, tmp_path / f"out{fast}",
+                {"model": str(ckpts / "ft1"), "parameters": {"weight": 1.0}},
+                {"model": str(ckpts / "ft2"), "parameters": {"weight": -1.0}}]}, tmp_path / f"out{fast}",
                 fast_path=fast)
         assert not (tmp_path / f"out{fast}").exists()
     out = merge_from_config({"merge_method": "linear", "parameters": {"normalize": False}, "models": [
-        {"model": str(ckpts / "ft0"), "parameters": {"weight": 1.0}},
-        {"model": str(ckpts / "ft1"), "parameters": {"weight": -1.0}}]}, tmp_path / "plain")
+        {"model": str(ckpts / "ft1"), "parameters": {"weight": 1.0}},
+        {"model": str(ckpts / "ft2"), "parameters": {"weight": -1.0}}]}, tmp_path / "plain")
     assert out.is_dir()  # the plain weighted sum is well defined
 
 
@@ -48,9 +44,9 @@ def test_linear_with_weights_summing_to_zero_is_an_error(ckpts, tmp_path):
 def test_an_existing_path_is_always_a_file(ckpts, tmp_path, name, monkeypatch):
     monkeypatch.chdir(tmp_path)  # as `hf-taskarith merge merge_method_ties.yml out` is typed
     (tmp_path / name).write_text(
-        f"merge_method: task_arithmetic\nbase_model: {ckpts / 'base'}\nmodels:\n  - model: {ckpts / 'ft0'}\n")
+        f"merge_method: task_arithmetic\nbase_model: {ckpts / 'base'}\nmodels:\n  - model: {ckpts / 'ft1'}\n")
     cfg = MergeConfig.from_yaml(name)
-    assert cfg.merge_method == "task_arithmetic" and cfg.models == [str(ckpts / "ft0")]
+    assert cfg.merge_method == "task_arithmetic" and cfg.models == [str(ckpts / "ft1")]
     with pytest.raises(MergeConfigError, match="not found"):
         MergeConfig.from_yaml("merge_method_missing.yml")
 
@@ -59,15 +55,15 @@ def test_overwrite_onto_a_file_leaves_nothing_behind(ckpts, tmp_path):
     target = tmp_path / "out"
     target.write_text("not a folder")
     with pytest.raises(FileExistsError, match="existing file"):
-        merge(ckpts / "base", [ckpts / "ft0"], output_dir=target)
-    merge(ckpts / "base", [ckpts / "ft0"], output_dir=target, overwrite=True)
+        merge(ckpts / "base", [ckpts / "ft1"], output_dir=target)
+    merge(ckpts / "base", [ckpts / "ft1"], output_dir=target, overwrite=True)
     assert target.is_dir() and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 @pytest.mark.parametrize("yaml_extra,match", [("seed: abc", "seed must be"), ("seed: 7.9", "seed must be"),
                                               ("seed: -1", "seed must be"), ("tokenizer_source: 5", "tokenizer_source")])
 def test_bad_values_are_one_line_errors(ckpts, yaml_extra, match):
-    text = f"merge_method: task_arithmetic\nbase_model: {ckpts / 'base'}\nmodels:\n  - model: {ckpts / 'ft0'}\n{yaml_extra}\n"
+    text = f"merge_method: task_arithmetic\nbase_model: {ckpts / 'base'}\nmodels:\n  - model: {ckpts / 'ft1'}\n{yaml_extra}\n"
     with pytest.raises(MergeConfigError, match=match):
         MergeConfig.from_yaml(text)
 
@@ -76,11 +72,11 @@ def test_bad_python_arguments_are_explained(ckpts, tmp_path):
     with pytest.raises(TypeError, match="config must be"):
         merge_from_config(["a"], tmp_path / "x")
     with pytest.raises(TypeError, match="models must be a list"):
-        merge(ckpts / "base", str(ckpts / "ft0"), output_dir=tmp_path / "y")
+        merge(ckpts / "base", str(ckpts / "ft1"), output_dir=tmp_path / "y")
     with pytest.raises(MergeConfigError, match="not a model index"):
-        merge(ckpts / "base", [ckpts / "ft0"], output_dir=tmp_path / "z", tokenizer_source=5)
+        merge(ckpts / "base", [ckpts / "ft1"], output_dir=tmp_path / "z", tokenizer_source=5)
     with pytest.raises(MergeConfigError, match="seed must be"):
-        merge(ckpts / "base", [ckpts / "ft0"], output_dir=tmp_path / "w", seed=7.9)
+        merge(ckpts / "base", [ckpts / "ft1"], output_dir=tmp_path / "w", seed=7.9)
 
 
 @pytest.mark.parametrize("fast", [True, False])
@@ -92,9 +88,9 @@ def test_the_output_cannot_be_an_input(ckpts, tmp_path, fast):
     before = sorted((p.name, p.stat().st_size) for p in base.iterdir())
     with pytest.raises(ValueError, match="same as the input"):
         merge_from_config({"merge_method": "task_arithmetic", "base_model": str(base),
-                           "models": [{"model": str(ckpts / "ft0")}]}, base, overwrite=True, fast_path=fast)
+                           "models": [{"model": str(ckpts / "ft1")}]}, base, overwrite=True, fast_path=fast)
     with pytest.raises(ValueError, match="nested"):
-        merge(base, [ckpts / "ft0"], output_dir=base / "merged")
+        merge(base, [ckpts / "ft1"], output_dir=base / "merged")
     assert sorted((p.name, p.stat().st_size) for p in base.iterdir()) == before
 
 
@@ -156,11 +152,11 @@ def test_della_inverse_probability_rescale_is_unbiased_per_entry():
 def test_della_rescale_mode_through_merge(ckpts, tmp_path):
     outs = {}
     for mode in ("l1", "inverse_probability"):
-        outs[mode] = merge(ckpts / "base", [ckpts / "ft0", ckpts / "ft1"], method="della", density=0.5,
+        outs[mode] = merge(ckpts / "base", [ckpts / "ft1", ckpts / "ft2"], method="della", density=0.5,
                            rescale_mode=mode, output_dir=tmp_path / mode, seed=0, progress=False)
     from safetensors.torch import load_file
 
     a, b = (load_file(next(outs[m].glob("*.safetensors"))) for m in ("l1", "inverse_probability"))
     assert any(not torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(MergeConfigError, match="rescale_mode must be one of"):
-        merge(ckpts / "base", [ckpts / "ft0"], method="della", rescale_mode="l2", output_dir=tmp_path / "bad")
+        merge(ckpts / "base", [ckpts / "ft1"], method="della", rescale_mode="l2", output_dir=tmp_path / "bad")
