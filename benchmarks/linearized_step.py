@@ -9,6 +9,8 @@ Variants (each a full step: forward, loss, backward, AdamW step, zero_grad):
 * ``ours``: :class:`hf_taskarith.linearize.LinearizedModel` (``engine="dual"``).
 * ``ours_jvp``: ``LinearizedModel(engine="jvp")``, torch.func.jvp with our parameterization
   (shown for reference).
+* with ``--compiled``: ``ordinary_compiled``, ``naive_compiled`` and ``ours_compiled``, the same
+  under ``torch.compile`` (inductor, default options; compilation is in the warm-up, not timed).
 
 Times are medians over interleaved rounds (variants alternate within each round, so load
 from other processes hits all of them alike). On a busy shared machine use
@@ -19,7 +21,8 @@ Usage::
 
     python benchmarks/linearized_step.py                 # small ViT, batch 16, image 64, patch 8
     python benchmarks/linearized_step.py --dtype bf16    # bf16 autocast over float32 weights
-    python benchmarks/linearized_step.py --device cuda --dtype bf16 --model vit-b16 --compiled-naive
+    python benchmarks/linearized_step.py --device cuda --dtype bf16 --model vit-b16 --compiled
+    python benchmarks/linearized_step.py --compiled --threads 4 # CPU: compiled rows too
     python benchmarks/linearized_step.py --device cuda --dtype bf16 --model llama   # seq 2048, GQA, RoPE
     python benchmarks/linearized_step.py --model bert    # MiniLM-sized BERT, batch 16 x 64
     python benchmarks/linearized_step.py --rounds 9 --batch 32 --seq 64 --attn sdpa
@@ -193,24 +196,21 @@ class NaiveLinearized(torch.nn.Module):
 def make_step(variant: str, attn: str):
     """Returns (step_fn, model) for one variant; the step takes a batch dict."""
     model = build_model(attn)
-    if variant == "ordinary":
+    base = variant.removesuffix("_compiled")
+    if base == "ordinary":
         net = model
-
-        def logits(batch):
-            return net(**model_inputs(batch)).logits
-    elif variant in ("naive", "naive_compiled"):
+    elif base == "naive":
         net = NaiveLinearized(model)
-        run = torch.compile(net) if variant == "naive_compiled" else net
-
-        def logits(batch):
-            return run(**model_inputs(batch))
     else:
         from hf_taskarith.linearize import LinearizedModel
 
-        net = LinearizedModel(model, engine="dual" if variant == "ours" else "jvp", copy_model=False)
+        net = LinearizedModel(model, engine="dual" if base == "ours" else "jvp", copy_model=False)
+        net.train()  # the wrapper's mode; the linearization point stays in eval
+    run = torch.compile(net) if variant.endswith("_compiled") else net
 
-        def logits(batch):
-            return net(**model_inputs(batch)).logits
+    def logits(batch):
+        out = run(**model_inputs(batch))
+        return out if isinstance(out, torch.Tensor) else out.logits
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-5)
 
     def step(batch):
@@ -238,7 +238,7 @@ def time_variants(args) -> dict[str, list[float]]:
     steps = {}
     for v in variants:
         steps[v] = make_step(v, args.attn)[0]
-        for _ in range(3 if v == "naive_compiled" else 1):
+        for _ in range(3 if v.endswith("_compiled") else 1):
             steps[v](batch)  # warm-up (allocations, first-call overheads, compilation)
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     times: dict[str, list[float]] = {v: [] for v in variants}
@@ -253,7 +253,12 @@ def time_variants(args) -> dict[str, list[float]]:
     return times
 
 
+COMPILED = ("ordinary_compiled", "naive_compiled", "ours_compiled")
+
+
 def active_variants(args) -> tuple[str, ...]:
+    if args.compiled:
+        return VARIANTS + COMPILED
     return VARIANTS + (("naive_compiled",) if args.compiled_naive else ())
 
 
@@ -349,6 +354,9 @@ def main() -> None:
                    help="bf16/fp16: autocast over float32 weights, as TrainingArguments(bf16=True) does")
     p.add_argument("--compiled-naive", action="store_true",
                    help="add the naive wrapper under torch.compile (inductor) as a row")
+    p.add_argument("--compiled", action="store_true",
+                   help="also time ordinary, naive and ours under torch.compile (inductor); ours compiled "
+                        "traces the torch.func.jvp formulation in one graph")
     p.add_argument("--attn", choices=["sdpa", "eager"], default="sdpa")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
@@ -388,6 +396,11 @@ def main() -> None:
     if "naive_compiled" in med:
         ratios["ours/naive_compiled time"] = med["ours"] / med["naive_compiled"]
         ratios["naive_compiled/ordinary time"] = med["naive_compiled"] / med["ordinary"]
+    if "ours_compiled" in med:
+        ratios["ours_compiled/ordinary time"] = med["ours_compiled"] / med["ordinary"]
+        ratios["ours_compiled/ordinary_compiled"] = med["ours_compiled"] / med["ordinary_compiled"]
+        ratios["ours_compiled/naive_compiled"] = med["ours_compiled"] / med["naive_compiled"]
+        ratios["ours_compiled/naive time"] = med["ours_compiled"] / med["naive"]
     if mem:
         ratios["ours/ordinary peak memory"] = mem["ours"] / mem["ordinary"]
         ratios["naive/ordinary peak memory"] = mem["naive"] / mem["ordinary"]

@@ -222,3 +222,84 @@ def test_torch_compile_gives_the_eager_result(engine):
     torch.testing.assert_close(compiled(x), expected)
     compiled(x).sum().backward()
     assert all(d.grad is not None for d in lin.deltas().values())
+
+
+def _compile_case(family):
+    """A model in train mode on a batch with padding, deltas set, and its eager loss gradients."""
+    if family == "bert":
+        model = tiny_bert()
+        data = _pair_dataset(4)
+        batch = {k: torch.tensor(data[k]) for k in ("input_ids", "attention_mask", "token_type_ids", "labels")}
+    else:
+        model = tiny_llama()
+        ids = torch.randint(0, 128, (3, 9), generator=torch.Generator().manual_seed(0))
+        mask = torch.ones_like(ids)
+        mask[1, :2] = 0
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+    return model, batch
+
+
+@pytest.mark.parametrize("engine", ["dual", "jvp"])
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_torch_compile_traces_one_graph_with_eager_gradients(engine, family):
+    """Under torch.compile(fullgraph=True) the linearized forward and backward are one graph (no
+    break), on transformers models with SDPA and padding, and equal the eager dual engine."""
+    torch._dynamo.reset()
+    model, batch = _compile_case(family)
+    results = {}
+    for compiled in (False, True):
+        lin = LinearizedModel(model, engine="dual" if not compiled else engine)
+        with torch.no_grad():
+            for d in lin.deltas().values():
+                d.normal_(0, 1e-2, generator=torch.Generator().manual_seed(0))
+        lin.train()
+        run = torch.compile(lin, backend="aot_eager", fullgraph=True) if compiled else lin
+        out = run(**batch)
+        out.loss.backward()
+        results[compiled] = (out.logits.detach(), {n: d.grad.clone() for n, d in lin.deltas().items()})
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-5, atol=1e-6)
+    for n, g in results[False][1].items():
+        torch.testing.assert_close(results[True][1][n], g, rtol=1e-4, atol=1e-7, msg=n)
+
+
+def test_torch_compile_with_activation_checkpointing_runs_the_dual_engine_eagerly():
+    """Checkpointing replays dual layers, which dynamo cannot trace: the call runs eagerly behind a
+    graph break, and still gives the unchecked gradients."""
+    torch._dynamo.reset()
+    model, batch = _compile_case("bert")
+    grads = {}
+    for checkpointing in (False, True):
+        lin = LinearizedModel(model)
+        with torch.no_grad():
+            for d in lin.deltas().values():
+                d.normal_(0, 1e-2, generator=torch.Generator().manual_seed(0))
+        if checkpointing:
+            lin.gradient_checkpointing_enable()
+        lin.train()
+        torch.compile(lin, backend="eager")(**batch).loss.backward()
+        grads[checkpointing] = {n: d.grad.clone() for n, d in lin.deltas().items()}
+    for n, g in grads[False].items():
+        torch.testing.assert_close(grads[True][n], g, rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_linearized_trainer_with_torch_compile(tmp_path):
+    """TrainingArguments(torch_compile=True) trains through the traced linearized forward, and the
+    task vector equals the eager run's after the same steps."""
+    from hf_taskarith.training import LinearizedTrainer
+
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    vectors = {}
+    for compiled in (False, True):
+        extra = dict(torch_compile=True, torch_compile_backend="aot_eager") if compiled else {}
+        trainer = LinearizedTrainer(model=tiny_bert(), args=_args(tmp_path / str(compiled), **extra),
+                                    train_dataset=_pair_dataset())
+        trainer.train()
+        vectors[compiled] = trainer.linearized_model.task_vector()
+    assert counters["stats"]["unique_graphs"] >= 1, "Trainer did not compile the model"
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert any(bool(t.any()) for t in vectors[True].values())
+    for n, t in vectors[False].items():
+        torch.testing.assert_close(vectors[True][n], t, rtol=1e-4, atol=1e-6, msg=n)

@@ -80,9 +80,11 @@ def swapped_parameters(module: torch.nn.Module, values: Mapping[str, torch.Tenso
 def no_fused_fast_paths() -> Iterator[None]:
     """Keep ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer`` off their fused inference
     kernels (``torch._native_multi_head_attention``, ...), which have no forward-mode formula and
-    which eval mode -- the wrapped model's mode -- would otherwise select. Restored on exit."""
+    which eval mode -- the wrapped model's mode -- would otherwise select. Restored on exit.
+    A no-op while ``torch.compile`` traces (dynamo cannot trace the global switch; traced
+    modules take the composite path, which has the formulas)."""
     mha = getattr(torch.backends, "mha", None)
-    if mha is None or not hasattr(mha, "set_fastpath_enabled"):
+    if torch.compiler.is_compiling() or mha is None or not hasattr(mha, "set_fastpath_enabled"):
         yield
         return
     before = mha.get_fastpath_enabled()

@@ -42,9 +42,11 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-#: The dual engine runs eagerly even inside ``torch.compile``: dynamo does not trace forward-mode
-#: dual tensors faithfully (a compiled dual forward silently dropped the tangent: wrong outputs), so
-#: the compiled graph breaks around it. ``engine="jvp"`` compiles (torch.func is traceable).
+#: Dynamo does not trace forward-mode dual tensors faithfully (a compiled dual forward silently
+#: dropped the tangent: wrong outputs). Under ``torch.compile`` the dual engine therefore traces the
+#: ``torch.func.jvp`` formulation instead (one graph, no breaks: inductor fuses the elementwise
+#: tangent work that the eager rules exist to save); only activation checkpointing, which replays
+#: dual layers, keeps the eager dual call behind a graph break.
 _eager_linearized_call = torch.compiler.disable(linearized_call)
 
 LossFn = Callable[..., torch.Tensor]
@@ -450,11 +452,10 @@ class LinearizedModel(nn.Module):
         tangents = {n: d if d.dtype == primals[n].dtype else d.to(primals[n].dtype)
                     for n, d in self._delta_params.items()}
         layers = self._checkpoint_layers if self._gradient_checkpointing and self.training else []
-        call = linearized_call if self.engine == "jvp" else _eager_linearized_call
+        engine, call = self._engine_for_call(bool(layers))
         try:
             with checkpointed(layers):
-                out, out_t = call(self.model, primals, tangents, args, kwargs,
-                                  engine=self.engine, aliases=self._aliases)
+                out, out_t = call(self.model, primals, tangents, args, kwargs, engine=engine, aliases=self._aliases)
         except NotImplementedError as e:
             raise NotImplementedError(
                 f"{e}\nThe linearized forward needs forward-mode AD through every operation downstream of a "
@@ -474,6 +475,14 @@ class LinearizedModel(nn.Module):
             return {"loss": loss, **out}
         raise TypeError(f"cannot attach a loss to a {type(out).__name__} output; call without labels "
                         "and compute the loss yourself.")
+
+    def _engine_for_call(self, checkpointing: bool) -> tuple[Engine, Callable[..., Any]]:
+        """The engine this call runs and how: eager, or traced by ``torch.compile`` (see above)."""
+        if self.engine == "jvp":
+            return "jvp", linearized_call
+        if torch.compiler.is_compiling() and not checkpointing:
+            return "jvp", linearized_call
+        return "dual", _eager_linearized_call
 
     def compute_loss(self, outputs: Any, labels: torch.Tensor, *, num_items_in_batch: Any = None) -> torch.Tensor:
         """The loss of linearized ``outputs``: ``loss_fn`` if given, else the model's own loss function.

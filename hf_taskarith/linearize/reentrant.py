@@ -21,11 +21,12 @@ def call_reentrant(mode: TorchFunctionMode, func: Any, types: Any, args: Any, kw
     calls -- an SDPA call, say -- past the mode. Those functions are re-dispatched with the mode
     pushed again (``torch.overrides.redispatch_function``, PyTorch >= 2.13). Everything else is
     called directly: built-in operators make no nested calls, and Python-level ``Tensor``
-    methods dispatch to themselves again (re-entering them would recurse). On older PyTorch
-    nested calls bypass the mode.
+    methods dispatch to themselves again (re-entering them would recurse). On older PyTorch, and
+    while ``torch.compile`` traces (dynamo cannot re-enter a mode), nested calls bypass the mode.
     """
     redispatch = getattr(torch.overrides, "redispatch_function", None)
-    if redispatch is None or getattr(func, "__module__", None) != "torch.nn.functional":
+    if (redispatch is None or getattr(func, "__module__", None) != "torch.nn.functional"
+            or torch.compiler.is_compiling()):
         return func(*args, **kwargs)
     with mode:
         return redispatch(func, types, args, kwargs)
