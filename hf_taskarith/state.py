@@ -17,8 +17,9 @@ def dedupe_tied(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     seen: set[tuple[int, int, tuple[int, ...], tuple[int, ...]]] = set()
     out: dict[str, torch.Tensor] = {}
     for name, t in state.items():
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
-        if t.numel() and key in seen:
+        local = t.to_local() if hasattr(t, "to_local") else t  # a sharded DTensor (FSDP2): its shard's storage
+        key = (local.untyped_storage().data_ptr(), local.storage_offset(), tuple(t.shape), tuple(local.stride()))
+        if local.numel() and key in seen:
             continue
         seen.add(key)
         out[name] = t

@@ -34,7 +34,7 @@ from .losses import get_linearized_loss, infer_loss_type
 from .persistence import (
     TaskVectors, auto_class_name, check_bases, load_base_model, recorded_spec, scaled_pairs,
 )
-from .storage import DeltaTree, check_float_parameters, delta_dtype, freeze_parameters
+from .storage import DeltaTree, check_float_parameters, delta_dtype, freeze_parameters, full_tensor, check_unsharded
 from .selection import RESTS, ParameterSelector, Rest, select_parameters, selector_record
 
 if TYPE_CHECKING:
@@ -60,7 +60,7 @@ class LinearizedModel(nn.Module):
     model stays an ordinary transformers model: ``.device``, ``.dtype``, ``save_pretrained``), and
     ``delta = theta - theta0`` is held as parameters named ``delta.<original name>``, so
     ``Trainer``, DDP or any optimizer over the ``requires_grad`` parameters trains ``delta``
-    alone (FSDP and DeepSpeed are untested). One forward
+    alone (FSDP2: shard the whole wrapper as one unit, ``fully_shard(lin)``; see docs/linearized.md). One forward
     pass evaluates the model at ``theta0`` and the Jacobian-vector product along ``delta``
     (forward-mode AD).
 
@@ -178,20 +178,28 @@ class LinearizedModel(nn.Module):
         self._auto_class = auto_class_name(inner)
 
         self.delta = DeltaTree()
-        self._delta_params: dict[str, nn.Parameter] = {}
         for n in self._trainable:
             w = inner.get_parameter(n).detach()
-            self._delta_params[n] = self.delta.add(n, torch.zeros_like(w, dtype=delta_dtype(w.dtype)))
+            self.delta.add(n, torch.zeros_like(w, dtype=delta_dtype(w.dtype)))
         self.nonlinear = DeltaTree()
-        self._nonlinear_params: dict[str, nn.Parameter] = {}
         for n in self._nonlinear:
-            self._nonlinear_params[n] = self.nonlinear.add(n, inner.get_parameter(n).detach().clone())
+            self.nonlinear.add(n, inner.get_parameter(n).detach().clone())
         freeze_parameters(inner)
         self.model = inner
         self._accepts_use_cache = "use_cache" in forward_params(inner)
         self._gradient_checkpointing = False
         self._checkpoint_layers: list[nn.Module] = []
         self._present_signature()
+
+    # Looked up by name at each use, never cached: FSDP (fully_shard) and other wrappers replace
+    # the registered parameter objects (sharded DTensors at rest, unsharded ones in forward).
+    @property
+    def _delta_params(self) -> dict[str, nn.Parameter]:
+        return {n: self.delta.get_parameter(n) for n in self._trainable}
+
+    @property
+    def _nonlinear_params(self) -> dict[str, nn.Parameter]:
+        return {n: self.nonlinear.get_parameter(n) for n in self._nonlinear}
 
     def _present_signature(self) -> None:
         """Give this instance's ``forward`` the wrapped model's signature (see :func:`linearized_signature`)."""
@@ -449,6 +457,7 @@ class LinearizedModel(nn.Module):
             kwargs.setdefault("use_cache", False)
         primals = self.theta0()
         primals.update(self._nonlinear_params)
+        check_unsharded(primals)
         tangents = {n: d if d.dtype == primals[n].dtype else d.to(primals[n].dtype)
                     for n, d in self._delta_params.items()}
         layers = self._checkpoint_layers if self._gradient_checkpointing and self.training else []
@@ -521,9 +530,9 @@ class LinearizedModel(nn.Module):
         from ..task_vector import TaskVector
 
         deltas = {}
+        delta_params, nonlinear_params = self._delta_params, self._nonlinear_params
         for name, ref in self._theta0_state().items():
-            d = self._delta_params.get(name)
-            w = self._nonlinear_params.get(name)
+            d, w, ref = (full_tensor(t) for t in (delta_params.get(name), nonlinear_params.get(name), ref))
             if d is not None:
                 deltas[name] = d.detach().to(dtype=dtype, copy=True)
             elif w is not None:
@@ -571,6 +580,7 @@ class LinearizedModel(nn.Module):
                     f"; unexpected [{format_names(sorted(set(tv) - expected))}]. Pass strict=False (or "
                     "allow_mismatch=True) to load the overlap.")
         theta0 = self._theta0_state()
+        delta_params, nonlinear_params = self._delta_params, self._nonlinear_params
         skipped: list[str] = []
         with torch.no_grad():
             for name in self.tv_names:
@@ -588,11 +598,11 @@ class LinearizedModel(nn.Module):
                     continue
                 work = torch.float64 if ref.dtype == torch.float64 else torch.float32
                 total = sum(tv[name].to(device=ref.device, dtype=work) * s for tv, s in present)
-                if name in self._delta_params:
-                    p = self._delta_params[name]
+                if name in delta_params:
+                    p = delta_params[name]
                     p.copy_(total.to(p.dtype))
-                elif name in self._nonlinear_params:
-                    p = self._nonlinear_params[name]
+                elif name in nonlinear_params:
+                    p = nonlinear_params[name]
                     p.copy_((ref.to(work) + total).to(p.dtype))
                 elif bool(torch.as_tensor(total).any()):
                     if strict:

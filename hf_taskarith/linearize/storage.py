@@ -51,3 +51,44 @@ def freeze_parameters(model: nn.Module) -> None:
     """Set ``requires_grad=False`` on every parameter of ``model`` (theta0 is a constant)."""
     for p in model.parameters():
         p.requires_grad_(False)
+
+
+def full_tensor(t: torch.Tensor | None) -> torch.Tensor | None:
+    """The whole tensor behind a sharded ``DTensor`` (FSDP2's parameters; a collective: every rank
+    must call it), or ``t`` itself."""
+    gather = getattr(t, "full_tensor", None)
+    return gather() if callable(gather) else t
+
+
+def check_unsharded(params: dict[str, torch.Tensor]) -> None:
+    """Refuse parameters still sharded when the linearized forward starts.
+
+    The forward reads every ``theta0`` and ``delta`` before the wrapped model runs, so FSDP must
+    shard the :class:`LinearizedModel` as one unit (``fully_shard(lin)``, accelerate's
+    ``--fsdp_auto_wrap_policy NO_WRAP``); units inside it (per transformer layer) are gathered
+    only when their own forward runs, too late for the linearized call.
+
+    Raises:
+        ValueError: naming a sharded parameter and the fix.
+    """
+    sharded = next((n for n, p in params.items() if hasattr(p, "full_tensor")), None)
+    if sharded is not None:
+        raise ValueError(
+            f"parameter {sharded!r} is still sharded (a DTensor) when the linearized forward starts: FSDP wrapped "
+            "a submodule of the LinearizedModel separately. Shard the LinearizedModel as one unit: "
+            "fully_shard(lin) only, or with accelerate/Trainer fsdp_config={'auto_wrap_policy': 'NO_WRAP'} "
+            "(accelerate launch --fsdp_auto_wrap_policy NO_WRAP).")
+
+
+def is_sharded(module: nn.Module) -> bool:
+    """Whether any trainable parameter of ``module`` is a sharded ``DTensor`` (FSDP2)."""
+    return any(hasattr(p, "full_tensor") for p in module.parameters() if p.requires_grad)
+
+
+def trained_weights(lin: nn.Module, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The ``delta.*`` and ``nonlinear.*`` tensors of a LinearizedModel (theta0 is never saved),
+    whole and on CPU: what a delta checkpoint holds. Sharded tensors are gathered (a collective:
+    call on every rank). ``state_dict``: an already gathered one (``Trainer`` under FSDP)."""
+    state = state_dict if state_dict is not None else lin.state_dict()
+    trained = {f"{tree}.{n}" for tree in ("delta", "nonlinear") for n, _ in getattr(lin, tree).named_parameters()}
+    return {k: full_tensor(v).detach().contiguous().cpu() for k, v in state.items() if k in trained}

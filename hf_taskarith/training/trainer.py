@@ -35,6 +35,7 @@ from transformers.utils import find_labels
 
 from ..io.fingerprint import fingerprint_state_dict
 from ..linearize import LinearizedModel
+from ..linearize.storage import is_sharded, trained_weights
 from ..state import float_state_dict
 
 if TYPE_CHECKING:
@@ -214,19 +215,20 @@ class LinearizedTrainer(Trainer):
             if self.args.should_save:
                 self.task_vector().save_pretrained(Path(output_dir) / TASK_VECTOR_DIR, overwrite=True)
             return
+        lin = self.linearized_model
+        sharded = is_sharded(lin)  # FSDP2: gathering is a collective, so every rank takes part
+        if not (self.args.should_save or sharded):
+            return
+        weights = trained_weights(lin, state_dict)
+        tv = self.task_vector()
         if not self.args.should_save:
             return
         import safetensors.torch
 
         os.makedirs(output_dir, exist_ok=True)
-        lin = self.linearized_model
-        state = state_dict if state_dict is not None else lin.state_dict()
-        trained = {f"{tree}.{n}" for tree in ("delta", "nonlinear")
-                   for n, _ in getattr(lin, tree).named_parameters()}  # theta0 (model.*) is never saved
-        weights = {k: v.detach().contiguous().cpu() for k, v in state.items() if k in trained}
         safetensors.torch.save_file(weights, os.path.join(output_dir, DELTA_WEIGHTS_NAME),
                                     metadata={"format": "pt", "hf_taskarith": "linearized_delta"})
-        self.task_vector().save_pretrained(Path(output_dir) / TASK_VECTOR_DIR, overwrite=True)
+        tv.save_pretrained(Path(output_dir) / TASK_VECTOR_DIR, overwrite=True)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
