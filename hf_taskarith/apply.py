@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 class ApplyReport:
     """What happened when a task vector was applied."""
 
-    applied: list[str] = field(default_factory=list)
+    applied: list[str] = field(default_factory=list)  # the tensors that fit (changed once ``performed``)
     missing_in_base: list[str] = field(default_factory=list)      # in the vector, not in the model
     shape_mismatch: list[str] = field(default_factory=list)       # "name: vector [..] vs model [..]"
     not_in_vector: list[str] = field(default_factory=list)        # float params the vector leaves alone
@@ -48,7 +48,7 @@ class ApplyReport:
     def describe(self) -> str:
         n = len(self.applied)
         total = n + len(self.skipped)
-        lines = [f"applied {n} tensors" if self.performed else f"{n} of {total} tensors fit (nothing applied)"]
+        lines = [f"applied {n} tensors" if self.performed else f"{n} of {total} tensors fit"]
         if not self.fingerprint_ok:
             lines.append(f"base fingerprint {self.fingerprint_found} != expected {self.fingerprint_expected}")
         lines += self.identity_notes
@@ -113,12 +113,14 @@ def _updated(tv: "TaskVector", state: dict[str, torch.Tensor], name: str, scalin
 
 
 def apply_to_module(tv: "TaskVector", model: torch.nn.Module, scaling: float, *,
-                    allow_mismatch: bool = False) -> torch.nn.Module:
+                    allow_mismatch: bool = False, allow_negative_variance: bool = False) -> torch.nn.Module:
     """Add ``scaling * tv`` to ``model``'s parameters in place; see :meth:`TaskVector.apply_to`.
 
     Raises:
         IncompatibleBaseError: see :func:`check_compatibility` (unless ``allow_mismatch``).
-        NonFiniteError: a delta holds NaN/inf, or a result overflows; the model is left unchanged.
+        NonFiniteError: a delta holds NaN/inf, a result overflows, or a normalization variance
+            (``running_var``) would become negative, making the outputs NaN in eval mode
+            (unless ``allow_negative_variance``); the model is left unchanged.
 
     Note:
         Every tensor is computed twice (a checking pass, then the update), so that a refusal
@@ -129,28 +131,39 @@ def apply_to_module(tv: "TaskVector", model: torch.nn.Module, scaling: float, *,
     problems = not report.compatible
     if problems and not allow_mismatch:
         raise IncompatibleBaseError(
-            f"task vector (base {tv.metadata.base_model!r}) does not match this model: "
+            f"task vector (base {tv.metadata.base_model!r}) does not match this model, so nothing was applied: "
             f"{report.describe()}. Apply it to the base it was made from, or pass "
             "allow_mismatch=True to apply the matching tensors and skip the rest."
         )
-    if problems:
-        logger.warning("applying task vector with mismatches: %s", report.describe())
-    elif report.identity_notes:
+    if report.identity_notes and not problems:
         logger.info("base weights match the vector's fingerprint (%s)", "; ".join(report.identity_notes))
     negative_variances = []
     with torch.no_grad():
         for name in report.applied:  # check everything first: a refusal leaves the model unchanged
             new = _updated(tv, state, name, scaling)
-            if name.endswith("running_var") and bool((new < 0).any()):
-                negative_variances.append(name)
+            if _is_variance(name) and bool((new < 0).any()):
+                negative_variances.append(f"{name} (min {float(new.min()):.3g})")
+        if negative_variances and not allow_negative_variance:
+            raise NonFiniteError(
+                f"applying the task vector with scaling {scaling} makes normalization variances negative in "
+                f"{format_names(negative_variances)}: the model's outputs would be NaN in eval mode; nothing was "
+                "applied. Use a smaller |scaling|, leave the running statistics out of the vector "
+                "(TaskVector({k: v for k, v in tv.items() if 'running_' not in k}, tv.metadata)), or pass "
+                "allow_negative_variance=True to apply it anyway."
+            )
         for name in report.applied:
             state[name].copy_(_updated(tv, state, name, scaling))
     report.performed = True
+    if problems:
+        logger.warning("applied task vector with mismatches: %s", report.describe())
     if negative_variances:
-        logger.warning(
-            "applying the task vector with scaling %s makes normalization variances negative in %s: the model's "
-            "outputs will be NaN in eval mode. Use a smaller |scaling|, or leave the running statistics out of the "
-            "vector before applying it: TaskVector({k: v for k, v in tv.items() if 'running_' not in k}, tv.metadata).",
-            scaling, format_names(negative_variances))
+        logger.warning("applied the task vector with scaling %s (allow_negative_variance=True): normalization "
+                       "variances are negative in %s; the model's outputs will be NaN in eval mode.",
+                       scaling, format_names(negative_variances))
     model.hf_taskarith_apply_report = report
     return model
+
+
+def _is_variance(name: str) -> bool:
+    """A normalization layer's running variance (BatchNorm / InstanceNorm ``running_var``)."""
+    return name.rsplit(".", 1)[-1] == "running_var"

@@ -46,6 +46,10 @@ class MergeConfigError(TaskArithError, ValueError):
     """A merge configuration (YAML or keyword arguments) is invalid."""
 
 
+class MergeArgumentTypeError(MergeConfigError, TypeError):
+    """A merge argument has the wrong type (a string where a list of models is expected, ...)."""
+
+
 class UnknownMethodError(MergeConfigError, KeyError):
     """A merge method name is not registered."""
 

@@ -382,8 +382,8 @@ class TaskVector(Mapping):
 
     # -- application ------------------------------------------------------------------
     def apply_to(self, base: torch.nn.Module | str | os.PathLike, scaling: float = 1.0, *,
-                 allow_mismatch: bool = False, output_dir: str | os.PathLike | None = None,
-                 **merge_kwargs: Any):
+                 allow_mismatch: bool = False, allow_negative_variance: bool = False,
+                 output_dir: str | os.PathLike | None = None, **merge_kwargs: Any):
         """Add ``scaling * self`` to a base model.
 
         Args:
@@ -394,17 +394,22 @@ class TaskVector(Mapping):
             allow_mismatch: apply even if the base's fingerprint or some names/shapes do not
                 match; mismatched tensors are skipped and reported (logged, and returned in
                 ``model.hf_taskarith_apply_report`` for modules).
+            allow_negative_variance: for modules, apply even if a normalization layer's running
+                variance (``running_var``) becomes negative (extrapolating, e.g. ``scaling=6``);
+                the tensors are then named in a warning.
 
         Raises:
             IncompatibleBaseError: fingerprint, names or shapes differ and ``allow_mismatch``
                 is False. The message lists what differs.
-            NonFiniteError: a delta holds NaN/inf (or the result overflows); the message names
-                the tensor, and nothing is changed or written.
+            NonFiniteError: a delta holds NaN/inf (or the result overflows), or, for modules, a
+                ``running_var`` would become negative; the message names the tensor, and
+                nothing is changed or written.
         """
         if isinstance(base, torch.nn.Module):
             from .apply import apply_to_module
 
-            return apply_to_module(self, base, scaling, allow_mismatch=allow_mismatch)
+            return apply_to_module(self, base, scaling, allow_mismatch=allow_mismatch,
+                                   allow_negative_variance=allow_negative_variance)
         if output_dir is None:
             raise TypeError("apply_to(checkpoint_path, ...) writes a new checkpoint: pass output_dir=.")
         from .merging.api import merge

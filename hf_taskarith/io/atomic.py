@@ -61,13 +61,14 @@ def _sigterm_raises() -> Iterator[None]:
 
     Python's default SIGTERM action kills the process without unwinding, leaving temporary
     folders behind. Signal handlers can only be set from the main thread; elsewhere this does
-    nothing. A handler the application installed itself is kept.
+    nothing. Only the default action is replaced, and restored on exit: a handler the
+    application installed (or ``SIG_IGN``, or one set outside Python) is kept.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     previous = signal.getsignal(signal.SIGTERM)
-    if previous not in (signal.SIG_DFL, None):
+    if previous is not signal.SIG_DFL:  # None (set outside Python) could not be restored
         yield
         return
 

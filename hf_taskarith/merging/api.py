@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ..errors import MergeConfigError
+from ..errors import MergeArgumentTypeError, MergeConfigError
 from ..io.atomic import check_output_not_input
 from ..io.writer import ShardedWriter, atomic_output_dir
 from .engine import MergePlan, MergeReport, plan_merge, run_merge
@@ -71,7 +71,13 @@ def merge(base: Any, models: Sequence[Any], *, method: str = "task_arithmetic",
         The output folder (``Path``) for checkpoint bases, or the merged ``nn.Module``.
 
     Raises:
-        MergeConfigError: unknown method or parameter, wrong number of weights, bad density.
+        MergeArgumentTypeError: ``models`` is not a list (e.g. one path: pass ``[path]``); a
+            ``MergeConfigError`` and a ``TypeError``.
+        MergeConfigError: unknown method or parameter, wrong number of weights, bad density or
+            seed, an output path that is (or is nested with) an input, ``linear`` weights
+            summing to 0 with ``normalize``.
+        FileExistsError: ``output_dir`` exists (a file, or a folder that is not empty) and
+            ``overwrite`` is False.
         KeyMismatchError, ShapeMismatchError, IncompatibleBaseError: inputs do not fit the base.
         NonFiniteError: NaN/inf in an input or the result (nothing is written).
         CheckpointNotFoundError, CorruptCheckpointError: unreadable inputs.
@@ -79,7 +85,8 @@ def merge(base: Any, models: Sequence[Any], *, method: str = "task_arithmetic",
     Note:
         Checkpoints are streamed tensor by tensor: peak memory is about one tensor per input
         plus the method's working set. Output goes to a temporary folder renamed at the end,
-        so an interrupted merge leaves nothing behind.
+        so an interrupted merge (an exception, Ctrl-C, or SIGTERM while merging on the main
+        thread: the process then exits with status 143) leaves nothing behind.
 
     Example:
         >>> merge("base/", ["tv_a/", "tv_b/"], method="ties", weights=[1.0, 1.0], density=0.2,
@@ -89,12 +96,13 @@ def merge(base: Any, models: Sequence[Any], *, method: str = "task_arithmetic",
     if "lambda_" in params:
         params["lambda"] = params.pop("lambda_")
     if isinstance(models, (str, os.PathLike, torch.nn.Module, Mapping)) or not isinstance(models, Iterable):
-        raise TypeError(f"merge(base, models): models must be a list of inputs, got {type(models).__name__} "
-                        f"({models!r:.80}); for one input pass [{models!r:.60}].")
+        raise MergeArgumentTypeError(
+            f"merge(base, models): models must be a list of inputs, got {type(models).__name__} "
+            f"({models!r:.80}); for one input pass [{models!r:.60}].")
     seed = parse_seed(seed)
+    models = list(models)  # once: a generator would be used up by the check below
     if output_dir is not None:
         check_output_not_input(output_dir, [base, *models])
-    models = list(models)
     if not models:
         raise MergeConfigError("merge() needs at least one model or task vector to merge.")
     if base is None:

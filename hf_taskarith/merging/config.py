@@ -22,6 +22,7 @@ for ``linear`` (which averages whole models) it is averaged with its weight.
 
 from __future__ import annotations
 
+import operator
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,10 +30,12 @@ from typing import Any
 
 import yaml
 
-from ..errors import MergeConfigError
+from ..errors import MergeArgumentTypeError, MergeConfigError
 
 TOP_LEVEL = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source",
              "seed", "max_shard_size", "name", "chat_template"}
+#: how a one-line string that is YAML text (not a file name) starts
+YAML_STARTS = ("merge_method", "{", "#")
 UNSUPPORTED = {"slices": "layer slicing is not supported; merge whole models",
                "tokenizer": "tokenizer blocks are not supported; use tokenizer_source",
                "modules": "per-module configs are not supported"}
@@ -57,23 +60,33 @@ class MergeConfig:
     def from_yaml(cls, path_or_text: str | os.PathLike, *, base_dir: str | os.PathLike | None = None) -> "MergeConfig":
         """Parse a YAML file (or YAML text). Relative model paths resolve against the file's folder.
 
-        An existing path is always read as a file, whatever its name; a one-line string that
-        is not a file and does not look like YAML is a missing file.
+        An existing path is always read as a file, whatever its name (``merge_method_ties.yml``,
+        ``{a}.yml``); only a string that is not an existing path may be YAML text. A one-line
+        string that is not a file and does not start like YAML (``merge_method``, ``{``, ``#``)
+        is a missing file.
+
+        Raises:
+            MergeConfigError: the file is missing, a folder or unreadable; the YAML is invalid.
         """
         text = str(path_or_text)
-        looks_like_yaml = "\n" in text or text.lstrip().startswith(("merge_method", "{", "#"))
-        p = Path(text) if "\n" not in text and len(text) < 4096 else None
-        if p is not None and p.is_file():
-            text, base_dir = p.read_text(), base_dir or p.parent
-        elif p is not None and p.exists():
+        one_line = "\n" not in text  # a candidate file name (os.path checks never raise)
+        is_file = one_line and os.path.isfile(text)
+        if is_file:  # an existing path is a file, whatever its name
+            path = Path(text)
+            try:
+                text = path.read_text()
+            except (OSError, UnicodeDecodeError) as e:
+                raise MergeConfigError(f"cannot read merge config file {path}: {e}") from None
+            base_dir = base_dir or path.parent
+        elif one_line and os.path.isdir(text):
             raise MergeConfigError(f"merge config {path_or_text} is a folder; give the YAML file inside it.")
-        elif isinstance(path_or_text, os.PathLike) or not looks_like_yaml:
+        elif isinstance(path_or_text, os.PathLike) or (one_line and not text.lstrip().startswith(YAML_STARTS)):
             raise MergeConfigError(f"merge config file not found: {path_or_text}")
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as e:
             raise MergeConfigError(f"merge config is not valid YAML: {e}") from None
-        if p is not None and not p.is_file() and not isinstance(data, dict):
+        if one_line and not is_file and not isinstance(data, dict):
             raise MergeConfigError(f"merge config file not found: {path_or_text} (and it is not YAML config text)")
         cfg = cls.from_dict(data, base_dir=base_dir)
         cfg.source_text = text
@@ -173,15 +186,24 @@ def merge_from_config(config: str | os.PathLike | MergeConfig | dict, output_dir
 
     Returns:
         The output folder.
+
+    Raises:
+        MergeArgumentTypeError: ``config`` is of another type (a ``MergeConfigError`` and a
+            ``TypeError``).
+        MergeConfigError: the config is invalid (see :meth:`MergeConfig.from_dict`); and
+            everything :func:`hf_taskarith.merge` raises.
     """
     if isinstance(config, dict):
         config = MergeConfig.from_dict(config)
     elif isinstance(config, (str, os.PathLike)):
         config = MergeConfig.from_yaml(config)
     elif not isinstance(config, MergeConfig):
-        raise TypeError(f"merge_from_config: config must be a YAML path or text, a dict or a MergeConfig; got "
-                        f"{type(config).__name__} ({config!r:.80}).")
+        raise MergeArgumentTypeError(
+            f"merge_from_config: config must be a YAML path or text, a dict or a MergeConfig; got "
+            f"{type(config).__name__} ({config!r:.80}).")
     overrides = {k: v for k, v in overrides.items() if v is not None}
+    if "seed" in overrides:  # the torch-free path only records it: check it here for both engines
+        overrides["seed"] = parse_seed(overrides["seed"])
     if fast_path:
         from .lite import merge_config_lite
 
@@ -198,19 +220,23 @@ def merge_from_config(config: str | os.PathLike | MergeConfig | dict, output_dir
 
 
 def parse_seed(value: Any) -> int:
-    """A seed: a non-negative integer (``7`` or ``"7"``); ``7.9``, ``abc`` and ``True`` are refused.
+    """A seed: a non-negative integer (``7``, ``"7"``, a numpy integer); ``7.9``, ``7.0``,
+    ``abc`` and ``True`` are refused rather than rounded or guessed.
 
     Raises:
-        MergeConfigError: naming the value received.
+        MergeConfigError: naming the value received and the fix.
     """
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise MergeConfigError(f"seed must be a non-negative integer, got {value!r} ({type(value).__name__}).")
-    try:
-        seed = int(value)
-    except ValueError:
-        raise MergeConfigError(f"seed must be a non-negative integer, got {value!r}.") from None
-    if seed < 0:
-        raise MergeConfigError(f"seed must be a non-negative integer, got {seed}.")
+    seed = None
+    if isinstance(value, str):
+        seed = int(value.strip()) if value.strip().isdecimal() else None
+    elif not isinstance(value, bool):
+        try:
+            seed = operator.index(value)
+        except TypeError:
+            pass
+    if seed is None or seed < 0:
+        raise MergeConfigError(f"seed must be a non-negative integer, got {value!r} ({type(value).__name__}); "
+                               "write a whole number such as 0 or 7.")
     return seed
 
 
