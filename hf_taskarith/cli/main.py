@@ -1,18 +1,20 @@
 """``hf-taskarith`` entry point: each sub-command is a module exposing ``register(subparsers)``.
 
-A command module adds its parser and sets ``func`` (args -> exit code). To add a command,
-write a module and list it in :data:`COMMANDS`.
+A command module adds its parser (with a ``help`` line and a ``description``, and ``help`` on
+every argument) and sets ``func`` (args -> exit code). To add a command, write a module and list
+it in :data:`COMMANDS`. Every command also gets ``--no-progress`` and ``-q/--quiet`` and a help
+formatter that shows defaults (:mod:`.common`); ``tests/test_cli_help.py`` checks all of this.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import os
 import sys
 
 from ..errors import TaskArithError
+from . import common
 
 COMMANDS = ["merge", "methods", "extract", "apply", "compress", "push", "pull", "versions", "hub", "demo"]
 
@@ -25,27 +27,30 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """
     from ..version import __version__
 
-    parser = argparse.ArgumentParser(prog="hf-taskarith", description="Task arithmetic for Hugging Face models.")
+    parser = argparse.ArgumentParser(
+        prog="hf-taskarith", description="Task arithmetic for Hugging Face models: extract, merge, apply, compress "
+                                         "and share task vectors (fine-tuned minus pre-trained weights).")
     parser.add_argument("--version", action="version", version=f"hf_taskarith {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log details (INFO level)")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND",
+                                help="the command to run (hf-taskarith COMMAND --help for its options)")
     for name in [command] if command in COMMANDS else COMMANDS:
         importlib.import_module(f"{__package__}.{name.replace('-', '_')}").register(sub)
-    return parser
+    return common.finish_parser(parser)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(command)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    args = common.resolve_common_options(parser.parse_args(argv))
+    common.configure_logging(args)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
     try:
-        code = int(args.func(args) or 0)
+        with common.common_settings(args):
+            code = int(args.func(args) or 0)
         sys.stdout.flush()  # a closed pipe surfaces here, not at interpreter exit
         return code
     except BrokenPipeError:

@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import argparse
 
+from .common import DTYPE_CHOICES
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("merge", help="merge models / task vectors described by a YAML config",
                        description="Run a merge described by a mergekit-compatible YAML file.")
     p.add_argument("config", help="YAML file (merge_method, base_model, models, parameters, dtype, ...)")
     p.add_argument("output_dir", help="folder to write the merged checkpoint to (created atomically)")
-    p.add_argument("--dtype", help="override the output dtype (float32, bfloat16, float16)")
-    p.add_argument("--seed", type=int, help="override the seed of randomized methods")
-    p.add_argument("--max-shard-size", help="output shard size, e.g. 5GB, 500MB")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, help="override the output dtype (default: the config's dtype)")
+    p.add_argument("--seed", type=int, help="override the seed of randomized methods (default: the config's seed, "
+                                            "or 0)")
+    p.add_argument("--max-shard-size", help="output shard size, e.g. 5GB, 500MB (default: the config's, or 5GB)")
     p.add_argument("--allow-mismatch", action="store_true",
                    help="merge despite base fingerprint / name / shape mismatches (skipped ones are reported)")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR if it exists")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--no-fast-path", action="store_true",
                    help="always use the torch engine (by default, task_arithmetic and linear merges of local "
                         "safetensors checkpoints run torch-free with numpy, with identical output)")

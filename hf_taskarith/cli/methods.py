@@ -6,7 +6,10 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("methods", help="list merge methods and their parameters")
+    p = sub.add_parser(
+        "methods", help="list merge methods and their parameters",
+        description="List every registered merge method (the YAML's merge_method), whether it is randomized "
+                    "or needs a base model, and its parameters: name, per model or shared, default and meaning.")
     p.set_defaults(func=run)
 
 

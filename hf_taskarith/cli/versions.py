@@ -6,11 +6,15 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("versions", help="list a task-vector repo's tags and branches")
-    p.add_argument("repo_id")
-    p.add_argument("--token")
-    p.add_argument("--endpoint")
-    p.add_argument("--json", action="store_true", help="print JSON")
+    p = sub.add_parser(
+        "versions", help="list a task-vector repo's tags and branches",
+        description="List the tags and branches of a task-vector repo on the Hub, one a line: kind, name, "
+                    "commit sha, date and commit title. Any of the names or shas is a valid "
+                    "`pull --revision` / `apply --from-hub --revision`.")
+    p.add_argument("repo_id", help="Hub repo id, org/name")
+    p.add_argument("--token", help="Hub token (default: HF_TOKEN / cached login)")
+    p.add_argument("--endpoint", help="Hub URL (default: HF_ENDPOINT or huggingface.co)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=run)
 
 

@@ -25,12 +25,7 @@ def atomic_output_dir(target: str | os.PathLike, *, overwrite: bool = False) -> 
         FileExistsError: ``target`` exists (and is not an empty folder) and ``overwrite`` is False.
     """
     target = Path(target).absolute()
-    if target.exists() and not overwrite and not (target.is_dir() and not any(target.iterdir())):
-        what = "folder" if target.is_dir() else "file"
-        raise FileExistsError(
-            f"output path {target} is an existing {what}{' that is not empty' if what == 'folder' else ''}; "
-            "choose another path or pass overwrite=True (CLI: --overwrite) to replace it."
-        )
+    check_output_path(target, overwrite=overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
@@ -80,6 +75,23 @@ def _sigterm_raises() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def check_output_path(target: str | os.PathLike, *, overwrite: bool = False) -> None:
+    """Refuse to write to ``target`` when :func:`atomic_output_dir` would: call it before long work.
+
+    A missing path or an empty folder is accepted; so is anything with ``overwrite=True``.
+
+    Raises:
+        FileExistsError: ``target`` exists (and is not an empty folder) and ``overwrite`` is False.
+    """
+    target = Path(target).absolute()
+    if target.exists() and not overwrite and not (target.is_dir() and not any(target.iterdir())):
+        what = "folder" if target.is_dir() else "file"
+        raise FileExistsError(
+            f"output path {target} is an existing {what}{' that is not empty' if what == 'folder' else ''}; "
+            "choose another path or pass overwrite=True (CLI: --overwrite) to replace it."
+        )
 
 
 def check_output_not_input(output: str | os.PathLike, inputs: Sequence[object]) -> None:
