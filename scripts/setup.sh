@@ -22,7 +22,7 @@ command -v "$PY" >/dev/null || PY=python3
 . "$VENV/bin/activate"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 pip install -q torch==2.13.0
-pip install -q "${UPGRADE[@]}" -c "$CONSTRAINTS" -e ".[test,bench]"
+pip install -q "${UPGRADE[@]}" -c "$CONSTRAINTS" -e ".[test,bench,server]"
 # mergekit is a test-only reference for YAML/weight parity (its tests are skipped without it)
 pip install -q -c "$CONSTRAINTS" "mergekit==0.1.5" || echo "warning: mergekit not installed; parity tests against it will be skipped"
 # olah (a read-only Hub mirror) independently checks that the embedded Hub's git repos are readable

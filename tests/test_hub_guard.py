@@ -20,7 +20,7 @@ def hub(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
     monkeypatch.setattr(c, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(c, "HF_HUB_DISABLE_XET", True)
-    with serve_in_thread(tmp_path / "hub") as url:
+    with serve_in_thread(tmp_path / "hub", no_auth=True) as url:  # the open mode: the browser checks alone
         yield url
 
 
@@ -83,12 +83,12 @@ def test_same_origin_and_stock_client_writes_work(hub):
 
 
 def test_allow_host_serves_another_name(tmp_path):
-    with serve_in_thread(tmp_path / "hub", allow_hosts=("hub.internal",)) as url:
+    with serve_in_thread(tmp_path / "hub", no_auth=True, allow_hosts=("hub.internal",)) as url:
         port = urlsplit(url).port
         status, _ = _request(url, "GET", "/api/whoami-v2", headers={"Host": f"hub.internal:{port}"})
         assert status == 200
     with pytest.raises(ValueError, match="allow_hosts"):
-        with serve_in_thread(tmp_path / "hub2", allow_hosts="hub.internal"):
+        with serve_in_thread(tmp_path / "hub2", no_auth=True, allow_hosts="hub.internal"):
             pass
 
 

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import threading
+from typing import Any
 import time
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -78,14 +79,14 @@ def versioned(api, hub, tmp_path_factory):
 
 
 def raw_request(url: str, method: str, path: str, body: bytes | None = None,
-                headers: dict | None = None) -> tuple[int, dict, bytes]:
+                headers: dict | None = None) -> tuple[int, Any, bytes]:
     """A request with the path sent exactly as given (no client-side normalization)."""
     parts = urlsplit(url)
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
     try:
         conn.request(method, path, body=body, headers={"Authorization": f"Bearer {TOKEN}", **(headers or {})})
         resp = conn.getresponse()
-        return resp.status, dict(resp.getheaders()), resp.read()
+        return resp.status, resp.headers, resp.read()  # an email.message.Message: case-insensitive
     finally:
         conn.close()
 
@@ -391,10 +392,13 @@ def test_cli_serve_builds_a_strict_server(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv(hub_cli.TOKEN_ENV, "env-token-123")
     config = hub_cli.build_config(args)
     assert config.token == "env-token-123" and config.max_upload_bytes == 2**30 and config.host == "127.0.0.1"
-    remote = parser.parse_args(["hub", "serve", "--root", str(tmp_path), "--host", "0.0.0.0"])
+    remote = parser.parse_args(["hub", "serve", "--root", str(tmp_path), "--host", "0.0.0.0", "--no-auth"])
     monkeypatch.delenv(hub_cli.TOKEN_ENV)
     assert hub_cli.run_serve(remote) == 2
-    assert "without a token" in capsys.readouterr().err
+    assert "no_auth" in capsys.readouterr().err
+    both = parser.parse_args(["hub", "serve", "--root", str(tmp_path), "--no-auth", "--token", "abcdefgh123"])
+    with pytest.raises(ValueError, match="contradict"):
+        hub_cli.build_config(both)
     server = HubServer(hub_cli.build_config(args))
     try:
         assert server.url.startswith("http://127.0.0.1:")
@@ -496,7 +500,7 @@ def test_leftovers_of_a_killed_server_are_removed_at_start(tmp_path):
     from hf_taskarith.hub.server import serve_in_thread
 
     root = tmp_path / "hub"
-    with serve_in_thread(root) as url:
+    with serve_in_thread(root, no_auth=True) as url:
         import huggingface_hub.constants as c
 
         mp = pytest.MonkeyPatch()
@@ -513,7 +517,7 @@ def test_leftovers_of_a_killed_server_are_removed_at_start(tmp_path):
     (git_dir / "lfs" / "tmp" / "0123456789abcdef-x.part").write_bytes(b"partial")
     (git_dir / "hf-hub.json.cafe.tmp").write_text("{")
     head = (git_dir / "HEAD").read_text()
-    with serve_in_thread(root):
+    with serve_in_thread(root, no_auth=True):
         pass
     assert not (git_dir / "hub-spool-deadbeef").exists()
     assert not list((git_dir / "lfs" / "tmp").glob("*.part"))

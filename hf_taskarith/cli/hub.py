@@ -20,14 +20,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     s = hub_sub.add_parser(
         "serve", help="serve a folder of repos over HTTP",
         description="Serve DIR/models/<org>/<name> (git repositories) to the huggingface_hub client. Clients: "
-                    "export HF_ENDPOINT=http://HOST:PORT HF_HUB_DISABLE_XET=1 (and HF_TOKEN when a token is set).")
+                    "export HF_ENDPOINT=http://HOST:PORT HF_HUB_DISABLE_XET=1 HF_TOKEN=<token>. Without --token, "
+                    "a random token is generated, printed, and written to DIR/.hub-token (readable by you only); "
+                    "--no-auth serves without one (loopback only: any web page you open could write).")
     s.add_argument("--root", required=True, help="folder holding the repos (created if missing)")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, loopback only; "
-                                                       "any other address requires a token)")
+                                                       "other addresses refuse --no-auth)")
     s.add_argument("--port", type=int, default=8090, help="TCP port (default: %(default)s; 0 picks a free one)")
     s.add_argument("--token", help=f"require this bearer token (default: ${TOKEN_ENV}; prefer the variable or "
                                    "--token-file, a command-line token is visible to other local users)")
     s.add_argument("--token-file", help="read the required token from this file")
+    s.add_argument("--no-auth", action="store_true",
+                   help="no token at all: every local caller may read and write (tests; loopback only)")
     s.add_argument("--public-read", action="store_true",
                    help="with a token: let clients without a token read public repos")
     s.add_argument("--user", default="local", help="account name (whoami, default namespace, commit author)")
@@ -55,7 +59,9 @@ def build_config(args: argparse.Namespace):
     if args.token_file:
         token = Path(args.token_file).read_text().strip()
     token = token or os.environ.get(TOKEN_ENV) or None
-    return HubServerConfig(root=Path(args.root), host=args.host, port=args.port, token=token,
+    if args.no_auth and token:
+        raise ValueError(f"--no-auth and a token (--token, --token-file or ${TOKEN_ENV}) contradict each other")
+    return HubServerConfig(root=Path(args.root), host=args.host, port=args.port, token=token, no_auth=args.no_auth,
                            public_read=args.public_read, user=args.user,
                            max_request_bytes=parse_size(args.max_request_size),
                            max_upload_bytes=parse_size(args.max_upload_size),
@@ -72,10 +78,15 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     logging.getLogger("hf_taskarith.hub.server").setLevel(logging.INFO)
-    print(f"Serving the Hub at {server.url} from {config.root.resolve()}"
-          f" ({'token required' if config.token else 'no token: every local caller may write'}).\n"
-          f"Clients: export HF_ENDPOINT={server.url} HF_HUB_DISABLE_XET=1"
-          + (" HF_TOKEN=<token>" if config.token else ""), flush=True)
+    if server.token_file is not None:
+        auth = f"token generated for this run, in {server.token_file} (readable by you only)"
+        client_token = f" HF_TOKEN={server.token}"
+    elif server.token is not None:
+        auth, client_token = "token required", " HF_TOKEN=<token>"
+    else:
+        auth, client_token = "--no-auth: every local caller, web pages included, may write", ""
+    print(f"Serving the Hub at {server.url} from {config.root.resolve()} ({auth}).\n"
+          f"Clients: export HF_ENDPOINT={server.url} HF_HUB_DISABLE_XET=1{client_token}", flush=True)
     if threading.current_thread() is threading.main_thread():  # SIGTERM (docker stop, systemd) stops cleanly too
         signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:

@@ -10,9 +10,12 @@ import base64
 import binascii
 import json
 import re
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
 from urllib.parse import quote, urlencode
 
-from .commits import Operation, create_commit
+from .commits import Operation, create_commit, new_spool
 from .errors import HubHTTPError
 from .messages import JSONResponse, Request, field_of
 from .names import (URL_PREFIXES, repo_type_from_name, validate_new_ref_name, validate_oid, validate_path,
@@ -295,10 +298,13 @@ def preupload(req: Request) -> JSONResponse:
     return JSONResponse(body={"files": answers, "commitOid": head})
 
 
-def _parse_commit_lines(raw: bytes, max_regular: int) -> tuple[dict, list[Operation]]:
+def _parse_commit_lines(lines: Iterable[bytes], max_regular: int, spool: Path) -> tuple[dict, list[Operation]]:
+    """The header and operations of an NDJSON commit, parsed line by line as the body arrives; each
+    regular file's decoded content goes to a file in ``spool`` at once, so memory holds one line
+    at a time, never the body or all of its files."""
     header = None
     ops: list[Operation] = []
-    for n, line in enumerate(raw.splitlines(), start=1):
+    for n, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
@@ -324,7 +330,10 @@ def _parse_commit_lines(raw: bytes, max_regular: int) -> tuple[dict, list[Operat
             if len(content) > max_regular:
                 raise HubHTTPError(400, f"{path!r} is {len(content)} bytes, over the {max_regular}-byte limit for "
                                         "regular files: upload it through LFS (preupload says 'lfs' for such files).")
-            ops.append(Operation("file", path, content=content))
+            content_file = spool / str(len(ops))
+            content_file.write_bytes(content)
+            del content
+            ops.append(Operation("file", path, content_file=content_file))
         elif key == "lfsFile":
             path = validate_path(value.get("path"))
             if value.get("algo", "sha256") != "sha256":
@@ -348,7 +357,16 @@ def commit(req: Request) -> JSONResponse:
     repo = _repo(req, write=True)
     _refuse_pr(req)
     branch = _branch_of(repo, req.params["revision"])
-    header, ops = _parse_commit_lines(req.body(), req.server.config.max_regular_file_bytes)
+    lines = req.body_reader(req.server.config.max_request_bytes).lines()
+    spool = new_spool(repo)
+    try:
+        header, ops = _parse_commit_lines(lines, req.server.config.max_regular_file_bytes, spool)
+        return _commit_parsed(req, repo, branch, header, ops)
+    finally:
+        shutil.rmtree(spool, ignore_errors=True)
+
+
+def _commit_parsed(req: Request, repo: Repo, branch: str, header: dict, ops: list[Operation]) -> JSONResponse:
     summary = header.get("summary")
     if not isinstance(summary, str) or not summary.strip():
         raise HubHTTPError(400, "The commit header needs a non-empty 'summary' (the commit title).")

@@ -37,11 +37,13 @@ FILE_MODES = ("100644", "100755")
 
 @dataclass(frozen=True)
 class Operation:
-    """One line of a commit: ``kind`` is ``file`` (content), ``lfs`` (oid, size), ``delete``, ``delete_folder``."""
+    """One line of a commit: ``kind`` is ``file`` (``content``, or the file ``content_file`` holding
+    it), ``lfs`` (oid, size), ``delete``, ``delete_folder``."""
 
     kind: Literal["file", "lfs", "delete", "delete_folder"]
     path: str
     content: bytes = b""
+    content_file: Path | None = None
     oid: str = ""
     size: int = 0
 
@@ -53,15 +55,25 @@ def identity_env(user: str) -> dict[str, str]:
             "GIT_COMMITTER_NAME": user, "GIT_COMMITTER_EMAIL": f"{user}@localhost", "GIT_COMMITTER_DATE": now}
 
 
-def write_blobs(repo: "Repo", contents: list[bytes]) -> list[str]:
-    """Write blobs into the object store (one ``hash-object`` process for all)."""
-    if not contents:
-        return []
+def new_spool(repo: "Repo") -> Path:
+    """A fresh scratch folder in the repo's git dir (removed by the caller; a crash leaves it to
+    :meth:`~.storage.RepoStore.clean_leftovers` at the next start)."""
     spool = Path(repo.git_dir) / f"hub-spool-{uuid.uuid4().hex}"
     spool.mkdir()
+    return spool
+
+
+def write_blobs(repo: "Repo", contents: list[bytes | Path]) -> list[str]:
+    """Write blobs (bytes, or files already on disk) into the object store (one ``hash-object``)."""
+    if not contents:
+        return []
+    spool = new_spool(repo)
     try:
         names = []
         for i, data in enumerate(contents):
+            if isinstance(data, Path):
+                names.append(str(data))
+                continue
             (spool / str(i)).write_bytes(data)
             names.append(str(spool / str(i)))
         out = repo.git.run("hash-object", "-w", "--no-filters", "--stdin-paths", input="\n".join(names).encode())
@@ -153,7 +165,7 @@ def _create_commit(repo: "Repo", branch: str, ops: list[Operation], *, summary: 
         if op.kind == "lfs" and not repo.lfs.has(op.oid, op.size):
             raise HubHTTPError(400, f"LFS object {op.oid} ({op.size} bytes) for {op.path!r} was not uploaded "
                                     f"to {repo.repo_id}: upload it through the LFS batch API first.")
-    contents = {i: (op.content if op.kind == "file" else format_pointer(op.oid, op.size))
+    contents = {i: ((op.content_file or op.content) if op.kind == "file" else format_pointer(op.oid, op.size))
                 for i, op in enumerate(ops) if op.kind in ("file", "lfs")}
     blob_ids = dict(zip(contents, write_blobs(repo, list(contents.values()))))
     message = summary.strip() + (f"\n\n{description.strip()}" if description.strip() else "") + "\n"

@@ -32,9 +32,11 @@ class HubServerConfig:
             ``root/<models|datasets|spaces>/<namespace>/<name>``; created if missing.
         host: address to bind. Loopback by default; any other address needs ``token``.
         port: TCP port; 0 picks a free one.
-        token: when set, every request must send ``Authorization: Bearer <token>`` (except the
-            signed LFS upload URLs the server hands out, and the stateless ``validate-yaml``).
-            When unset, the server trusts every caller (meant for loopback only).
+        token: every request must send ``Authorization: Bearer <token>`` (except the signed LFS
+            upload URLs the server hands out, and the stateless ``validate-yaml``). When unset, the
+            server generates one at start (see :class:`~.app.HubServer`), unless ``no_auth``.
+        no_auth: trust every caller, with no token (loopback only; for tests). Explicit, because
+            any web page the user opens can reach a loopback server.
         public_read: with a token, let requests *without* any token read public repos (GET/HEAD,
             tree, refs, commits, paths-info). Private repos stay invisible (404) to them, and a
             wrong token is always refused.
@@ -44,7 +46,16 @@ class HubServerConfig:
         max_upload_bytes: largest LFS object (one PUT).
         max_regular_file_bytes: largest file stored as a plain git blob; larger files must use LFS
             (``preupload`` tells the client so).
-        read_timeout_s: a client that sends nothing for this long is disconnected.
+        read_timeout_s: a request body that sends nothing for this long is refused (408).
+        min_body_rate: after ``read_timeout_s``, a body arriving slower than this many bytes/s on
+            average is refused (408): trickling clients cannot hold a connection.
+        request_deadline_s: the longest a request body may take in all.
+        header_timeout_s: a connection whose next request line and headers are not complete
+            this long after it opened (or after the previous response) is closed.
+        keep_alive_s: idle time after a response before a keep-alive connection is closed.
+        max_workers: threads handling requests at once (git and file work); more wait.
+        max_connections: connections and requests at once; beyond it new requests get 503.
+        backlog: the listen queue of the socket.
         upload_url_ttl_s: validity of the signed LFS upload URLs.
         allow_hosts: ``Host`` names served besides the loopback names and the bound address
             (DNS-rebinding protection, see :mod:`~hf_taskarith.hub.server.guard`); ``"*"`` serves any.
@@ -53,13 +64,21 @@ class HubServerConfig:
     root: Path = field(metadata={"help": "folder holding the git repositories"})
     host: str = field(default="127.0.0.1", metadata={"help": "address to bind (loopback by default)"})
     port: int = field(default=0, metadata={"help": "TCP port (0: a free one)"})
-    token: str | None = field(default=None, metadata={"help": "required bearer token; None trusts every caller"})
+    token: str | None = field(default=None, metadata={"help": "required bearer token; None: generate one"})
+    no_auth: bool = field(default=False, metadata={"help": "trust every caller, no token (loopback only)"})
     public_read: bool = field(default=False, metadata={"help": "anonymous reads of public repos when a token is set"})
     user: str = field(default="local", metadata={"help": "account name of the token holder"})
     max_request_bytes: int = field(default=64 * MiB, metadata={"help": "largest JSON/NDJSON body"})
     max_upload_bytes: int = field(default=5 * GiB, metadata={"help": "largest LFS object"})
     max_regular_file_bytes: int = field(default=10 * MiB, metadata={"help": "largest non-LFS file"})
-    read_timeout_s: float = field(default=120.0, metadata={"help": "idle time before a client is dropped"})
+    read_timeout_s: float = field(default=60.0, metadata={"help": "idle time of a request body before 408"})
+    min_body_rate: float = field(default=1024.0, metadata={"help": "slowest average body rate accepted (B/s)"})
+    request_deadline_s: float = field(default=6 * 3600.0, metadata={"help": "longest time for one request body"})
+    header_timeout_s: float = field(default=30.0, metadata={"help": "time to send a request's headers"})
+    keep_alive_s: float = field(default=15.0, metadata={"help": "idle keep-alive time between requests"})
+    max_workers: int = field(default=16, metadata={"help": "threads handling requests at once"})
+    max_connections: int = field(default=1000, metadata={"help": "connections/requests at once (503 beyond)"})
+    backlog: int = field(default=2048, metadata={"help": "listen queue length"})
     upload_url_ttl_s: int = field(default=3600, metadata={"help": "lifetime of signed LFS upload URLs"})
     allow_hosts: tuple[str, ...] = field(default=(), metadata={
         "help": "extra Host names served besides loopback names and the bound address ('*': any)"})
@@ -72,10 +91,12 @@ class HubServerConfig:
             if not isinstance(self.token, str) or len(self.token) < 8 or not re.fullmatch(r"[\x21-\x7e]+", self.token):
                 raise ValueError("token must be at least 8 printable ASCII characters without spaces; "
                                  "generate one with `python -c 'import secrets; print(secrets.token_urlsafe())'`")
-        if not is_loopback(self.host) and self.token is None:
-            raise ValueError(f"refusing to serve on non-loopback address {self.host!r} without a token: anyone who "
-                             "can reach it could write. Set a token, or bind 127.0.0.1.")
-        if self.public_read and self.token is None:
+        if self.no_auth and self.token is not None:
+            raise ValueError("give either a token or no_auth=True, not both")
+        if not is_loopback(self.host) and self.no_auth:
+            raise ValueError(f"refusing to serve on non-loopback address {self.host!r} with no_auth: anyone who "
+                             "can reach it could write. Drop no_auth (a token is generated), or bind 127.0.0.1.")
+        if self.public_read and self.no_auth:
             raise ValueError("public_read only makes sense with a token (without one every caller can read and write)")
         if not _SEGMENT.fullmatch(self.user) or ".." in self.user:
             raise ValueError(f"user must be a valid namespace ([A-Za-z0-9][\\w.-]{{0,95}}), got {self.user!r}")
@@ -89,5 +110,11 @@ class HubServerConfig:
         if isinstance(self.allow_hosts, str) or not all(isinstance(h, str) and h for h in self.allow_hosts):
             raise ValueError(f"allow_hosts must be a list of host names, got {self.allow_hosts!r}")
         self.allow_hosts = tuple(self.allow_hosts)
-        if not self.read_timeout_s > 0:
-            raise ValueError(f"read_timeout_s must be > 0, got {self.read_timeout_s!r}")
+        for name in ("read_timeout_s", "min_body_rate", "request_deadline_s", "header_timeout_s", "keep_alive_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"{name} must be a positive number of seconds (or bytes/s), got {value!r}")
+        for name in ("max_workers", "max_connections", "backlog"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")

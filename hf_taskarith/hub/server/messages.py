@@ -24,8 +24,8 @@ class Request:
     method: str
     path: str
     query: dict[str, list[str]]
-    headers: Any  # email.message.Message: case-insensitive .get()
-    rfile: Any
+    headers: Any  # case-insensitive .get() (starlette.datastructures.Headers)
+    chunks: Any  # the body's bytes as they arrive (see .asgi.BodyChannel)
     server: "HubServer"
     caller: "Caller"
     params: dict[str, str] = field(default_factory=dict)
@@ -33,7 +33,7 @@ class Request:
 
     def body_reader(self, limit: int) -> BodyReader:
         self.body_consumed = True
-        return BodyReader(self.rfile, self.headers, limit)
+        return BodyReader(self.chunks, self.headers, limit)
 
     def body(self, limit: int | None = None) -> bytes:
         return self.body_reader(limit or self.server.config.max_request_bytes).read_all()
