@@ -367,8 +367,6 @@ def test_client_errors_are_specific(api, hub, versioned):
         api.create_repo("team/model")
     assert e.value.response.status_code == 409
     assert api.create_repo("team/model", exist_ok=True).repo_id == "team/model"
-    with pytest.raises(BadRequestError, match="Pull requests are not supported"):
-        api.upload_file(path_or_fileobj=b"x", path_in_repo="x.txt", repo_id="team/model", create_pr=True)
     with pytest.raises(HfHubHTTPError, match="not a branch"):
         api.upload_file(path_or_fileobj=b"x", path_in_repo="x.txt", repo_id="team/model", revision="v1")
     status, headers, _ = raw_request(url, "GET", "/api/models/team/model/xet-write-token/main")
@@ -553,3 +551,70 @@ def test_commits_racing_delete_repo_never_get_500(api, hub):
         t.join(timeout=120)
     assert not errors, errors
     assert set(statuses) <= {200, 404}
+
+
+# -- more of the Hub's API ------------------------------------------------------------------
+
+def test_pull_requests_are_refs_pr_n_and_leave_the_branch_alone(api, hub):
+    api.create_repo("team/with-prs")
+    main_before = head_of(hub[1], "team/with-prs")
+    first = api.upload_file(path_or_fileobj=os.urandom(40_000), path_in_repo="w.safetensors",
+                            repo_id="team/with-prs", create_pr=True, commit_message="proposal")
+    assert first.pr_url.endswith("/team/with-prs/discussions/1") and first.pr_revision == "refs/pr/1"
+    assert head_of(hub[1], "team/with-prs") == main_before  # main did not move
+    assert head_of(hub[1], "team/with-prs", "refs/pr/1") == first.oid
+    more = api.upload_file(path_or_fileobj=b"notes", path_in_repo="notes.txt", repo_id="team/with-prs",
+                           revision="refs/pr/1")
+    assert head_of(hub[1], "team/with-prs", "refs/pr/1") == more.oid
+    second = api.upload_file(path_or_fileobj=b"y", path_in_repo="y.txt", repo_id="team/with-prs", create_pr=True)
+    assert second.pr_revision == "refs/pr/2"
+    refs = api.list_repo_refs("team/with-prs", include_pull_requests=True)
+    assert sorted(r.ref for r in refs.pull_requests) == ["refs/pr/1", "refs/pr/2"]
+    assert set(api.list_repo_files("team/with-prs", revision="refs/pr/1")) >= {"w.safetensors", "notes.txt"}
+    assert "w.safetensors" not in api.list_repo_files("team/with-prs")
+
+
+def test_copying_an_lfs_file_reuses_its_object(api, hub):
+    from huggingface_hub import CommitOperationCopy
+
+    api.create_repo("team/copies")
+    data = os.urandom(60_000)
+    api.upload_file(path_or_fileobj=data, path_in_repo="a.safetensors", repo_id="team/copies")
+    api.create_commit("team/copies", operations=[CommitOperationCopy("a.safetensors", "b/a.safetensors")],
+                      commit_message="copy")
+    tree = {f.path: f for f in api.list_repo_tree("team/copies", recursive=True) if hasattr(f, "lfs")}
+    assert tree["b/a.safetensors"].lfs.sha256 == tree["a.safetensors"].lfs.sha256 == hashlib.sha256(data).hexdigest()
+    assert tree["b/a.safetensors"].size == len(data)
+    path = api.hf_hub_download("team/copies", "b/a.safetensors", cache_dir=hub[1].parent / "copy-cache")
+    assert Path(path).read_bytes() == data
+
+
+def test_repo_names_are_case_insensitive_and_ascii(api, hub):
+    from huggingface_hub.errors import HfHubHTTPError
+
+    api.create_repo("Team/CaseRepo")
+    with pytest.raises(HfHubHTTPError, match="already created") as e:
+        api.create_repo("team/caserepo")
+    assert e.value.response.status_code == 409
+    api.upload_file(path_or_fileobj=b"hello", path_in_repo="x.txt", repo_id="team/CASEREPO")
+    assert api.model_info("TEAM/caserepo").id == "Team/CaseRepo"  # answered under its own name
+    assert "x.txt" in api.list_repo_files("team/caserepo")
+    url, _ = hub
+    status, headers, _ = raw_request(url, "GET", "/api/models/t%D0%B5am/caserepo")  # Cyrillic "е"
+    assert status == 400 and "Invalid repo id" in headers["X-Error-Message"]
+
+
+def test_list_models_by_author_and_search(api, hub, versioned):
+    from huggingface_hub import HfApi
+
+    api.create_repo("listing/alpha-tv")
+    api.create_repo("listing/beta-tv")
+    api.create_repo("listing/secret-tv", private=True)
+    ids = sorted(m.id for m in api.list_models(author="listing"))
+    assert ids == ["listing/alpha-tv", "listing/beta-tv", "listing/secret-tv"]
+    assert [m.id for m in api.list_models(author="LISTING", search="ALPHA")] == ["listing/alpha-tv"]
+    assert len(list(api.list_models(author="listing", limit=2))) == 2
+    assert "team/model" in {m.id for m in api.list_models(search="team/")}
+    with serve_in_thread(hub[1], token=TOKEN, public_read=True) as url2:  # anonymous readers: no private repos
+        anonymous = sorted(m.id for m in HfApi(endpoint=url2, token=False).list_models(author="listing"))
+    assert anonymous == ["listing/alpha-tv", "listing/beta-tv"]

@@ -37,7 +37,8 @@ def _repo(req: Request, *, write: bool = False) -> Repo:
 
 
 def _branch_of(repo: Repo, revision: str) -> str:
-    """The branch a write targets (``refs/heads/x`` accepted); tags and shas are refused."""
+    """The branch a write targets (``refs/heads/x`` accepted, and ``refs/pr/N``, an open pull
+    request); tags and shas are refused."""
     validate_ref_name(revision)
     branch = revision[len("refs/heads/"):] if revision.startswith("refs/heads/") else revision
     if repo.branch_head(branch) is None:
@@ -47,12 +48,6 @@ def _branch_of(repo: Repo, revision: str) -> str:
         raise HubHTTPError(404, f"Branch {revision!r} does not exist in {repo.repo_id}: create it first "
                                 "(HfApi.create_branch).", code="RevisionNotFound")
     return branch
-
-
-def _refuse_pr(req: Request) -> None:
-    if req.flag("create_pr"):
-        raise HubHTTPError(400, "Pull requests are not supported by this embedded Hub: push to a branch instead "
-                                "(HfApi.create_branch, then revision=<branch>).")
 
 
 # -- account and repos ----------------------------------------------------------------------
@@ -81,8 +76,9 @@ def create_repo(req: Request) -> JSONResponse:
     try:
         req.server.store.create(repo_type, repo_id, private=private)
     except HubHTTPError as e:
-        if e.status == 409:  # the client reads "url" from this answer when exist_ok=True
-            e.body["url"] = url
+        if e.status == 409:  # the client reads "url" from this answer when exist_ok=True (the existing
+            existing = req.server.store.path_for(repo_type, repo_id)  # repo's name, in its own case)
+            e.body["url"] = f"{req.base_url()}/{URL_PREFIXES[repo_type]}{existing.parent.name}/{existing.name}"
         raise
     return JSONResponse(body={"url": url, "name": repo_id, "id": repo_id})
 
@@ -269,7 +265,6 @@ def paths_info(req: Request) -> JSONResponse:
 def preupload(req: Request) -> JSONResponse:
     """``POST .../preupload/<rev>``: ``lfs`` or ``regular`` per file, and the current oid if any."""
     repo = _repo(req, write=True)
-    _refuse_pr(req)
     branch = _branch_of(repo, req.params["revision"])
     data = req.form_or_json()
     files = data.get("files")
@@ -338,8 +333,9 @@ def _parse_commit_lines(lines: Iterable[bytes], max_regular: int, spool: Path) -
             path = validate_path(value.get("path"))
             if value.get("algo", "sha256") != "sha256":
                 raise HubHTTPError(400, f"Unsupported LFS hash {value.get('algo')!r} for {path!r}: use sha256.")
+            size = value.get("size")  # absent for CommitOperationCopy: the stored object's size
             ops.append(Operation("lfs", path, oid=validate_oid(value.get("oid")),
-                                 size=validate_size(value.get("size"), what="LFS size")))
+                                 size=-1 if size is None else validate_size(size, what="LFS size")))
         elif key == "deletedFile":
             ops.append(Operation("delete", validate_path(value.get("path"))))
         elif key == "deletedFolder":
@@ -353,9 +349,11 @@ def _parse_commit_lines(lines: Iterable[bytes], max_regular: int, spool: Path) -
 
 
 def commit(req: Request) -> JSONResponse:
-    """``POST .../commit/<rev>`` (NDJSON). Honours ``parentCommit``: 412 if the branch moved."""
+    """``POST .../commit/<rev>`` (NDJSON). Honours ``parentCommit``: 412 if the branch moved. With
+    ``?create_pr=1`` the commit goes on top of ``<rev>`` into a new ``refs/pr/N`` (the branch does not
+    move), answered with ``pullRequestUrl`` ``.../discussions/N``; later commits to ``refs/pr/N`` add
+    to it. (Discussions themselves, merging and closing are not implemented.)"""
     repo = _repo(req, write=True)
-    _refuse_pr(req)
     branch = _branch_of(repo, req.params["revision"])
     lines = req.body_reader(req.server.config.max_request_bytes).lines()
     spool = new_spool(repo)
@@ -374,11 +372,12 @@ def _commit_parsed(req: Request, repo: Repo, branch: str, header: dict, ops: lis
     parent = header.get("parentCommit")
     if parent is not None and (not isinstance(parent, str) or not re.fullmatch(r"[0-9a-f]{7,40}", parent)):
         raise HubHTTPError(400, f"parentCommit must be a commit sha, got {parent!r}.")
-    sha = create_commit(repo, branch, ops, summary=summary, description=str(description), parent_commit=parent)
-    prefix = URL_PREFIXES[repo.repo_type]
+    sha, pr = create_commit(repo, branch, ops, summary=summary, description=str(description),
+                            parent_commit=parent, pull_request=req.flag("create_pr"))
+    url = f"{req.base_url()}/{URL_PREFIXES[repo.repo_type]}{repo.repo_id}"
     return JSONResponse(body={"success": True, "commitOid": sha, "commitMessage": summary,
-                              "commitUrl": f"{req.base_url()}/{prefix}{repo.repo_id}/commit/{sha}",
-                              "hookOutput": "", "pullRequestUrl": None})
+                              "commitUrl": f"{url}/commit/{sha}", "hookOutput": "",
+                              "pullRequestUrl": f"{url}/discussions/{pr}" if pr else None})
 
 
 def create_tag(req: Request) -> JSONResponse:

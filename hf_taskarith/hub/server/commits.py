@@ -14,6 +14,8 @@ Note:
 
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 import shutil
 import time
@@ -136,16 +138,27 @@ def apply_operations(repo: "Repo", files: dict[str, tuple[str, str]], ops: list[
                                 f"delete one of them in the same commit.")
 
 
+def _with_stored_size(repo: "Repo", op: Operation) -> Operation:
+    """An LFS line without a size (``CommitOperationCopy`` sends only the oid) takes the size of the
+    object already stored; an unknown object is refused."""
+    size = repo.lfs.size(op.oid)
+    if size is None:
+        raise HubHTTPError(400, f"LFS object {op.oid} for {op.path!r} is not stored in {repo.repo_id}: a copy can "
+                                "only name an object of this repo (upload it through the LFS batch API first).")
+    return dataclasses.replace(op, size=size)
+
+
 def create_commit(repo: "Repo", branch: str, ops: list[Operation], *, summary: str, description: str = "",
-                  parent_commit: str | None = None) -> str:
-    """Apply ``ops`` on top of ``branch`` as one commit; returns its sha (see :func:`_create_commit`).
+                  parent_commit: str | None = None, pull_request: bool = False) -> tuple[str, int | None]:
+    """Apply ``ops`` on top of ``branch`` as one commit; returns its sha and, with ``pull_request``,
+    the number of the new ``refs/pr/N`` that holds it (see :func:`_create_commit`).
 
     A repo deleted while the commit runs answers 404 ``RepoNotFound`` (git commands then fail
     on a vanished folder), never 500.
     """
     try:
         return _create_commit(repo, branch, ops, summary=summary, description=description,
-                              parent_commit=parent_commit)
+                              parent_commit=parent_commit, pull_request=pull_request)
     except (FileNotFoundError, NotADirectoryError, GitError):
         if not (repo.path / ".git" / "HEAD").is_file():
             raise repo_not_found(repo.repo_id) from None
@@ -153,14 +166,15 @@ def create_commit(repo: "Repo", branch: str, ops: list[Operation], *, summary: s
 
 
 def _create_commit(repo: "Repo", branch: str, ops: list[Operation], *, summary: str, description: str = "",
-                   parent_commit: str | None = None) -> str:
-    """Apply ``ops`` on top of ``branch`` as one commit; returns its sha.
+                   parent_commit: str | None = None, pull_request: bool = False) -> tuple[str, int | None]:
+    """Apply ``ops`` on top of ``branch`` as one commit; returns its sha (and the pull request's number).
 
     Raises:
         HubHTTPError: 404 unknown branch / deleted file missing; 412 when ``parent_commit`` is
             given and the branch is no longer there (nothing is changed); 400 for an LFS
             file whose object was not uploaded; 409 for a file/folder clash.
     """
+    ops = [_with_stored_size(repo, op) if op.kind == "lfs" and op.size < 0 else op for op in ops]
     for op in ops:
         if op.kind == "lfs" and not repo.lfs.has(op.oid, op.size):
             raise HubHTTPError(400, f"LFS object {op.oid} ({op.size} bytes) for {op.path!r} was not uploaded "
@@ -189,10 +203,13 @@ def _create_commit(repo: "Repo", branch: str, ops: list[Operation], *, summary: 
         tree = write_tree(repo, files)
         new = repo.git.run("commit-tree", tree, "-p", head, input=message.encode(),
                            env=identity_env(repo.store.user)).decode().strip()
-        try:
-            repo.git.run("update-ref", "-m", f"commit: {summary.strip()[:200]}", f"refs/heads/{branch}", new, head)
+        pr = repo.next_pull_request() if pull_request else None
+        ref, old = (f"refs/pr/{pr}", "") if pr else (branch if branch.startswith("refs/pr/") else
+                                                       f"refs/heads/{branch}", head)
+        try:  # old "" : the ref must not exist yet
+            repo.git.run("update-ref", "-m", f"commit: {summary.strip()[:200]}", ref, new, old)
         except GitError as e:
             raise HubHTTPError(412, f"Branch {branch!r} of {repo.repo_id} moved while committing (another "
                                     f"process pushed); nothing was changed, push again. ({e})") from None
-    logger.info("%s@%s: commit %s (%d operations)", repo.repo_id, branch, new, len(ops))
-    return new
+    logger.info("%s@%s: commit %s (%d operations)", repo.repo_id, ref, new, len(ops))
+    return new, pr

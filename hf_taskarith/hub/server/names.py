@@ -19,7 +19,8 @@ REPO_TYPES: dict[str, RepoType] = {"models": "model", "datasets": "dataset", "sp
 #: prefix of download / LFS URLs per type (models have none)
 URL_PREFIXES: dict[RepoType, str] = {"model": "", "dataset": "datasets/", "space": "spaces/"}
 
-_SEGMENT = re.compile(r"[A-Za-z0-9][\w.-]{0,95}")
+#: ASCII only (``\w`` would admit Unicode look-alikes such as a Cyrillic "е" for "e")
+_SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}")
 #: namespaces that would make URLs ambiguous (``/datasets/x/resolve`` ...)
 _RESERVED_NAMESPACES = {"api", "models", "datasets", "spaces", "resolve", "lfs"}
 _OID = re.compile(r"[0-9a-f]{64}")

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import unquote
 
-from . import api, files, lfs
+from . import api, files, lfs, listing
 from .errors import HubHTTPError
 from .messages import Request, Response
 from .names import repo_type_from_plural, validate_repo_id
@@ -46,6 +46,7 @@ ROUTES = [
     _route("POST", r"/api/repos/create", api.create_repo),
     _route("DELETE", r"/api/repos/delete", api.delete_repo),
     _route("POST", r"/api/validate-yaml", api.validate_yaml, no_auth=True),
+    _route("GET", rf"/api/{_T}", listing.list_repos, read_only=True),
     _route("GET", rf"/api/{_T}/{_R}", api.repo_info, read_only=True),
     _route("GET", rf"/api/{_T}/{_R}/revision/{_REV}", api.repo_info, read_only=True),
     _route("GET", rf"/api/{_T}/{_R}/refs", api.list_refs, read_only=True),
@@ -97,6 +98,8 @@ def match_route(method: str, raw_path: str) -> tuple[Route, dict[str, str]]:
             params["repo_id"] = validate_repo_id(params.pop("ns"), params.pop("name"))
             plural = params.pop("type", None) or params.pop("prefix", None) or "models"
             params["repo_type"] = repo_type_from_plural(plural)
+        elif "type" in params:  # listings: /api/models
+            params["repo_type"] = repo_type_from_plural(params.pop("type"))
         return route, params
     if allowed:
         raise HubHTTPError(405, f"{method} is not allowed on {raw_path}; use {' or '.join(sorted(allowed))}.",

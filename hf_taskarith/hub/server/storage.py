@@ -113,7 +113,14 @@ class Repo:
         return out.decode().strip() if out else None
 
     def branch_head(self, branch: str) -> str | None:
-        return self._peel(f"refs/heads/{branch}")
+        """Head of a branch; ``branch`` may also be a pull request's ref, ``refs/pr/N``."""
+        return self._peel(branch if branch.startswith("refs/pr/") else f"refs/heads/{branch}")
+
+    def next_pull_request(self) -> int:
+        """The number the next pull request gets (1 + the highest ``refs/pr/N``); call under the repo lock."""
+        out = self.git.run("for-each-ref", "--format=%(refname)", "refs/pr/").decode().split()
+        numbers = [int(ref.rsplit("/", 1)[1]) for ref in out if ref.rsplit("/", 1)[1].isdigit()]
+        return max(numbers, default=0) + 1
 
     def tag_target(self, tag: str) -> str | None:
         return self._peel(f"refs/tags/{tag}")
@@ -349,15 +356,29 @@ class RepoStore:
         with self._locks_guard:
             return self._locks.setdefault(key, threading.Lock())
 
+    def find(self, repo_type: RepoType, repo_id: str) -> Path | None:
+        """The folder of the repo named ``repo_id`` in any letter case (as on the Hub, ``Team/TV``
+        and ``team/tv`` are one repo), or ``None``."""
+        exact = self.root / f"{repo_type}s" / repo_id
+        if (exact / ".git" / "HEAD").is_file():
+            return exact
+        namespace, name = repo_id.split("/")
+        for ns_dir in _case_insensitive(self.root / f"{repo_type}s", namespace):
+            for repo_dir in _case_insensitive(ns_dir, name):
+                if (repo_dir / ".git" / "HEAD").is_file():
+                    return repo_dir
+        return None
+
     def path_for(self, repo_type: RepoType, repo_id: str) -> Path:
-        return self.root / f"{repo_type}s" / repo_id
+        """Where the repo is (whatever the case of ``repo_id``), or would be created."""
+        return self.find(repo_type, repo_id) or self.root / f"{repo_type}s" / repo_id
 
     def open(self, repo_type: RepoType, repo_id: str) -> Repo:
-        """The repo, or a 404 ``RepoNotFound`` error."""
-        path = self.path_for(repo_type, repo_id)
-        if not (path / ".git" / "HEAD").is_file():
+        """The repo, named as it was created (its canonical case), or a 404 ``RepoNotFound`` error."""
+        path = self.find(repo_type, repo_id)
+        if path is None:
             raise repo_not_found(repo_id)
-        return Repo(self, repo_type, repo_id, path)
+        return Repo(self, repo_type, f"{path.parent.name}/{path.name}", path)
 
     def open_visible(self, repo_type: RepoType, repo_id: str, caller: Caller) -> Repo:
         """Like :meth:`open`, but private repos are invisible (404) to unauthenticated callers."""
@@ -372,9 +393,9 @@ class RepoStore:
         Raises:
             HubHTTPError: 409 if it exists.
         """
-        final = self.path_for(repo_type, repo_id)
-        if final.exists():
-            raise HubHTTPError(409, f"You already created this {repo_type} repo: {repo_id}")
+        final = self.root / f"{repo_type}s" / repo_id
+        if self.find(repo_type, repo_id) is not None or final.exists():
+            raise HubHTTPError(409, f"You already created this {repo_type} repo: {self._existing_id(repo_type, repo_id)}")
         self._tmp.mkdir(parents=True, exist_ok=True)
         staging = self._tmp / f"create-{uuid.uuid4().hex}"
         try:
@@ -388,13 +409,29 @@ class RepoStore:
             repo.git.run("update-ref", "refs/heads/main", first.decode().strip(), "")
             final.parent.mkdir(parents=True, exist_ok=True)
             with self._locks_guard:
-                if final.exists():
-                    raise HubHTTPError(409, f"You already created this {repo_type} repo: {repo_id}")
+                if self.find(repo_type, repo_id) is not None or final.exists():
+                    raise HubHTTPError(409, f"You already created this {repo_type} repo: "
+                                            f"{self._existing_id(repo_type, repo_id)}")
                 os.rename(staging, final)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         logger.info("created %s repo %s (private=%s)", repo_type, repo_id, private)
         return self.open(repo_type, repo_id)
+
+    def list(self, repo_type: RepoType) -> list[Repo]:
+        """Every repo of one type (those deleted meanwhile are skipped)."""
+        repos = []
+        for head in sorted((self.root / f"{repo_type}s").glob("*/*/.git/HEAD")):
+            path = head.parent.parent
+            try:
+                repos.append(self.open(repo_type, f"{path.parent.name}/{path.name}"))
+            except HubHTTPError:
+                continue
+        return repos
+
+    def _existing_id(self, repo_type: RepoType, repo_id: str) -> str:
+        path = self.find(repo_type, repo_id)
+        return f"{path.parent.name}/{path.name}" if path is not None else repo_id
 
     def delete(self, repo_type: RepoType, repo_id: str) -> None:
         repo = self.open(repo_type, repo_id)
@@ -404,3 +441,15 @@ class RepoStore:
             os.rename(repo.path, trash)  # atomic: the repo disappears at once
         shutil.rmtree(trash, ignore_errors=True)
         logger.info("deleted %s repo %s", repo_type, repo_id)
+
+
+def _case_insensitive(folder: Path, name: str) -> list[Path]:
+    """The entries of ``folder`` whose name equals ``name`` ignoring case (ASCII names only)."""
+    exact = folder / name
+    found = [exact] if exact.is_dir() else []
+    try:
+        entries = list(os.scandir(folder))
+    except (FileNotFoundError, NotADirectoryError):
+        return found
+    lowered = name.lower()
+    return found + [Path(e.path) for e in entries if e.name != name and e.name.lower() == lowered and e.is_dir()]
