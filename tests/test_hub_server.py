@@ -618,3 +618,39 @@ def test_list_models_by_author_and_search(api, hub, versioned):
     with serve_in_thread(hub[1], token=TOKEN, public_read=True) as url2:  # anonymous readers: no private repos
         anonymous = sorted(m.id for m in HfApi(endpoint=url2, token=False).list_models(author="listing"))
     assert anonymous == ["listing/alpha-tv", "listing/beta-tv"]
+
+
+def test_git_clone_over_http_and_lfs_downloads(hub, versioned, tmp_path):
+    url, root = hub
+    c1, c2 = versioned
+    u = urlsplit(url)
+    clone = tmp_path / "http-clone"
+    env = {**os.environ, "GIT_TERMINAL_PROMPT": "0", "GIT_CONFIG_NOSYSTEM": "1", "GIT_LFS_SKIP_SMUDGE": "1"}
+    authed = f"http://user:{TOKEN}@{u.netloc}/team/model"
+    subprocess.run(["git", "clone", "-q", authed, str(clone)], check=True, env=env, capture_output=True, timeout=60)
+    log = subprocess.run(["git", "-C", str(clone), "log", "--format=%H"], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert log[:2] == [c2, c1]
+    assert {"v1", "v2"} <= set(subprocess.run(["git", "-C", str(clone), "tag"], capture_output=True,
+                                              text=True).stdout.split())
+    # without the token: refused (git gets a Basic challenge and gives up without a prompt)
+    anonymous = subprocess.run(["git", "clone", "-q", f"{url}/team/model.git", str(tmp_path / "anon")],
+                               env=env, capture_output=True, text=True, timeout=60)
+    assert anonymous.returncode != 0 and "Username" in anonymous.stderr  # challenged for credentials
+    assert not (tmp_path / "anon" / ".git").exists()
+    # pushing over git is refused
+    status, _, _ = raw_request(url, "GET", "/team/model.git/info/refs?service=git-receive-pack")
+    assert status == 403
+    # the LFS objects the clone points at, as git-lfs fetches them
+    pointer = (clone / "model.safetensors").read_text().split()
+    oid, size = pointer[pointer.index("size") - 1].split(":")[1], int(pointer[-1])
+    body = json.dumps({"operation": "download", "transfers": ["basic"],
+                       "objects": [{"oid": oid, "size": size}, {"oid": "0" * 64, "size": 3}]}).encode()
+    status, _, out = raw_request(url, "POST", "/team/model.git/info/lfs/objects/batch", body,
+                                 {"Content-Type": "application/vnd.git-lfs+json"})
+    assert status == 200
+    found, missing = json.loads(out)["objects"]
+    assert missing["error"]["code"] == 404
+    href = urlsplit(found["actions"]["download"]["href"])
+    status, _, data = raw_request(url, "GET", href.path)
+    assert status == 200 and data == SAFETENSORS_V2 and hashlib.sha256(data).hexdigest() == oid

@@ -17,6 +17,8 @@ because ``huggingface_hub`` sends no ``Authorization`` header on that PUT.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import hmac
 import secrets
@@ -26,6 +28,22 @@ from dataclasses import dataclass
 from .errors import HubHTTPError
 
 INVALID_CREDENTIALS = "Invalid credentials in Authorization header"
+#: asks git (and browsers) for Basic credentials; huggingface_hub ignores it
+CHALLENGE = {"WWW-Authenticate": 'Basic realm="hf-taskarith hub", charset="UTF-8"'}
+
+
+def _credential(authorization: str) -> str:
+    """The token in ``Bearer <token>``, or the password in ``Basic base64(user:password)`` (git
+    sends the token that way); ``""`` for anything else."""
+    scheme, _, value = authorization.strip().partition(" ")
+    if scheme.lower() == "bearer":
+        return value.strip()
+    if scheme.lower() == "basic":
+        try:
+            return base64.b64decode(value.strip(), validate=True).decode().partition(":")[2]
+        except (binascii.Error, UnicodeDecodeError):
+            return ""
+    return ""
 
 
 @dataclass(frozen=True)
@@ -56,14 +74,14 @@ class Authenticator:
         if self._token is None:
             return Caller(authenticated=True, anonymous_reader=False)
         if authorization:
-            scheme, _, value = authorization.strip().partition(" ")
-            if scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), self._token.encode()):
+            if hmac.compare_digest(_credential(authorization).encode(), self._token.encode()):
                 return Caller(authenticated=True, anonymous_reader=False)
-            raise HubHTTPError(401, INVALID_CREDENTIALS)
+            raise HubHTTPError(401, INVALID_CREDENTIALS, headers=CHALLENGE)
         if self._public_read:
             return Caller(authenticated=False, anonymous_reader=True)
         raise HubHTTPError(401, "This Hub requires a token: send 'Authorization: Bearer <token>' "
-                                "(set HF_TOKEN, or pass token= to HfApi / hf_hub_download).")
+                                "(set HF_TOKEN, or pass token= to HfApi / hf_hub_download; git: "
+                                "http://user:<token>@host/...).", headers=CHALLENGE)
 
     @staticmethod
     def require_write(caller: Caller) -> None:

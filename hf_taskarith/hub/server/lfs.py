@@ -27,7 +27,8 @@ from urllib.parse import urlencode
 
 from .errors import HubHTTPError
 from .limits import TruncatedBody
-from .messages import JSONResponse, Request
+from .guard import check_write_body
+from .messages import FileResponse, JSONResponse, Request
 from .names import URL_PREFIXES, validate_oid, validate_size
 
 logger = logging.getLogger(__name__)
@@ -155,11 +156,14 @@ def batch(req: Request) -> JSONResponse:
     """``POST /<repo>.git/info/lfs/objects/batch``: upload instructions per object."""
     server = req.server
     repo = server.store.open_visible(req.params["repo_type"], req.params["repo_id"], req.caller)
-    server.auth.require_write(req.caller)
     data = req.json()
-    if not isinstance(data, dict) or data.get("operation") != "upload":
-        raise HubHTTPError(400, "This LFS endpoint only accepts operation='upload'; download files through "
-                                "/<repo>/resolve/<revision>/<path>.")
+    operation = data.get("operation") if isinstance(data, dict) else None
+    if operation == "download":
+        return _download_batch(req, repo, data)
+    if operation != "upload":
+        raise HubHTTPError(400, f"LFS batch operation must be 'upload' or 'download', got {operation!r}.")
+    server.auth.require_write(req.caller)
+    check_write_body("POST", req.headers, has_body=True)
     transfers = data.get("transfers") or ["basic"]
     if "basic" not in transfers:
         raise HubHTTPError(400, f"Only the 'basic' LFS transfer is supported, the client offered {transfers}. "
@@ -191,6 +195,38 @@ def batch(req: Request) -> JSONResponse:
         }})
     return JSONResponse(body={"transfer": "basic", "objects": answers, "hash_algo": "sha256"},
                         content_type=LFS_CONTENT_TYPE)
+
+
+def _download_batch(req: Request, repo, data: dict) -> JSONResponse:
+    """Download actions (what ``git lfs pull`` after a ``git clone`` asks for)."""
+    objects = data.get("objects")
+    if not isinstance(objects, list) or len(objects) > MAX_BATCH_OBJECTS:
+        raise HubHTTPError(400, f"'objects' must be a list of at most {MAX_BATCH_OBJECTS} {{oid, size}} items.")
+    href = f"{req.base_url()}/{URL_PREFIXES[repo.repo_type]}{repo.repo_id}.git/info/lfs/objects"
+    auth = req.headers.get("Authorization")
+    answers = []
+    for obj in objects:
+        if not isinstance(obj, dict):
+            raise HubHTTPError(400, "Each LFS batch object must be {oid, size}.")
+        oid, size = validate_oid(obj.get("oid")), validate_size(obj.get("size"), what="LFS size")
+        if not repo.lfs.has(oid, size):
+            answers.append({"oid": oid, "size": size, "error": {"code": 404, "message": "Object does not exist"}})
+            continue
+        action = {"href": f"{href}/{oid}", **({"header": {"Authorization": auth}} if auth else {})}
+        answers.append({"oid": oid, "size": size, "authenticated": True, "actions": {"download": action}})
+    return JSONResponse(body={"transfer": "basic", "objects": answers, "hash_algo": "sha256"},
+                        content_type=LFS_CONTENT_TYPE)
+
+
+def download(req: Request) -> FileResponse:
+    """``GET /<repo>.git/info/lfs/objects/<oid>``: the bytes of one stored object (checked first)."""
+    repo = req.server.store.open_visible(req.params["repo_type"], req.params["repo_id"], req.caller)
+    oid = validate_oid(req.params["oid"])
+    size = repo.lfs.size(oid)
+    problem = repo.lfs.damage(oid, size) if size is not None else "it is not stored"
+    if problem:
+        raise HubHTTPError(404, f"LFS object {oid} of {repo.repo_id} cannot be served: {problem}.")
+    return FileResponse(200, {"Content-Type": "application/octet-stream"}, file=repo.lfs.path(oid), length=size)
 
 
 def upload(req: Request) -> JSONResponse:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import unquote
 
-from . import api, files, lfs, listing
+from . import api, files, git_http, lfs, listing
 from .errors import HubHTTPError
 from .messages import Request, Response
 from .names import repo_type_from_plural, validate_repo_id
@@ -62,7 +62,11 @@ ROUTES = [
     _route("PUT", rf"/api/{_T}/{_R}/settings", api.update_settings),
     _route("GET|POST", rf"/api/{_T}/{_R}/xet-(?:read|write)-token(?:/.*)?", api.xet_not_supported),
     _route("GET|HEAD", rf"/{_PREFIX}{_R}/resolve/{_REV}/(?P<path>.+)", files.resolve, read_only=True),
-    _route("POST", rf"{_LFS}/batch", lfs.batch),
+    _route("GET", rf"/{_PREFIX}(?P<ns>[^/]+)/(?P<name>[^/]+?)(?:\.git)?/info/refs", git_http.info_refs, read_only=True),
+    _route("POST", rf"/{_PREFIX}(?P<ns>[^/]+)/(?P<name>[^/]+?)(?:\.git)?/git-upload-pack", git_http.upload_pack,
+           read_only=True),
+    _route("POST", rf"{_LFS}/batch", lfs.batch, read_only=True),  # downloads need read access only
+    _route("GET", rf"{_LFS}/(?P<oid>[0-9a-f]{{64}})", lfs.download, read_only=True),
     _route("POST", rf"{_LFS}/verify", lfs.verify),
     _route("PUT", rf"{_LFS}/(?P<oid>[^/]+)", lfs.upload, no_auth=True),
 ]
