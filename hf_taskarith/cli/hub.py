@@ -85,8 +85,11 @@ def run_serve(args: argparse.Namespace) -> int:
         auth, client_token = "token required", " HF_TOKEN=<token>"
     else:
         auth, client_token = "--no-auth: every local caller, web pages included, may write", ""
+    page = f"{server.url}/?token={server.token}" if server.token_file is not None else f"{server.url}/"
     print(f"Serving the Hub at {server.url} from {config.root.resolve()} ({auth}).\n"
-          f"Clients: export HF_ENDPOINT={server.url} HF_HUB_DISABLE_XET=1{client_token}", flush=True)
+          f"Clients: export HF_ENDPOINT={server.url} HF_HUB_DISABLE_XET=1{client_token}\n"
+          f"In a browser: {page}" + ("?token=<token>" if server.token_file is None and server.token else ""),
+          flush=True)
     if threading.current_thread() is threading.main_thread():  # SIGTERM (docker stop, systemd) stops cleanly too
         signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:

@@ -30,7 +30,7 @@ from starlette.responses import StreamingResponse
 from .dispatch import ClientGone, handle, has_body, new_request
 from .errors import HubHTTPError
 from .limits import CHUNK, TruncatedBody
-from .messages import FileResponse, JSONResponse, Response, StreamResponse
+from .messages import FileResponse, JSONResponse, Response, StreamResponse, TextResponse
 
 if TYPE_CHECKING:
     from .app import HubServer
@@ -106,6 +106,8 @@ def to_starlette(response: Response, *, close: bool, head: bool = False) -> Star
         return StarletteResponse(b"", response.status, headers)
     if isinstance(response, JSONResponse):
         return StarletteResponse(response.encode(), response.status, headers, media_type=response.content_type)
+    if isinstance(response, TextResponse):
+        return StarletteResponse(response.text.encode(), response.status, headers, media_type=response.content_type)
     if isinstance(response, StreamResponse):
         headers["Content-Length"] = str(response.length)
         return StreamingResponse(iterate_in_threadpool(iter(response.chunks)), response.status, headers)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
+from http.cookies import CookieError, SimpleCookie
 from typing import TYPE_CHECKING
 
 from .auth import Caller
@@ -17,6 +18,7 @@ from .guard import check_request, check_write_body
 from .limits import TruncatedBody
 from .messages import JSONResponse, Request, Response
 from .routes import match_route
+from .web import TOKEN_COOKIE
 
 if TYPE_CHECKING:
     from .app import HubServer
@@ -57,13 +59,16 @@ def handle(server: "HubServer", req: Request) -> Response:
     """
     try:
         check_request(req.method, req.headers, server.allowed_hosts)
+        authorization = req.headers.get("Authorization") or _browser_credential(req)
         try:
             route, params = match_route(req.method, req.path)
         except HubHTTPError:
-            server.auth.check(req.headers.get("Authorization"))  # unknown routes: credentials first
+            server.auth.check(authorization)  # unknown routes: credentials first
             raise
+        if route.page and not authorization and req.query.get("token"):
+            authorization = f"Bearer {req.query['token'][-1]}"
         if not route.no_auth:
-            req.caller = server.auth.check(req.headers.get("Authorization"))
+            req.caller = server.auth.check(authorization)
             if not req.caller.authenticated and not route.read_only:
                 server.auth.require_write(req.caller)
         if not route.read_only:
@@ -80,6 +85,20 @@ def handle(server: "HubServer", req: Request) -> Response:
     except Exception:
         logger.exception("internal error while serving %s %s", req.method, req.path)
         return internal_error()
+
+
+def _browser_credential(req: Request) -> str | None:
+    """The token cookie that :mod:`.web` sets, as a bearer credential -- for reads only (GET/HEAD):
+    a cookie rides along on requests a web page makes, so it must never authorize a write."""
+    if req.method not in ("GET", "HEAD"):
+        return None
+    cookies = SimpleCookie()
+    try:
+        cookies.load(req.headers.get("Cookie") or "")
+    except CookieError:
+        return None
+    morsel = cookies.get(TOKEN_COOKIE)
+    return f"Bearer {morsel.value}" if morsel is not None and morsel.value else None
 
 
 def _vanished_repo(server: "HubServer", req: Request, error: Exception) -> Response:

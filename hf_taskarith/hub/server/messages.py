@@ -87,6 +87,14 @@ class JSONResponse(Response):
 
 
 @dataclass
+class TextResponse(Response):
+    """A text body (HTML pages)."""
+
+    text: str = ""
+    content_type: str = "text/plain; charset=utf-8"
+
+
+@dataclass
 class StreamResponse(Response):
     """A body of known ``length`` from an iterator of chunks (git blobs)."""
 

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import unquote
 
-from . import api, files, git_http, lfs, listing
+from . import api, files, git_http, lfs, listing, web
 from .errors import HubHTTPError
 from .messages import Request, Response
 from .names import repo_type_from_plural, validate_repo_id
@@ -35,6 +35,7 @@ class Route:
     endpoint: Callable[[Request], Response]
     read_only: bool = False  # allowed to anonymous readers when public_read is on
     no_auth: bool = False  # carries its own credential (signed URL) or touches no data
+    page: bool = False  # a web page: the token may come as ?token= (then a cookie, see .web)
 
 
 def _route(methods: str, pattern: str, endpoint, **kw) -> Route:
@@ -69,6 +70,8 @@ ROUTES = [
     _route("GET", rf"{_LFS}/(?P<oid>[0-9a-f]{{64}})", lfs.download, read_only=True),
     _route("POST", rf"{_LFS}/verify", lfs.verify),
     _route("PUT", rf"{_LFS}/(?P<oid>[^/]+)", lfs.upload, no_auth=True),
+    _route("GET", r"/", web.index, read_only=True, page=True),
+    _route("GET", rf"/{_PREFIX}{_R}/?", web.repo_page, read_only=True, page=True),
 ]
 _PATH_PARAMS = ("path",)  # may span several segments: decoded segment by segment
 
