@@ -654,3 +654,25 @@ def test_git_clone_over_http_and_lfs_downloads(hub, versioned, tmp_path):
     href = urlsplit(found["actions"]["download"]["href"])
     status, _, data = raw_request(url, "GET", href.path)
     assert status == 200 and data == SAFETENSORS_V2 and hashlib.sha256(data).hexdigest() == oid
+
+
+def test_files_that_must_be_lfs_cannot_be_sent_inline(api, hub):
+    url, root = hub
+    api.create_repo("team/enforced")
+    before = head_of(root, "team/enforced")
+
+    def inline_commit(path: str, content: bytes) -> tuple[int, Any]:
+        lines = [{"key": "header", "value": {"summary": "sneaky"}},
+                 {"key": "file", "value": {"path": path, "encoding": "base64",
+                                           "content": base64.b64encode(content).decode()}}]
+        body = "\n".join(json.dumps(line) for line in lines).encode()
+        status, headers, _ = raw_request(url, "POST", "/api/models/team/enforced/commit/main", body,
+                                         {"Content-Type": "application/x-ndjson"})
+        return status, headers
+
+    status, headers = inline_commit("task_vector.safetensors", b"plain text, not weights")
+    assert status == 400 and "must be uploaded through LFS" in headers["X-Error-Message"]
+    status, headers = inline_commit("data.dat", bytes(range(256)) * 4)  # binary content
+    assert status == 400 and "must be uploaded through LFS" in headers["X-Error-Message"]
+    assert head_of(root, "team/enforced") == before
+    assert inline_commit("notes.txt", b"plain text is fine")[0] == 200

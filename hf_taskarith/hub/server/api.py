@@ -364,7 +364,27 @@ def commit(req: Request) -> JSONResponse:
         shutil.rmtree(spool, ignore_errors=True)
 
 
+def _refuse_regular_files_meant_for_lfs(req: Request, repo: Repo, branch: str, ops: list[Operation]) -> None:
+    """Enforce preupload's answer: a file that must be LFS (by size, ``.gitattributes`` pattern or
+    binary content) sent inline is refused, so ``task_vector.safetensors`` cannot be replaced by a
+    plain blob."""
+    files = [op for op in ops if op.kind == "file" and op.content_file is not None]
+    if not files:
+        return
+    patterns = repo.lfs_patterns(repo.branch_head(branch))
+    limit = req.server.config.max_regular_file_bytes
+    for op in files:
+        size = op.content_file.stat().st_size
+        with open(op.content_file, "rb") as f:
+            sample = f.read(512)
+        if choose_upload_mode(op.path, size, sample, patterns, limit) == "lfs":
+            raise HubHTTPError(400, f"{op.path!r} must be uploaded through LFS (it matches an LFS pattern of "
+                                    ".gitattributes, is binary, or is large): preupload answers 'lfs' for it, "
+                                    "and huggingface_hub's upload_file / create_commit follow that.")
+
+
 def _commit_parsed(req: Request, repo: Repo, branch: str, header: dict, ops: list[Operation]) -> JSONResponse:
+    _refuse_regular_files_meant_for_lfs(req, repo, branch, ops)
     summary = header.get("summary")
     if not isinstance(summary, str) or not summary.strip():
         raise HubHTTPError(400, "The commit header needs a non-empty 'summary' (the commit title).")
