@@ -226,3 +226,42 @@ def test_kill_9_mid_upload_loses_nothing_acknowledged(tmp_path, monkeypatch):
     finally:
         proc.kill()
         proc.wait(timeout=10)
+
+
+def test_big_concurrent_commits_all_land_whole(tmp_path, monkeypatch):
+    """Four clients commit ~8 MiB NDJSON bodies at once (inline text files): all land, none mixes."""
+    import base64
+
+    from huggingface_hub import HfApi
+
+    root = tmp_path / "hub"
+    with serve_in_thread(root, no_auth=True) as url:
+        api = HfApi(endpoint=url, token=False)
+        import huggingface_hub.constants as c
+
+        monkeypatch.setattr(c, "HF_HUB_OFFLINE", False)
+        texts = {i: base64.b64encode(os.urandom(6 * 2**20 // 4 * 3)) for i in range(4)}
+        for i in texts:
+            api.create_repo(f"team/big{i}")
+        statuses: dict[int, int] = {}
+
+        def commit(i: int) -> None:
+            lines = [{"key": "header", "value": {"summary": f"big {i}"}},
+                     {"key": "file", "value": {"path": "big.txt", "encoding": "base64",
+                                               "content": base64.b64encode(texts[i]).decode()}}]
+            u = urlsplit(url)
+            conn = http.client.HTTPConnection(u.hostname, u.port, timeout=120)
+            conn.request("POST", f"/api/models/team/big{i}/commit/main",
+                         body="\n".join(json.dumps(x) for x in lines).encode(),
+                         headers={"Content-Type": "application/x-ndjson"})
+            statuses[i] = conn.getresponse().status
+            conn.close()
+
+        threads = [threading.Thread(target=commit, args=(i,)) for i in texts]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        assert statuses == {i: 200 for i in texts}
+        for i, text in texts.items():
+            path = api.hf_hub_download(f"team/big{i}", "big.txt", cache_dir=tmp_path / "cache")
+            assert Path(path).read_bytes() == text
+        assert not list(root.glob("models/team/*/.git/hub-spool-*"))  # spools removed
