@@ -177,3 +177,59 @@ class _CheckpointedLayer(torch.autograd.Function):
         leaves = in_t_leaves + p_t_leaves
         got = torch.autograd.grad(outs, leaves, gs, allow_unused=True) if outs else [None] * len(leaves)
         return (None, None, None, *([None] * n_in), *got[:n_in_t], *([None] * n_params), *got[n_in_t:])
+
+
+class CheckpointingMixin:
+    """The activation-checkpointing switches of :class:`~hf_taskarith.linearize.LinearizedModel`
+    (the names ``Trainer`` and transformers call), kept beside the machinery they switch on."""
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None, *,
+                                        every_n_layers: int = 1, offload: bool = False) -> None:
+        """Recompute each layer's tangent in the backward pass instead of storing its activations.
+
+        What ``Trainer`` calls for ``TrainingArguments(gradient_checkpointing=True)``. The wrapped
+        model's own checkpointing cannot be used (it runs only in train mode, and replays outside
+        the forward-mode AD level); see :mod:`~hf_taskarith.linearize.checkpointing`.
+
+        Args:
+            activation_checkpointing_kwargs: ``torch.utils.checkpoint`` options; accepted for
+                compatibility and not used (the replay is ours, always non-reentrant).
+            every_n_layers: checkpoint every n-th layer.
+            offload: not supported (``ValueError``).
+
+        Raises:
+            ValueError: ``offload=True``; ``engine="jvp"``; parameters trained non-linearly
+                (``rest="train"``); a model without transformers checkpointable layers.
+        """
+        if offload:
+            raise ValueError("activation offloading is not supported for linearized models; use offload=False.")
+        if self.engine != "dual":
+            raise ValueError(f"gradient checkpointing needs engine='dual' (this model uses {self.engine!r}).")
+        if self._nonlinear:
+            raise ValueError("gradient checkpointing is not supported with rest='train' (parameters trained "
+                             "non-linearly need the primal graph); use rest='frozen' or turn checkpointing off.")
+        self._checkpoint_layers = checkpoint_layers(self.model, every_n_layers)
+        self._gradient_checkpointing = True
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs: Any) -> None:
+        """Alias of :meth:`activation_checkpointing_enable` (transformers' older name)."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
+
+    def activation_checkpointing_disable(self) -> None:
+        """Store activations again (the default)."""
+        self._gradient_checkpointing = False
+        self._checkpoint_layers = []
+
+    gradient_checkpointing_disable = activation_checkpointing_disable
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        """Whether activation checkpointing is on."""
+        return self._gradient_checkpointing
+
+    is_activation_checkpointing = is_gradient_checkpointing
+
+    @property
+    def supports_gradient_checkpointing(self) -> bool:
+        """Whether the wrapped model has layers :meth:`activation_checkpointing_enable` can checkpoint."""
+        return bool(getattr(self.model, "supports_gradient_checkpointing", False))
