@@ -69,7 +69,7 @@ def main() -> None:
             st = c.metadata.extra["compression"]
             saved = c.save_pretrained(Path(tmp) / f"{method}-{'-'.join(map(str, params.values()))}")
             loaded = TaskVector.from_pretrained(saved)  # what a puller gets
-            acc = task_accuracy(loaded.apply_to(copy.deepcopy(base)).eval(), head, tok, task, "test")
+            acc = task_accuracy(loaded.apply_to(base).eval(), head, tok, task, "test")
             row = {"method": method, **params, "size_ratio": st["size_ratio"],
                    "disk_ratio": dense_disk / folder_bytes(saved), "relative_error": st["relative_error"],
                    "accuracy": acc, "accuracy_change_points": 100 * (acc - ft_acc)}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -112,9 +113,10 @@ def _updated(tv: "TaskVector", state: dict[str, torch.Tensor], name: str, scalin
     return new
 
 
-def apply_to_module(tv: "TaskVector", model: torch.nn.Module, scaling: float, *,
+def apply_to_module(tv: "TaskVector", model: torch.nn.Module, scaling: float, *, inplace: bool = False,
                     allow_mismatch: bool = False, allow_negative_variance: bool = False) -> torch.nn.Module:
-    """Add ``scaling * tv`` to ``model``'s parameters in place; see :meth:`TaskVector.apply_to`.
+    """``model`` with ``scaling * tv`` added: a new model (a deep copy), or ``model`` itself edited
+    when ``inplace``; see :meth:`TaskVector.apply_to`.
 
     Raises:
         IncompatibleBaseError: see :func:`check_compatibility` (unless ``allow_mismatch``).
@@ -124,7 +126,8 @@ def apply_to_module(tv: "TaskVector", model: torch.nn.Module, scaling: float, *,
 
     Note:
         Every tensor is computed twice (a checking pass, then the update), so that a refusal
-        leaves the model untouched without holding a second copy of its weights.
+        leaves the model untouched without holding a second copy of its weights. The copy (not
+        ``inplace``) is made only after the checks pass.
     """
     state = float_state_dict(model)
     report = check_compatibility(tv, model)
@@ -151,6 +154,9 @@ def apply_to_module(tv: "TaskVector", model: torch.nn.Module, scaling: float, *,
                 "(TaskVector({k: v for k, v in tv.items() if 'running_' not in k}, tv.metadata)), or pass "
                 "allow_negative_variance=True to apply it anyway."
             )
+        if not inplace:
+            model = copy.deepcopy(model)
+            state = float_state_dict(model)
         for name in report.applied:
             state[name].copy_(_updated(tv, state, name, scaling))
     report.performed = True

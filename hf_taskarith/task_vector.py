@@ -381,16 +381,19 @@ class TaskVector(Mapping):
             raise NonFiniteError(f"task vector has NaN/inf in tensors: {format_names(bad)}.")
 
     # -- application ------------------------------------------------------------------
-    def apply_to(self, base: torch.nn.Module | str | os.PathLike, scaling: float = 1.0, *,
+    def apply_to(self, base: torch.nn.Module | str | os.PathLike, scaling: float = 1.0, *, inplace: bool = False,
                  allow_mismatch: bool = False, allow_negative_variance: bool = False,
                  output_dir: str | os.PathLike | None = None, **merge_kwargs: Any):
         """Add ``scaling * self`` to a base model.
 
         Args:
-            base: an ``nn.Module`` (edited in place and returned), or a checkpoint folder /
-                Hub id (then ``output_dir`` is required and an edited checkpoint is written
-                there by the streaming merge engine; its path is returned).
+            base: an ``nn.Module``: a **new** model is returned and ``base`` is left as it was
+                (``inplace=True`` edits ``base`` itself and returns it, without a second copy of
+                the weights in memory). Or a checkpoint folder / Hub id: then ``output_dir`` is
+                required and an edited checkpoint is written there by the streaming merge
+                engine; its path is returned.
             scaling: the coefficient; negative values negate the task.
+            inplace: for modules, edit ``base`` instead of a copy (torch's ``add_`` to ``add``).
             allow_mismatch: apply even if the base's fingerprint or some names/shapes do not
                 match; mismatched tensors are skipped and reported (logged, and returned in
                 ``model.hf_taskarith_apply_report`` for modules).
@@ -408,10 +411,12 @@ class TaskVector(Mapping):
         if isinstance(base, torch.nn.Module):
             from .apply import apply_to_module
 
-            return apply_to_module(self, base, scaling, allow_mismatch=allow_mismatch,
+            return apply_to_module(self, base, scaling, inplace=inplace, allow_mismatch=allow_mismatch,
                                    allow_negative_variance=allow_negative_variance)
         if output_dir is None:
             raise TypeError("apply_to(checkpoint_path, ...) writes a new checkpoint: pass output_dir=.")
+        if inplace:
+            raise TypeError("inplace=True applies to in-memory models only; a checkpoint is written to output_dir.")
         from .merging.api import merge
 
         return merge(base, [self], method="task_arithmetic", weights=[scaling], output_dir=output_dir,

@@ -235,7 +235,7 @@ def test_task_vector_names_apply_and_first_order_agreement(family):
     with torch.no_grad():
         lin_out = fam.out(lin(**fam.inputs))
         f0 = fam.out(original(**fam.inputs))
-        edited = tv.apply_to(original)  # in place; the fingerprint matches the original base
+        edited = tv.apply_to(original)  # a new model; the fingerprint matches the original base
         nonlin = fam.out(edited(**fam.inputs))
     # f(theta0 + delta) - f_lin = O(|delta|^2): far smaller than the first-order change itself
     assert (nonlin - lin_out).abs().max() < 0.02 * (lin_out - f0).abs().max()

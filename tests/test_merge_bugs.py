@@ -159,7 +159,7 @@ def test_extrapolating_batchnorm_statistics_is_refused_unless_allowed(caplog):
     assert not caplog.text
     assert bool((tv.apply_to(copy.deepcopy(base), scaling=1.0)[1].running_var > 0).all())  # interpolating is fine
     with caplog.at_level(logging.WARNING):
-        tv.apply_to(base, scaling=6.0, allow_negative_variance=True)
+        tv.apply_to(base, scaling=6.0, allow_negative_variance=True, inplace=True)
     assert "variances are negative" in caplog.text and "1.running_var" in caplog.text
     assert bool((base[1].running_var < 0).any())
 

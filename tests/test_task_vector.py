@@ -180,3 +180,23 @@ def test_compatibility_uses_fingerprint_then_id_and_revision(llama_models):
     assert not report.compatible and "somewhere/else" in report.describe()
     with pytest.raises(IncompatibleBaseError, match="somewhere/else"):
         no_fp.apply_to(model)
+
+
+def test_apply_to_returns_a_new_model_unless_inplace(llama_models):
+    base, fts = llama_models
+    tv = TaskVector.from_models(base, fts[0])
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    edited = tv.apply_to(base)
+    assert edited is not base
+    assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())  # base untouched
+    for a, b in zip(edited.state_dict().values(), fts[0].state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    import copy
+
+    target = copy.deepcopy(base)
+    same = tv.apply_to(target, inplace=True)
+    assert same is target and same.hf_taskarith_apply_report.performed
+    for a, b in zip(target.state_dict().values(), fts[0].state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    with pytest.raises(TypeError, match="in-memory models only"):
+        tv.apply_to("some/folder", output_dir="out", inplace=True)

@@ -143,17 +143,14 @@ def main() -> None:
         got_v2.apply_to(other)
     except IncompatibleBaseError as e:
         print(f"apply_to(other): refused with {type(e).__name__} (a ValueError)")
-    got_v2.apply_to(other, allow_mismatch=True)
-    rep = other.hf_taskarith_apply_report
+    rep = got_v2.apply_to(other, allow_mismatch=True).hf_taskarith_apply_report  # a new model
     print(f"apply_to(other, allow_mismatch=True): applied {len(rep.applied)}, skipped {len(rep.skipped)}: "
           f"{', '.join(rep.skipped[:3])}, ...")
 
     # 7. Apply to the right base -------------------------------------------------------------
-    edited = copy.deepcopy(base)
-    got_v1.apply_to(edited)
+    edited = got_v1.apply_to(base)  # a new model; base is unchanged
     print(f"\nbase + pulled v1: max |weights - fine-tuned v1| = {max_weight_diff(edited, ft_v1):.1e}")
-    edited = copy.deepcopy(base)
-    got_v2.apply_to(edited)
+    edited = got_v2.apply_to(base)
     ids = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         out, want = edited(input_ids=ids).last_hidden_state, ft_v2(input_ids=ids).last_hidden_state

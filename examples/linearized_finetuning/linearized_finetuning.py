@@ -21,7 +21,6 @@ The summed tangent-space model is saved (the task vector only) and reloaded on t
 from __future__ import annotations
 
 import argparse
-import copy
 
 import torch
 from datasets import Dataset
@@ -105,7 +104,7 @@ def main() -> None:
             if mode == "linear":  # evaluate linearized vectors where they were trained: the tangent space
                 parts = list(vectors.values()) if label == "sum" else [tv]
                 report(f"{mode} {label} (tangent space)", LinearizedModel.from_task_vector(base, parts))
-            report(f"{mode} {label} (weight space, apply_to)", tv.apply_to(copy.deepcopy(base)))
+            report(f"{mode} {label} (weight space, apply_to)", tv.apply_to(base))
 
     if "linear" in tvs:
         summed = LinearizedModel.from_task_vector(base, list(tvs["linear"].values()))

@@ -101,10 +101,10 @@ def main() -> None:
     loaded = TaskVector.from_pretrained(work / "tv-both")  # lazy: tensors are read on access
     print(f"saved and reloaded: {loaded}  (fingerprint {loaded.metadata.base_fingerprint})")
 
-    # 4. apply: to a module (in place, on a copy here) or to a checkpoint folder (streamed to disk)
-    multi = loaded.apply_to(copy.deepcopy(base))
+    # 4. apply: to a module (a new model; inplace=True edits base itself) or to a checkpoint folder
+    multi = loaded.apply_to(base)
     print(f"base + 0.8 (a + b):     {accuracies(multi)}")
-    forget = a.apply_to(copy.deepcopy(base), scaling=-1.0)
+    forget = a.apply_to(base, scaling=-1.0)
     print(f"base - a (negation):    {accuracies(forget)}")
 
     # the same edit on checkpoints, through the streaming merge engine (folders in, folder out)

@@ -7,7 +7,6 @@ features (linearized fine-tuning, Hub push/pull) add theirs with :func:`register
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,7 +76,7 @@ class DemoContext:
         (``f_lin``, how linearized vectors were trained), else the non-linear model."""
         if self.linear:
             return self.tangent_model().load_task_vector(task_vector, scaling=scaling)
-        return task_vector.apply_to(copy.deepcopy(self.base_encoder), scaling=scaling)
+        return task_vector.apply_to(self.base_encoder, scaling=scaling)  # a new model
 
     def evaluate(self, encoder: nn.Module, split: str, *, desc: str = "") -> dict[str, float]:
         """Accuracy of ``encoder`` on every task's ``split`` (a progress bar over tasks)."""
