@@ -315,7 +315,7 @@ class TaskVector(Mapping):
                 ) from None
             from .hub.pull import pull_task_vector
 
-            return pull_task_vector(str(path), revision=revision)
+            return pull_task_vector(str(path), revision=revision, dtype=dtype)
         return cls._open_folder(Path(path), dtype=dtype)
 
     @classmethod

@@ -65,6 +65,8 @@ def test_push_versions_pull_by_tag(hub, vectors):
     assert got1.metadata.base_fingerprint == tv1.metadata.base_fingerprint
     by_sha = pull_task_vector("team/tv-chat", revision=r1.commit_sha, endpoint=hub, token=TOKEN)
     assert torch.equal(by_sha["model.norm.weight"], tv1["model.norm.weight"])
+    half = pull_task_vector("team/tv-chat", revision="v1", endpoint=hub, token=TOKEN, dtype=torch.bfloat16)
+    assert half["model.norm.weight"].dtype == torch.bfloat16  # dtype honoured for Hub ids too
     versions = {(v.kind, v.name): v for v in list_task_vector_versions("team/tv-chat", endpoint=hub, token=TOKEN)}
     assert versions[("tag", "v1")].commit_sha == r1.commit_sha and versions[("tag", "v2")].commit_sha == r2.commit_sha
     assert versions[("branch", "main")].commit_sha == r2.commit_sha and versions[("tag", "v1")].date is not None

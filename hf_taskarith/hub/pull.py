@@ -8,11 +8,15 @@ import os
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import CheckpointNotFoundError, HubError, NotATaskVectorRepoError, TaskArithError
 from ..task_vector import CONFIG_NAME, WEIGHTS_PREFIX, TaskVector
 from .network import network_error_cause, network_errors
 from .verify import verify_file
+
+if TYPE_CHECKING:
+    import torch
 
 PATTERNS = ["task_vector*", "README.md"]
 
@@ -23,12 +27,14 @@ def _wanted(path: str) -> bool:
 
 
 def pull_task_vector(repo_id: str, *, revision: str | None = None, token: str | None = None,
-                     endpoint: str | None = None, cache_dir: str | os.PathLike | None = None) -> TaskVector:
+                     endpoint: str | None = None, cache_dir: str | os.PathLike | None = None,
+                     dtype: torch.dtype | None = None) -> TaskVector:
     """Download a task vector at a tag, branch or commit sha, and check what was downloaded.
 
     The revision is first resolved to a commit sha, and the files are fetched at that sha,
     so a tag or branch that moves during the download cannot mix versions. The sha is
     recorded in ``tv.metadata.extra["hub"]`` (``repo_id``, ``revision``, ``commit_sha``).
+    ``dtype`` converts tensors on access, as for :meth:`TaskVector.from_pretrained`.
     Each downloaded file is checked against the repo's listing (size, and the sha256 of LFS
     files or the git blob id of small files) before it is opened.
 
@@ -85,7 +91,7 @@ def pull_task_vector(repo_id: str, *, revision: str | None = None, token: str | 
         verify_file(local, listing[name], where=at)
         folder = Path(local).parent
     try:
-        tv = TaskVector._open_folder(folder, config_label=f"{at}, file {CONFIG_NAME!r}")
+        tv = TaskVector._open_folder(folder, dtype=dtype, config_label=f"{at}, file {CONFIG_NAME!r}")
     except TaskArithError as e:
         message = str(e)
         if not message.startswith(at):
