@@ -162,3 +162,58 @@ def test_tangent_editor_sums_in_the_tangent_space_and_restores(setup):
         editor.set({"c": 1.0})
     with pytest.raises(TypeError, match="LinearizedModel"):
         TangentEditor(base, tvs)
+
+
+class _ScriptedEditor:
+    """An editor whose 'model' is the negation scale: evaluate() reads accuracies from a table."""
+
+    def __init__(self):
+        self.task_vectors = {"target": None}
+        self.alpha = 0.0
+
+    def reset(self):
+        self.alpha = 0.0
+        return self
+
+    def edited(self, coefs):
+        import contextlib
+
+        @contextlib.contextmanager
+        def block():
+            self.alpha = -coefs["target"]
+            yield self
+            self.alpha = 0.0
+        return block()
+
+
+def _scripted(table):
+    def evaluate(model, split):
+        return table[round(model.alpha, 2)]
+    return evaluate
+
+
+def test_negation_with_an_unreachable_budget_negates_nothing_and_says_so():
+    table = {0.0: {"target": 0.9, "control": 0.8}, 0.5: {"target": 0.6, "control": 0.5},
+             1.0: {"target": 0.5, "control": 0.3}}
+    res = task_negation(_ScriptedEditor(), _scripted(table), "target", grid=[0.5, 1.0])
+    assert res.budget_met is False and res.coefficient == 0.0 and res.target_accuracy == 0.9
+
+
+def test_negation_on_a_separate_control_task_and_inverted_classifiers():
+    # binary target; alpha=1 inverts the classifier (10%: still known), alpha=0.5 reaches chance
+    table = {0.0: {"target": 0.9, "edited_peer": 0.9, "control": 0.8},
+             0.5: {"target": 0.52, "edited_peer": 0.2, "control": 0.79},
+             1.0: {"target": 0.10, "edited_peer": 0.1, "control": 0.78}}
+    paper = task_negation(_ScriptedEditor(), _scripted(table), "target", grid=[0.5, 1.0], controls=["control"],
+                          chance=0.5)
+    assert paper.budget_met and paper.coefficient == 1.0  # lowest accuracy: the inverted classifier
+    assert paper.target_retained == pytest.approx(0.4 / 0.4)  # ...which retains everything
+    forget = task_negation(_ScriptedEditor(), _scripted(table), "target", grid=[0.5, 1.0], controls=["control"],
+                           chance=0.5, objective="chance_distance")
+    assert forget.coefficient == 0.5 and forget.target_retained == pytest.approx(0.02 / 0.4)
+    # with the edited peer as control the budget fails (its accuracy collapses)
+    assert not task_negation(_ScriptedEditor(), _scripted(table), "target", grid=[0.5, 1.0]).budget_met
+    with pytest.raises(ValueError, match="chance="):
+        task_negation(_ScriptedEditor(), _scripted(table), "target", objective="chance_distance")
+    with pytest.raises(KeyError, match="control tasks"):
+        task_negation(_ScriptedEditor(), _scripted(table), "target", controls=["nope"])

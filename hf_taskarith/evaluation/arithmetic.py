@@ -6,7 +6,13 @@ Both follow the protocols of Ilharco et al. (2023) and Ortiz-Jimenez et al. (202
   validation accuracy (merged accuracy / the task's own fine-tuned accuracy) on a grid
   (0 to 1, step 0.05 by default). Per-task coefficients are found by coordinate ascent.
 - **Negation**: ``theta0 - alpha * tau_target``; alpha is the one with the lowest target
-  validation accuracy among those keeping control accuracy >= 95% of the pre-trained one.
+  validation accuracy among those keeping control accuracy >= 95% of the pre-trained one
+  (the control tasks are the other tasks, or the separate, unedited ones given as
+  ``controls``). When no ``alpha > 0`` keeps the control budget, nothing is negated
+  (``alpha = 0``) and ``budget_met`` is False: never a silent fallback to some scale.
+  ``objective="chance_distance"`` selects on ``|accuracy - chance|`` instead, so an *inverted*
+  classifier (below chance: the task is still known, with its labels swapped) does not count
+  as forgetting; both metrics are reported either way.
 
 Evaluation is delegated to callables, so any model family, metric or data pipeline fits:
 ``evaluate(model, split) -> {task: accuracy}``.
@@ -96,31 +102,85 @@ class NegationResult:
     pretrained_target: float
     pretrained_control: dict[str, float]
     search: list[tuple[float, float, float]] = field(default_factory=list)  # (alpha, target val, mean control val)
+    budget_met: bool = True  # some alpha > 0 kept the controls within budget (else coefficient is 0)
+    chance: float | None = None  # the target's chance accuracy, when given
+
+    @property
+    def target_retained(self) -> float:
+        """Chance-adjusted target: ``|acc - chance| / (pretrained - chance)``; 0 is forgotten (at
+        chance), 1 is as known as before; an inverted classifier scores high, not low. NaN
+        without ``chance``."""
+        if self.chance is None or self.pretrained_target == self.chance:
+            return float("nan")
+        return abs(self.target_accuracy - self.chance) / abs(self.pretrained_target - self.chance)
+
+
+NEGATION_OBJECTIVES = ("accuracy", "chance_distance")
 
 
 def task_negation(editor: ModelEditor, evaluate: Evaluate, target: str, *, grid: Sequence[float] = DEFAULT_GRID,
-                  control_threshold: float = 0.95, progress: bool = False) -> NegationResult:
+                  control_threshold: float = 0.95, controls: Sequence[str] | None = None,
+                  chance: float | None = None, objective: str = "accuracy",
+                  progress: bool = False) -> NegationResult:
     """Subtract ``tau_target``; pick the scale that most lowers the target's validation accuracy
     while the control tasks keep >= ``control_threshold`` of their pre-trained accuracy.
 
-    ``evaluate`` must return the target task and the control tasks (every other key).
+    Args:
+        editor: a :class:`ModelEditor` holding the target's task vector.
+        evaluate: ``evaluate(model, split) -> {task: accuracy}``; must return the target and
+            the control tasks.
+        target: the task to forget.
+        grid: candidate ``alpha`` (the paper's: 0 to 1, step 0.05).
+        control_threshold: the control budget, a fraction of the pre-trained control accuracy.
+        controls: the control tasks (default: every other task ``evaluate`` returns). The
+            paper's protocol uses a separate task that no vector was trained on.
+        chance: the target's chance accuracy (``1 / classes`` for balanced classes); enables
+            ``target_retained`` and ``objective="chance_distance"``.
+        objective: ``"accuracy"`` (the paper: the lowest target accuracy) or
+            ``"chance_distance"`` (the smallest ``|accuracy - chance|``).
+
+    Returns:
+        :class:`NegationResult`; ``budget_met`` is False (and ``coefficient`` 0) when no
+        ``alpha > 0`` kept the controls within budget.
+
+    Raises:
+        KeyError: no vector for ``target``, or a control task ``evaluate`` does not return.
+        ValueError: an unknown ``objective``, ``chance_distance`` without ``chance``, or no
+            control task.
     """
     if target not in editor.task_vectors:
         raise KeyError(f"no task vector for target {target!r}; known: {sorted(editor.task_vectors)}.")
+    if objective not in NEGATION_OBJECTIVES:
+        raise ValueError(f"objective must be one of {NEGATION_OBJECTIVES}, got {objective!r}.")
+    if objective == "chance_distance" and chance is None:
+        raise ValueError("objective='chance_distance' needs the target's chance accuracy: pass chance=.")
     model = editor.reset()
     pre_val, pre_test = dict(evaluate(model, "val")), dict(evaluate(model, "test"))
-    controls = [t for t in pre_val if t != target]
+    controls = [t for t in pre_val if t != target] if controls is None else list(controls)
+    missing = [t for t in controls if t not in pre_val]
+    if missing or target in controls:
+        raise KeyError(f"control tasks must be tasks that evaluate() returns, other than the target; got "
+                       f"{controls} (evaluate returns {sorted(pre_val)}).")
+    if not controls:
+        raise ValueError("task negation needs at least one control task: pass controls= or evaluate more tasks.")
     floor = control_threshold * _mean(pre_val[t] for t in controls)
-    best_alpha, best_target = 0.0, pre_val[target]
+
+    def badness(acc: float) -> float:  # lower is more forgotten
+        return abs(acc - chance) if objective == "chance_distance" else acc
+
+    best_alpha, best_score, met = 0.0, badness(pre_val[target]), False
     search = []
     for alpha in tqdm(grid, desc=f"negation of {target}", disable=not progress):
         with editor.edited({target: -alpha}) as model:
             acc = evaluate(model, "val")
         control = _mean(acc[t] for t in controls)
         search.append((alpha, acc[target], control))
-        if control >= floor and acc[target] < best_target:
-            best_alpha, best_target = alpha, acc[target]
+        if alpha > 0 and control >= floor:
+            met = True
+            if badness(acc[target]) < best_score:
+                best_alpha, best_score = alpha, badness(acc[target])
     with editor.edited({target: -best_alpha}) as model:
         test = dict(evaluate(model, "test"))
     return NegationResult(target, best_alpha, test[target], {t: test[t] for t in controls},
-                          pre_test[target], {t: pre_test[t] for t in controls}, search)
+                          pre_test[target], {t: pre_test[t] for t in controls}, search, budget_met=met,
+                          chance=chance)
