@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from .delegates import delegate
 from .errors import (
     CheckpointNotFoundError, IncompatibleBaseError, KeyMismatchError, ShapeMismatchError,
     TaskArithError, format_names,
@@ -203,9 +204,7 @@ class TaskVector(Mapping):
         merge method applies. See :func:`hf_taskarith.adapters.convert.task_vector_from_peft`
         for the arguments (``adapter_name=``, ``base_model=``, ``dtype=``).
         """
-        from .adapters.convert import task_vector_from_peft
-
-        return task_vector_from_peft(model_or_dir, **kwargs)
+        return delegate("from_peft")(model_or_dir, **kwargs)
 
     # -- algebra ----------------------------------------------------------------------
     def _combine(self, other: "TaskVector", op, name: str) -> "TaskVector":
@@ -313,16 +312,21 @@ class TaskVector(Mapping):
                 raise CheckpointNotFoundError(
                     f"{path}: no such folder, and not a Hub repo id ('namespace/name'). Check the path."
                 ) from None
-            from .hub.pull import pull_task_vector
-
-            return pull_task_vector(str(path), revision=revision, dtype=dtype)
-        return cls._open_folder(Path(path), dtype=dtype)
+            return delegate("pull")(str(path), revision=revision, dtype=dtype)
+        return cls.from_folder(path, dtype=dtype)
 
     @classmethod
-    def _open_folder(cls, folder: Path, *, dtype: torch.dtype | None = None,
-                     config_label: str | None = None) -> "TaskVector":
-        """Open a saved task-vector folder; ``config_label`` names the config in messages
-        (default: its path; :func:`~hf_taskarith.hub.pull.pull_task_vector` passes repo, revision and file)."""
+    def from_folder(cls, folder: str | os.PathLike, *, dtype: torch.dtype | None = None,
+                    config_label: str | None = None) -> "TaskVector":
+        """Open a saved task-vector folder lazily (what :meth:`from_pretrained` does for folders).
+
+        Args:
+            folder: written by :meth:`save_pretrained` (or a Hub snapshot of one).
+            dtype: convert tensors to this dtype on access.
+            config_label: how messages name the config (default: its path;
+                :func:`~hf_taskarith.hub.pull.pull_task_vector` passes repo, revision and file).
+        """
+        folder = Path(folder)
         cfg = folder / CONFIG_NAME
         label = config_label or str(cfg)
         if not cfg.is_file():
@@ -342,14 +346,13 @@ class TaskVector(Mapping):
         tensors: Mapping[str, torch.Tensor] = _LazyTensors(Checkpoint(folder, weights_prefix=WEIGHTS_PREFIX), dtype)
         compression = meta.extra.get("compression")
         if compression and "shapes" in compression:
-            from .compression.compressed import open_compressed
             from .errors import MergeConfigError
             from .version import __version__
 
             shapes = compression.pop("shapes")
             parts = _LazyTensors(Checkpoint(folder, weights_prefix=WEIGHTS_PREFIX))  # parts keep their dtypes
             try:
-                tensors = open_compressed(parts, compression, shapes)
+                tensors = delegate("open_compressed")(parts, compression, shapes)
             except MergeConfigError as e:  # e.g. a codec added by a newer version
                 raise MergeConfigError(
                     f"{label}: cannot decode this compressed vector: {e} It was written by hf_taskarith "
@@ -359,15 +362,11 @@ class TaskVector(Mapping):
 
     def compress(self, method: str = "topk", **params: Any) -> "TaskVector":
         """A compressed copy for sharing; see :func:`hf_taskarith.compression.compress`."""
-        from .compression import compress
-
-        return compress(self, method, **params)
+        return delegate("compress")(self, method, **params)
 
     def push_to_hub(self, repo_id: str, **kwargs: Any):
         """Push to a Hub repo in one commit; see :func:`hf_taskarith.hub.push.push_task_vector`."""
-        from .hub.push import push_task_vector
-
-        return push_task_vector(self, repo_id, **kwargs)
+        return delegate("push")(self, repo_id, **kwargs)
 
     @staticmethod
     def is_task_vector_folder(path: str | os.PathLike) -> bool:
@@ -409,18 +408,14 @@ class TaskVector(Mapping):
                 nothing is changed or written.
         """
         if isinstance(base, torch.nn.Module):
-            from .apply import apply_to_module
-
-            return apply_to_module(self, base, scaling, inplace=inplace, allow_mismatch=allow_mismatch,
-                                   allow_negative_variance=allow_negative_variance)
+            return delegate("apply_to_module")(self, base, scaling, inplace=inplace, allow_mismatch=allow_mismatch,
+                                               allow_negative_variance=allow_negative_variance)
         if output_dir is None:
             raise TypeError("apply_to(checkpoint_path, ...) writes a new checkpoint: pass output_dir=.")
         if inplace:
             raise TypeError("inplace=True applies to in-memory models only; a checkpoint is written to output_dir.")
-        from .merging.api import merge
-
-        return merge(base, [self], method="task_arithmetic", weights=[scaling], output_dir=output_dir,
-                     allow_mismatch=allow_mismatch, **merge_kwargs)
+        return delegate("merge")(base, [self], method="task_arithmetic", weights=[scaling], output_dir=output_dir,
+                                 allow_mismatch=allow_mismatch, **merge_kwargs)
 
 
 def _check_same_keys(a: Iterable[str], b: Iterable[str], name_a: str, name_b: str) -> None:

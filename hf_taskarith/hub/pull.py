@@ -91,7 +91,7 @@ def pull_task_vector(repo_id: str, *, revision: str | None = None, token: str | 
         verify_file(local, listing[name], where=at)
         folder = Path(local).parent
     try:
-        tv = TaskVector._open_folder(folder, dtype=dtype, config_label=f"{at}, file {CONFIG_NAME!r}")
+        tv = TaskVector.from_folder(folder, dtype=dtype, config_label=f"{at}, file {CONFIG_NAME!r}")
     except TaskArithError as e:
         message = str(e)
         if not message.startswith(at):
