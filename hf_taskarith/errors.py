@@ -80,3 +80,7 @@ class NotATaskVectorRepoError(HubError, FileNotFoundError):
 
 class AdapterConfigError(TaskArithError, ValueError):
     """An adapter configuration does not fit the model (unknown target modules, a rank <= 0, ...)."""
+
+
+class DatasetError(TaskArithError, ValueError):
+    """A dataset cannot be used for the task: not found, a missing split or column, unusable labels."""

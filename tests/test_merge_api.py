@@ -197,6 +197,37 @@ def test_vocab_rows_are_aligned_and_reported(tmp_path, llama_models, llama_check
     LlamaForCausalLM.from_pretrained(out2)
 
 
+def test_vocab_size_mismatch_warns_naming_the_tensors_and_sizes(tmp_path, llama_models, llama_checkpoints, caplog):
+    """mergekit refuses inputs whose vocabularies differ; we merge the shared rows, and every entry
+    point says so at WARNING level, naming each tensor and its row counts."""
+    from hf_taskarith.merging.config import merge_from_config
+
+    base, fts = llama_models
+    big = LlamaForCausalLM(tiny_llama_config(vocab_size=136))
+    big.save_pretrained(tmp_path / "big")
+    runs = {
+        "merge": lambda: merge(llama_checkpoints / "base", [tmp_path / "big"], output_dir=tmp_path / "a",
+                               progress=False),
+        "yaml": lambda: merge_from_config({"merge_method": "task_arithmetic",
+                                           "base_model": str(llama_checkpoints / "base"),
+                                           "models": [{"model": str(tmp_path / "big")}]}, tmp_path / "b",
+                                          progress=False),  # the torch-free path declines, the engine warns
+        "module": lambda: merge(base, [big], progress=False),
+    }
+    for name, run in runs.items():
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="hf_taskarith"):
+            run()
+        warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert len(warnings) == 1, (name, warnings)
+        for tensor in ("model.embed_tokens.weight", "lm_head.weight"):
+            assert f"{tensor}: base 128 rows, inputs [136], output 128" in warnings[0], (name, warnings[0])
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="hf_taskarith"):  # equal vocabularies: no warning
+        merge(llama_checkpoints / "base", [llama_checkpoints / "ft1"], output_dir=tmp_path / "c", progress=False)
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
 def test_tokenizer_and_generation_config_copied(tmp_path, llama_checkpoints):
     base_dir = tmp_path / "base"
     import shutil
@@ -206,3 +237,69 @@ def test_tokenizer_and_generation_config_copied(tmp_path, llama_checkpoints):
     out = merge(base_dir, [llama_checkpoints / "ft1"], output_dir=tmp_path / "o", progress=False)
     names = {p.name for p in out.iterdir()}
     assert {"tokenizer_config.json", "generation_config.json", "config.json", "README.md"} <= names
+
+
+# -- methods defined on whole weights (slerp, model_stock, passthrough) ----------------------
+WEIGHT_SPACE = [("slerp", 1, {"t": 0.4}), ("model_stock", 2, {}), ("model_stock", 3, {"filter_wise": True}),
+                ("passthrough", 1, {"scale": 0.5})]
+
+
+@pytest.mark.parametrize("method, n, params", WEIGHT_SPACE)
+def test_weight_space_methods_write_a_loadable_checkpoint(method, n, params, tmp_path, llama_checkpoints):
+    fts = [llama_checkpoints / f"ft{i + 1}" for i in range(n)]
+    out = merge(llama_checkpoints / "base", fts, method=method, output_dir=tmp_path / "out", progress=False, **params)
+    model = LlamaForCausalLM.from_pretrained(out)
+    assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+    base, merged = _sd(llama_checkpoints / "base"), _sd(out)
+    assert set(merged) == set(base) and any(not torch.equal(merged[k], base[k]) for k in base)
+    report = json.loads((out / "merge_report.json").read_text())
+    assert report["method"] == method and report["merged_tensors"] == len(base)
+    assert method in (out / "README.md").read_text()
+
+
+def test_weight_space_methods_take_task_vectors_as_base_plus_delta(tmp_path, llama_models, llama_checkpoints):
+    """A task vector input stands for ``base + tau``: the same merge as from the fine-tuned folders,
+    to the rounding of that sum."""
+    base, fts = llama_models
+    tvs = [TaskVector.from_models(base, fts[0]), TaskVector.from_models(base, fts[1])]
+    for method, params, n in (("model_stock", {}, 2), ("slerp", {"t": 0.3}, 1)):
+        a = _sd(merge(llama_checkpoints / "base", tvs[:n], method=method, output_dir=tmp_path / f"{method}_tv",
+                      progress=False, **params))
+        b = _sd(merge(llama_checkpoints / "base", [llama_checkpoints / "ft1", llama_checkpoints / "ft2"][:n],
+                      method=method, output_dir=tmp_path / f"{method}_ft", progress=False, **params))
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+
+
+def test_passthrough_copies_one_model_without_a_base(tmp_path, llama_checkpoints):
+    out = merge(None, [llama_checkpoints / "ft1"], method="passthrough", output_dir=tmp_path / "o", progress=False)
+    ft1 = _sd(llama_checkpoints / "ft1")
+    assert all(torch.equal(v, ft1[k]) for k, v in _sd(out).items())
+    scaled = merge(None, [llama_checkpoints / "ft1"], method="passthrough", scale=-2.0, dtype="bfloat16",
+                   output_dir=tmp_path / "s", progress=False)
+    assert all(torch.equal(v, (ft1[k] * -2.0).bfloat16()) for k, v in _sd(scaled).items())
+
+
+def test_model_stock_in_memory_equals_the_checkpoint_merge(tmp_path, llama_models, llama_checkpoints):
+    base, fts = llama_models
+    merged = merge(base, [fts[0], fts[1], fts[2]], method="model_stock", progress=False)
+    on_disk = _sd(merge(llama_checkpoints / "base", [llama_checkpoints / f"ft{i}" for i in (1, 2, 3)],
+                        method="model_stock", output_dir=tmp_path / "o", progress=False))
+    for k, v in merged.state_dict().items():
+        if k in on_disk:
+            assert torch.equal(v, on_disk[k]), k
+
+
+@pytest.mark.parametrize("method, n, params, message", [
+    ("slerp", 2, {"t": 0.5}, r"'slerp' takes exactly 1 model besides the base model, got 2"),
+    ("slerp", 1, {}, "needs parameter 't'"),
+    ("slerp", 1, {"t": [0.0, 1.0]}, "Per-layer gradients"),
+    ("model_stock", 1, {}, r"'model_stock' takes at least 2 models besides the base model, got 1"),
+    ("model_stock", 2, {"weight": 0.5}, r"does not take parameter\(s\) \['weight'\]"),
+    ("passthrough", 2, {}, r"'passthrough' takes exactly 1 model, got 2"),
+])
+def test_weight_space_methods_explain_bad_inputs(method, n, params, message, tmp_path, llama_checkpoints):
+    fts = [llama_checkpoints / f"ft{i + 1}" for i in range(n)]
+    with pytest.raises(MergeConfigError, match=message):
+        merge(llama_checkpoints / "base", fts, method=method, output_dir=tmp_path / "x", progress=False, **params)
+    assert not (tmp_path / "x").exists()

@@ -128,6 +128,23 @@ def test_other_methods_and_inputs_use_the_torch_engine(tmp_path, ckpts, monkeypa
     _assert_same_files(fast, slow)
 
 
+@pytest.mark.parametrize("method, models, extra", [
+    ("slerp", ["ft1"], "parameters: {t: 0.3}\n"),
+    ("model_stock", ["ft1", "ft2", "ft3"], "dtype: float32\n"),
+    ("passthrough", ["ft2"], "parameters: {scale: 0.5}\ndtype: bfloat16\n"),
+])
+def test_weight_space_methods_use_the_torch_engine(tmp_path, ckpts, monkeypatch, caplog, method, models, extra):
+    """slerp, model_stock and passthrough are not weighted sums: this path declines them (saying
+    why, at INFO) and the torch engine writes the output."""
+    lines = [f"merge_method: {method}"] + ([f"base_model: {ckpts / 'base'}"] if method != "passthrough" else [])
+    text = "\n".join(lines + ["models:"] + [f"  - model: {ckpts / m}" for m in models]) + "\n" + extra
+    with caplog.at_level("INFO", logger="hf_taskarith.merging.lite"):
+        fast, slow, used = _run_both(tmp_path, text, monkeypatch)
+    assert used == 0
+    assert f"method {method!r} runs on the torch engine only" in caplog.text
+    _assert_same_files(fast, slow)
+
+
 @pytest.mark.parametrize("model, error, match", [
     ("short", KeyMismatchError, "lacks tensor 'lm_head.weight'"),
     ("wide", ShapeMismatchError, "input_layernorm.weight"),

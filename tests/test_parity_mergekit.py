@@ -404,8 +404,7 @@ def test_unsupported_mergekit_features_are_refused(extra, model_params, message,
 
 
 # documented in docs/mergekit_compatibility.md, "Methods"
-MERGEKIT_ONLY = {"arcee_fusion", "karcher", "model_stock", "multislerp", "nearswap", "nuslerp", "passthrough",
-                 "ram", "ramplus_tl", "sce", "slerp"}
+MERGEKIT_ONLY = {"arcee_fusion", "karcher", "multislerp", "nearswap", "nuslerp", "ram", "ramplus_tl", "sce"}
 OURS_ONLY = {"magnitude_prune", "tsv", "iso_c", "iso_cts"}
 
 
@@ -422,20 +421,29 @@ def test_method_sets_differ_exactly_as_documented():
 # parameters one side accepts and the other does not (docs/mergekit_compatibility.md, "Parameters")
 MERGEKIT_ONLY_PARAMS = {"task_arithmetic": {"density", "rescale"}}  # accepted but without effect there
 # della: rescale_mode (default "l1" = mergekit's rescale; "inverse_probability" = the DELLA paper's)
-OURS_ONLY_PARAMS: dict[str, set[str]] = {"della": {"rescale_mode"}, "della_linear": {"rescale_mode"}}
+OURS_ONLY_PARAMS: dict[str, set[str]] = {"della": {"rescale_mode"}, "della_linear": {"rescale_mode"},
+                                        "ties": {"trim_scope"}}
 
 
-@pytest.mark.parametrize("name", GTA_METHODS + ["linear"])
+@pytest.mark.parametrize("name", GTA_METHODS + ["linear", "slerp", "model_stock", "passthrough"])
 def test_parameters_and_defaults_match_mergekit(name):
     """Same parameter names and defaults as mergekit, except the documented ones and ``weight``
-    (required in mergekit, 1.0 here: test_weight_defaults_to_one_where_mergekit_requires_it)."""
+    (required in mergekit, 1.0 here: test_weight_defaults_to_one_where_mergekit_requires_it).
+    Required parameters (slerp's ``t``) are required on both sides."""
+    from mergekit.merge_methods.base import MISSING
+
+    from hf_taskarith.merging.registry import REQUIRED
+
     mk = {p.name: p.default for p in mk_registry.get(name).spec.parameters}
     ours = {k: spec.default for k, spec in get_merge_method(name).param_index.items()}
     assert set(mk) - set(ours) == MERGEKIT_ONLY_PARAMS.get(name, set())
     assert set(ours) - set(mk) == OURS_ONLY_PARAMS.get(name, set())
     for key in set(mk) & set(ours) - {"weight"}:
-        assert ours[key] == mk[key], (name, key)
-    assert ours["weight"] == 1.0
+        assert (ours[key] is REQUIRED) == (mk[key] is MISSING), (name, key)
+        if ours[key] is not REQUIRED:
+            assert ours[key] == mk[key], (name, key)
+    if "weight" in ours:
+        assert ours["weight"] == 1.0
 
 
 def test_task_arithmetic_rejects_density_that_mergekit_ignores(ckpts, tmp_path):
@@ -446,3 +454,139 @@ def test_task_arithmetic_rejects_density_that_mergekit_ignores(ckpts, tmp_path):
     assert all(torch.equal(full[k], ignored[k]) for k in full)  # density had no effect in mergekit
     with pytest.raises(MergeConfigError, match="does not take"):
         _run_ours(text, tmp_path, tmp_path / "ours")
+
+
+# -- methods defined on whole weights: slerp, model_stock, passthrough ----------------------
+# These take the models' weights, not task vectors (MergeMethod.on_weights), and repeat
+# mergekit's float32 arithmetic step by step: outputs are equal bit for bit.
+WEIGHT_SPACE_CASES = [
+    pytest.param("slerp", 1, {"t": 0.3}, id="slerp-t_0.3"),
+    pytest.param("slerp", 1, {"t": 0.0}, id="slerp-t_0"),
+    pytest.param("slerp", 1, {"t": 1.0}, id="slerp-t_1"),
+    pytest.param("slerp", 1, {"t": 1.4}, id="slerp-t_1.4-extrapolates"),
+    pytest.param("model_stock", 2, None, id="model_stock-2_models"),
+    pytest.param("model_stock", 3, None, id="model_stock-3_models"),
+    pytest.param("model_stock", 3, {"filter_wise": True}, id="model_stock-3_models-filter_wise"),
+    pytest.param("model_stock", 2, {"filter_wise": True}, id="model_stock-2_models-filter_wise"),
+]
+
+
+@pytest.mark.parametrize("method, n_models, shared", WEIGHT_SPACE_CASES)
+def test_weight_space_methods_equal_mergekit_exactly(method, n_models, shared, ckpts, tmp_path):
+    text = _yaml(ckpts, method, [{}] * n_models, shared=shared, dtype="float32")
+    ours, theirs = _both(text, tmp_path)
+    base = _sd(ckpts / "float32" / "base")
+    for k in ours:
+        assert torch.equal(ours[k], theirs[k]), (k, float((ours[k] - theirs[k]).abs().max()))
+    if shared != {"t": 0.0}:
+        assert any(not torch.equal(ours[k], base[k]) for k in ours)  # it did something
+
+
+@pytest.mark.parametrize("t, endpoint", [(0.0, "base"), (1.0, "ft1")])
+def test_slerp_endpoints_are_the_base_and_the_model(t, endpoint, ckpts, tmp_path):
+    """The base is the first endpoint (``t = 0``), as in mergekit; the endpoints are reached to
+    float32 rounding (``sin(theta) / sin(theta)`` need not be exactly 1)."""
+    ours = _run_ours(_yaml(ckpts, "slerp", [{}], shared={"t": t}, dtype="float32"), tmp_path, tmp_path / "o")
+    want = _sd(ckpts / "float32" / endpoint)
+    for k in ours:
+        torch.testing.assert_close(ours[k], want[k], atol=1e-6, rtol=1e-6)
+
+
+def test_slerp_with_the_base_listed_among_the_models(ckpts, tmp_path):
+    """mergekit's usual slerp YAML lists both models, one of them as base_model."""
+    cfg = yaml.safe_load(_yaml(ckpts, "slerp", [{}], shared={"t": 0.6}, dtype="float32"))
+    cfg["models"].insert(0, {"model": cfg["base_model"]})
+    ours, theirs = _both(yaml.safe_dump(cfg), tmp_path)
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_slerp_interpolates_linearly_between_colinear_tensors(tmp_path):
+    """|cos theta| > 0.9995 (here: the model is 2x the base, or -3x) takes the linear branch, as
+    mergekit; a zero tensor (norm below 1e-8, counted as 1) gives a finite result, also as mergekit."""
+    from mergekit.merge_methods.slerp import slerp as mk_slerp
+
+    from hf_taskarith.merging.methods.slerp import slerp
+
+    v0 = torch.randn(64, 48, generator=torch.Generator().manual_seed(0))
+    for v1 in (2 * v0, -3 * v0, torch.zeros_like(v0)):
+        ours = slerp(0.3, v0, v1)
+        assert torch.equal(ours, mk_slerp(torch.tensor(0.3), v0, v1))
+        if v1.any():
+            torch.testing.assert_close(ours, 0.7 * v0 + 0.3 * v1)
+        assert torch.isfinite(ours).all()
+
+
+@pytest.mark.parametrize("shared, scale, with_base", [
+    (None, None, False),      # a plain copy
+    (None, 0.5, False),       # scaled
+    ({"scale": -1.5}, None, True),  # shared value; base_model equal to the model
+])
+def test_passthrough_equals_mergekit_exactly(shared, scale, with_base, ckpts, tmp_path):
+    cfg = yaml.safe_load(_yaml(ckpts, "passthrough", [{"scale": scale} if scale is not None else {}], shared=shared,
+                               dtype="float32", with_base=False))
+    if with_base:
+        cfg["base_model"] = cfg["models"][0]["model"]
+    ours, theirs = _both(yaml.safe_dump(cfg), tmp_path)
+    ft1 = _sd(ckpts / "float32" / "ft1")
+    factor = scale if scale is not None else (shared or {}).get("scale", 1.0)
+    for k in ours:
+        assert torch.equal(ours[k], theirs[k]), k
+        assert torch.equal(ours[k], ft1[k] * factor), k
+
+
+def test_passthrough_with_another_base_model_uses_it_only_as_the_reference(ckpts, tmp_path):
+    """mergekit counts a separate ``base_model`` as a second input and refuses; ours copies the
+    model and uses the base only for names, shapes, the default dtype and the tokenizer."""
+    text = _yaml(ckpts, "passthrough", [{"scale": 0.5}], dtype="float32")
+    with pytest.raises(ValueError, match="requires exactly 1 inputs"):
+        _run_mergekit(text, tmp_path / "mk")
+    ours = _run_ours(text, tmp_path, tmp_path / "ours")
+    ft1 = _sd(ckpts / "float32" / "ft1")
+    assert all(torch.equal(ours[k], ft1[k] * 0.5) for k in ours)
+
+
+@pytest.mark.parametrize("method, n_models, shared, message, mk_message", [
+    ("slerp", 2, {"t": 0.5}, "takes exactly 1 model besides the base model, got 2", "requires exactly 2 inputs"),
+    ("model_stock", 1, None, "takes at least 2 models besides the base model, got 1", "requires at least 3 inputs"),
+    ("passthrough", 2, None, "takes exactly 1 model, got 2", "requires exactly 1 inputs"),
+    ("slerp", 1, None, "needs parameter 't'", "Missing required parameter t"),
+])
+def test_weight_space_methods_refuse_the_wrong_number_of_models(method, n_models, shared, message, mk_message, ckpts,
+                                                                tmp_path):
+    """mergekit refuses these too (its input contracts count the base: slerp 2 inputs, model_stock
+    at least 3, passthrough 1)."""
+    text = _yaml(ckpts, method, [{}] * n_models, shared=shared, dtype="float32", with_base=method != "passthrough")
+    with pytest.raises((ValueError, RuntimeError), match=mk_message):
+        _run_mergekit(text, tmp_path / "mk")
+    with pytest.raises(MergeConfigError, match=message):
+        _run_ours(text, tmp_path, tmp_path / "ours")
+    assert not (tmp_path / "ours").exists()
+
+
+def test_slerp_gradient_of_t_is_refused(ckpts, tmp_path):
+    """mergekit interpolates a list ``t: [0, 0.5, 1]`` over the layers; our config takes one value
+    per parameter and says so (docs/mergekit_compatibility.md, "Configuration")."""
+    text = _yaml(ckpts, "slerp", [{}], shared={"t": [0.0, 0.5, 1.0]}, dtype="float32")
+    _run_mergekit(text, tmp_path / "mk")
+    with pytest.raises(MergeConfigError, match="t must be a number.*Per-layer gradients .* are not supported"):
+        _run_ours(text, tmp_path, tmp_path / "ours")
+
+
+@pytest.mark.parametrize("method, n_models, shared", [
+    ("slerp", 1, {"t": 0.3}),
+    ("model_stock", 3, None),
+    ("passthrough", 1, {"scale": 0.7}),
+])
+def test_weight_space_methods_on_bfloat16_checkpoints(method, n_models, shared, ckpts, tmp_path):
+    """``dtype: bfloat16``: mergekit's slerp computes in float32 and rounds once, like us (equal);
+    its passthrough rounds ``w * scale`` once from float32, like us (equal); its model_stock runs in
+    bfloat16 (every step rounded), ours in float32: within 3 bfloat16 ulps."""
+    text = _yaml(ckpts, method, [{}] * n_models, shared=shared, dtype="bfloat16", folder="bfloat16",
+                 with_base=method != "passthrough")
+    ours, theirs = _both(text, tmp_path)
+    if method != "model_stock":
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+        return
+    inputs = [_sd(ckpts / "bfloat16" / n) for n in ("base", "ft1", "ft2", "ft3")]
+    worst = max(float(_bf16_ulps(ours[k], theirs[k], *(sd[k] for sd in inputs)).max()) for k in ours)
+    assert worst <= 3.0

@@ -4,6 +4,9 @@ A command module adds its parser (with a ``help`` line and a ``description``, an
 every argument) and sets ``func`` (args -> exit code). To add a command, write a module and list
 it in :data:`COMMANDS`. Every command also gets ``--no-progress`` and ``-q/--quiet`` and a help
 formatter that shows defaults (:mod:`.common`); ``tests/test_cli_help.py`` checks all of this.
+A command that hands the options it does not know to another parser (``finetune``, to
+``HfArgumentParser(TrainingArguments)``) sets ``accepts_training_args=True`` and reads them from
+``args.training_args``; every other command refuses them, as ``parse_args`` would.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import sys
 from ..errors import TaskArithError
 from . import common
 
-COMMANDS = ["merge", "methods", "extract", "apply", "compress", "push", "pull", "versions", "hub", "demo"]
+COMMANDS = ["merge", "methods", "extract", "apply", "compress", "push", "pull", "versions", "hub", "finetune", "demo"]
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -43,7 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(command)
-    args = common.resolve_common_options(parser.parse_args(argv))
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and not getattr(args, "accepts_training_args", False):
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")  # what parse_args says
+    args.training_args = unknown
+    args = common.resolve_common_options(args)
     common.configure_logging(args)
     if not getattr(args, "func", None):
         parser.print_help()

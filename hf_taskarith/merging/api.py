@@ -50,7 +50,9 @@ def merge(base: Any, models: Sequence[Any], *, method: str = "task_arithmetic",
             folders, fine-tuned checkpoint folders, Hub ids, or ``nn.Module`` s.
         method: a registered method (``hf-taskarith methods`` lists them): task_arithmetic,
             linear, ties, dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties, della,
-            della_linear, magnitude_prune, tsv, iso_c, iso_cts.
+            della_linear, magnitude_prune, tsv, iso_c, iso_cts, and the weight-space methods
+            slerp (one model, ``t=``), model_stock (two or more models) and passthrough (one
+            model, optional ``scale=``; no base needed).
         weights: one weight per model (or one for all). Negative weights negate tasks.
         output_dir: where to write the merged checkpoint (required unless ``base`` is a module).
         dtype: output dtype (default: the base's dtype per tensor). Maths runs in float32.
@@ -65,7 +67,7 @@ def merge(base: Any, models: Sequence[Any], *, method: str = "task_arithmetic",
         inplace: for module bases, edit ``base`` itself rather than a copy.
         progress: show a tqdm bar over tensors (also off with ``HF_HUB_DISABLE_PROGRESS_BARS=1``).
         **params: method parameters, e.g. ``density=0.2``, ``lambda_=0.5`` (or ``**{"lambda": 0.5}``),
-            ``normalize=True``, ``gamma=0.01``, ``epsilon=0.15``. Per-model ones take a list.
+            ``normalize=True``, ``gamma=0.01``, ``epsilon=0.15``, ``t=0.3`` (slerp). Per-model ones take a list.
 
     Returns:
         The output folder (``Path``) for checkpoint bases, or the merged ``nn.Module``.
@@ -73,7 +75,8 @@ def merge(base: Any, models: Sequence[Any], *, method: str = "task_arithmetic",
     Raises:
         MergeArgumentTypeError: ``models`` is not a list (e.g. one path: pass ``[path]``); a
             ``MergeConfigError`` and a ``TypeError``.
-        MergeConfigError: unknown method or parameter, wrong number of weights, bad density or
+        MergeConfigError: unknown method or parameter, wrong number of weights or of models
+            for the method (slerp: one besides the base; model_stock: two or more), bad density or
             seed, an output path that is (or is nested with) an input, ``linear`` weights
             summing to 0 with ``normalize``.
         FileExistsError: ``output_dir`` exists (a file, or a folder that is not empty) and

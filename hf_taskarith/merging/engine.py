@@ -14,6 +14,13 @@ Two paths, same results bit for bit:
   thread, whatever the tensor size.
 - whole tensors, for the rest (randomized, outlier-dropping and SVD-based methods) and for
   vocabulary-aligned rows: one float32 delta per input plus the method's working set.
+  Methods defined on whole weights (``MergeMethod.on_weights``: slerp, model_stock,
+  passthrough) get each input's float32 weights instead of its delta (a task vector is added
+  to the base first) and return the merged weights, which are written as they are.
+
+A method that needs figures of each whole input first (TIES with ``trim_scope: global``)
+declares a pre-pass (:mod:`.prepass`): every tensor's deltas are streamed through it, block by
+block, before the first tensor is merged.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import hashlib
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -31,6 +38,7 @@ from tqdm.auto import tqdm
 from ..errors import IncompatibleBaseError, KeyMismatchError, NonFiniteError, ShapeMismatchError, format_names
 from ..io.writer import TensorSpec
 from .blockwise import BlockKernel, BlockRunner, DeltaBlocks, RangeSink, finite, kernel_for, merge_blocks
+from .prepass import ModelPrepass
 from .registry import MergeMethod
 from .report import MergeReport, MergeSummary
 from .sources import DeltaSource, ModelDelta, TensorSource
@@ -51,7 +59,11 @@ class _TensorJob:
 
 @dataclass
 class MergePlan:
-    """A checked, ready-to-run merge; build with :func:`plan_merge`."""
+    """A checked, ready-to-run merge; build with :func:`plan_merge`.
+
+    ``prepass`` is the method's finished whole-model pre-pass (:mod:`.prepass`), set by
+    :func:`run_merge` on its copy of the plan; its per-tensor parameters join each tensor's.
+    """
 
     base: TensorSource
     inputs: list[DeltaSource]
@@ -61,6 +73,7 @@ class MergePlan:
     report: MergeReport
     seed: int
     vocab_source: TensorSource
+    prepass: ModelPrepass | None = None
 
     def specs(self) -> list[TensorSpec]:
         return [TensorSpec(j.name, j.out_shape, j.out_dtype) for j in self.jobs]
@@ -179,6 +192,10 @@ def run_merge(plan: MergePlan, sink: Callable[[str, torch.Tensor], None], *, pro
     disable = not progress or os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") in ("1", "true", "TRUE")
     method, report = plan.method, plan.report
     with BlockRunner(workers) as runner:
+        prepass = method.prepass(plan.params) if method.prepass is not None else None
+        if prepass is not None:  # figures of each whole input, before any tensor is merged
+            _run_prepass(plan, prepass, runner, disable=disable)
+            plan = replace(plan, prepass=prepass)
         for job in tqdm(plan.jobs, desc=f"merging ({method.name})", unit="tensor", disable=disable):
             if not job.is_float:
                 sink(job.name, plan.base.get(job.name))
@@ -199,9 +216,66 @@ def run_merge(plan: MergePlan, sink: Callable[[str, torch.Tensor], None], *, pro
 
 
 def _job_params(plan: MergePlan, job: _TensorJob) -> dict[str, Any]:
-    """The method's parameters for one tensor: per-model ones for its contributing inputs only."""
-    return {k: ([v[i] for i in job.inputs] if plan.method.param_index[k].per_model else v)
-            for k, v in plan.params.items()}
+    """The method's parameters for one tensor: per-model ones for its contributing inputs only,
+    plus the pre-pass's share for this tensor."""
+    params = {k: ([v[i] for i in job.inputs] if plan.method.param_index[k].per_model else v)
+              for k, v in plan.params.items()}
+    if plan.prepass is not None:
+        params.update(plan.prepass.tensor_params(job.name, job.inputs))
+    return params
+
+
+#: blocks whose pre-pass results are gathered before they are folded (bounds their memory)
+_PREPASS_GROUP = 32
+
+
+def _run_prepass(plan: MergePlan, prepass: ModelPrepass, runner: BlockRunner, *, disable: bool) -> None:
+    """Stream every float tensor's deltas through ``prepass``, as many times as it asks.
+
+    Deltas are formed exactly as for the merge (block by block from range reads; whole
+    vocabulary-aligned rows), so the pre-pass sees the values the merge will trim; a NaN or
+    inf in an input stops the merge here, before anything is written.
+    """
+    jobs = [job for job in plan.jobs if job.is_float and job.inputs]
+    rounds = 0
+    while prepass.needs_pass():
+        rounds += 1
+        for job in tqdm(jobs, desc=f"{prepass.description} ({plan.method.name}), pass {rounds}", unit="tensor",
+                        disable=disable):
+            if job.common_rows is not None:
+                prepass.collect(job.name, job.inputs, [prepass.scan(_rows_deltas(plan, job), job.inputs)])
+                continue
+            srcs = [plan.inputs[i] for i in job.inputs]
+            readers = [plan.base.open_range(job.name)]
+            try:
+                readers += [src.open_range(job.name) for src in srcs]
+                deltas = DeltaBlocks(job.name, readers[0], readers[1:], is_model=[src.is_model for src in srcs],
+                                     labels=[src.label for src in srcs], runner=runner)
+
+                def scan(block: tuple[int, int]) -> Any:
+                    stack = deltas.deltas(block[0], block[1], deltas.base(block[0], block[1]))
+                    return prepass.scan(stack, job.inputs)
+
+                ranges = list(deltas.ranges())
+                for at in range(0, len(ranges), _PREPASS_GROUP):
+                    prepass.collect(job.name, job.inputs, runner.map(scan, ranges[at:at + _PREPASS_GROUP]))
+            finally:
+                for reader in readers:
+                    reader.close()
+        prepass.end_pass()
+
+
+def _rows_deltas(plan: MergePlan, job: _TensorJob) -> torch.Tensor:
+    """The stacked, flattened float32 deltas ``(n_inputs, rows * ...)`` of a vocabulary-aligned tensor."""
+    base = plan.base.get(job.name)[:job.common_rows].to(torch.float32)
+    rows = []
+    for i in job.inputs:
+        d = _input_delta(plan.inputs[i], job.name, base, job.common_rows)
+        if not _finite(d):
+            raise NonFiniteError(f"input {plan.inputs[i].label}: tensor {job.name!r} contains NaN or inf. Fix or "
+                                 "re-export that checkpoint; merging it would spread the bad values.")
+        rows.append(d.reshape(-1))
+    return torch.stack(rows)
 
 
 def _merge_blockwise(plan: MergePlan, job: _TensorJob, kernel: BlockKernel, out: RangeSink,
@@ -235,48 +309,67 @@ class _IntoTensor:
 
 
 def _merge_general(plan: MergePlan, job: _TensorJob) -> torch.Tensor:
-    """Any method: materialize each input's float32 delta, call the method, add to the base."""
+    """Any method: materialize each input's float32 delta (or, for methods defined on
+    weights, its float32 weights), call the method, add the merged delta to the base (or
+    take the merged weights as they are)."""
     method = plan.method
     base_raw = plan.base.get(job.name)
     base = base_raw.to(torch.float32, copy=not plan.base.fresh)
     del base_raw
     rows = job.common_rows
     base_c = base[:rows] if rows is not None else base
-    deltas = []
+    read_input = _input_weights if method.on_weights else _input_delta
+    inputs = []
     for i in job.inputs:
         src = plan.inputs[i]
-        d = src.delta(job.name, base_c) if rows is None else _rows_delta(src, job.name, base_c, rows)
-        if not _finite(d):
+        x = read_input(src, job.name, base_c, rows)
+        if not _finite(x):
             raise NonFiniteError(
                 f"input {src.label}: tensor {job.name!r} contains NaN or inf. Fix or re-export that "
                 "checkpoint; merging it would spread the bad values."
             )
-        deltas.append(d)
-    if deltas:
+        inputs.append(x)
+    if inputs:
         params = _job_params(plan, job)
         gen = _generator(plan.seed, job.name) if method.randomized else None
-        merged = (method.fn(deltas, params, gen, base=base_c) if method.takes_base
-                  else method.fn(deltas, params, gen))
-        del deltas
+        merged = (method.fn(inputs, params, gen, base=base_c) if method.takes_base or method.on_weights
+                  else method.fn(inputs, params, gen))
+        del inputs
         if merged.shape != base_c.shape:
             raise ShapeMismatchError(
                 f"merge method {method.name!r} returned shape {list(merged.shape)} for {job.name!r}, "
                 f"expected {list(base_c.shape)}."
             )
-        base_c.add_(merged)
+        if method.on_weights:  # the merged weights themselves
+            base_c = merged
+        else:
+            base_c.add_(merged)
         del merged
     if not _finite(base_c):
         raise NonFiniteError(
             f"merged tensor {job.name!r} is not finite (method {method.name!r}, params {plan.params}). "
             "Check the weights and inputs for extreme values."
         )
-    if rows is not None:
-        extra = plan.vocab_source.get(job.name)[rows:job.out_shape[0]].to(torch.float32)
-        base = torch.cat([base_c, extra], dim=0)
-    return base.to(job.out_dtype)
+    if rows is None:
+        return base_c.to(job.out_dtype)
+    extra = plan.vocab_source.get(job.name)[rows:job.out_shape[0]].to(torch.float32)
+    return torch.cat([base_c, extra], dim=0).to(job.out_dtype)
 
 
-def _rows_delta(src: DeltaSource, name: str, base_rows: torch.Tensor, rows: int) -> torch.Tensor:
-    """Delta restricted to the first ``rows`` rows (vocabulary alignment)."""
+def _input_delta(src: DeltaSource, name: str, base: torch.Tensor, rows: int | None) -> torch.Tensor:
+    """An input's float32 delta (a new tensor), over the first ``rows`` rows if given (vocabulary alignment)."""
+    if rows is None:
+        return src.delta(name, base)
     raw = src.raw(name)[:rows]
-    return torch.sub(raw, base_rows) if isinstance(src, ModelDelta) else raw.to(torch.float32, copy=True)
+    return torch.sub(raw, base) if isinstance(src, ModelDelta) else raw.to(torch.float32, copy=True)
+
+
+def _input_weights(src: DeltaSource, name: str, base: torch.Tensor, rows: int | None) -> torch.Tensor:
+    """An input's float32 weights (a new tensor): a model's own (no delta round trip), or
+    ``base + delta`` for a task vector; over the first ``rows`` rows if given."""
+    if not isinstance(src, ModelDelta):
+        return _input_delta(src, name, base, rows).add_(base)
+    raw = src.raw(name)
+    if rows is not None:
+        raw = raw[:rows]
+    return raw.to(torch.float32, copy=not (src.source.fresh and rows is None))

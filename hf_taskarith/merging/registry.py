@@ -2,7 +2,9 @@
 
 A method is a pure function that turns the deltas of one tensor (one per input model,
 float32, all the base's shape) into one merged delta, plus a declaration of the parameters
-it accepts. New methods are a new small module that calls :func:`register_merge_method`.
+it accepts. Methods defined on whole weights (``on_weights``: slerp, model_stock,
+passthrough) turn the inputs' weights into merged weights instead. New methods are a new
+small module that calls :func:`register_merge_method`.
 """
 
 from __future__ import annotations
@@ -100,6 +102,18 @@ class MergeMethod:
             none: their ``fn`` is run on blocks.
         check: ``check(resolved_params)`` raises :class:`MergeConfigError` for combinations
             of parameters the per-parameter checks cannot see (``linear``: weights summing to 0).
+        on_weights: the method is defined on whole weights, not task vectors (``slerp``,
+            ``model_stock``, ``passthrough``): ``fn`` receives each input's float32 *weights*
+            (a task vector is added to the base first) and the base's as ``base=``, and returns
+            the merged *weights*. No delta round trip, so the result is exactly what the
+            formula gives on the weights. Such methods run on whole tensors.
+        min_models, max_models: how many models the method takes besides the base (mergekit's
+            input contract); ``max_models=None`` is no limit.
+        prepass: for methods that need figures of each whole input before merging any tensor
+            (TIES with ``trim_scope: global``): ``prepass(resolved_params)`` returns a
+            :class:`~hf_taskarith.merging.prepass.ModelPrepass` that the engine streams every
+            tensor through first, and whose per-tensor parameters it adds to those ``fn`` and
+            the block kernel receive; or ``None`` where these parameters need none.
     """
 
     name: str
@@ -113,13 +127,27 @@ class MergeMethod:
     takes_base: bool = False
     block_kernel: Callable[[dict[str, Any]], Any] | None = None
     check: Callable[[dict[str, Any]], None] | None = None
+    on_weights: bool = False
+    min_models: int = 1
+    max_models: int | None = None
+    prepass: Callable[[dict[str, Any]], Any] | None = None
     param_index: dict[str, ParamSpec] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        if self.on_weights and (self.elementwise or self.block_kernel is not None):
+            raise ValueError(f"merge method {self.name!r}: on_weights methods run on whole tensors; "
+                             "declare them without elementwise or block_kernel.")
         object.__setattr__(self, "param_index", {p.name: p for p in self.params})
 
     def resolve_params(self, n_models: int, given: dict[str, Any]) -> dict[str, Any]:
-        """Validate user parameters and fill defaults; per-model ones become lists."""
+        """Validate the number of models and the user parameters, and fill defaults; per-model
+        ones become lists.
+
+        Raises:
+            MergeConfigError: too few or too many models, an unknown or missing parameter, a
+                value of the wrong type or outside its range.
+        """
+        self.check_model_count(n_models)
         unknown = sorted(set(given) - set(self.param_index))
         if unknown:
             raise MergeConfigError(
@@ -144,6 +172,20 @@ class MergeMethod:
         if self.check is not None:
             self.check(out)
         return out
+
+
+    def check_model_count(self, n_models: int) -> None:
+        """Raise :class:`MergeConfigError` unless ``min_models <= n_models <= max_models``."""
+        low, high = self.min_models, self.max_models
+        if low <= n_models and (high is None or n_models <= high):
+            return
+        expected = (f"exactly {low}" if low == high else f"at least {low}" if high is None
+                    else f"{low} to {high}")
+        besides = " besides the base model" if self.needs_base else ""
+        listed = " (a model equal to base_model is the base, not one of them)" if self.needs_base else ""
+        raise MergeConfigError(
+            f"merge method {self.name!r} takes {expected} model{'s' if (high or low) != 1 else ''}{besides}, got "
+            f"{n_models}{listed}; list {expected} under models.")
 
 
 _METHODS: dict[str, MergeMethod] = {}

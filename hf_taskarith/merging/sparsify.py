@@ -8,6 +8,9 @@ Differences from mergekit 0.1.5, on purpose:
   between equal magnitudes by position (lowest index first), so results do not depend on
   the sort algorithm. Selection is linear-time (:func:`top_k_rules`: a sampled bracket, one
   counting pass, ``kthvalue`` on the few scores inside the bracket), never a full sort.
+- ``magnitude`` trims each tensor on its own by default (mergekit's scope). The TIES paper
+  trims the whole flattened task vector; with a :class:`MagnitudeCut` (computed over every
+  tensor of a task vector by :mod:`hf_taskarith.merging.global_trim`) it does that instead.
 - ``magnitude_outliers`` (breadcrumbs) keeps at least one entry for any positive density,
   so tensors with fewer than ``1 / gamma`` (100 at the default) elements are never wiped
   out; mergekit versions before 0.1.5 zeroed such tensors.
@@ -194,16 +197,48 @@ def rescale_l1(delta: torch.Tensor, kept: torch.Tensor, eps: float = 1e-7) -> to
     return kept * (before / after)
 
 
+@dataclass(frozen=True)
+class MagnitudeCut:
+    """One tensor's share of a trim decided over a whole task vector (``trim_scope: global``).
+
+    Keeps every entry with ``|delta| > threshold``, and of the entries with ``|delta| ==
+    threshold`` the first ``ties`` in flat-index order (``None``: all of them). The threshold
+    is the task vector's k-th largest magnitude, so over all tensors exactly k entries are
+    kept; :mod:`hf_taskarith.merging.global_trim` computes the cuts.
+
+    Example:
+        >>> MagnitudeCut(0.5, ties=1).mask(torch.tensor([0.5, -0.7, 0.5, 0.1])).tolist()
+        [True, True, False, False]
+    """
+
+    threshold: float
+    ties: int | None = None
+
+    def mask(self, delta: torch.Tensor) -> torch.Tensor:
+        """Boolean mask of the kept entries of ``delta`` (any shape)."""
+        scores = delta.abs()
+        if self.ties is None:
+            return scores >= self.threshold
+        mask = scores > self.threshold
+        if self.ties > 0:
+            flat = mask.reshape(-1)
+            flat[(scores.reshape(-1) == self.threshold).nonzero().reshape(-1)[:self.ties]] = True
+        return mask
+
+
 def magnitude(delta: torch.Tensor, density: float, *, rescale: bool = False,
-              generator: torch.Generator | None = None, inplace: bool = False) -> torch.Tensor:
+              generator: torch.Generator | None = None, inplace: bool = False,
+              cut: MagnitudeCut | None = None) -> torch.Tensor:
     """Keep the ``density`` fraction of entries with the largest magnitude (TIES trimming).
 
     With ``inplace=True`` (and no rescale) ``delta`` itself is multiplied by the mask and
     returned, saving a full-size copy; the merge pipeline does this with deltas it owns.
+    With ``cut`` (``trim_scope: global``), the entries kept are those of the cut, decided
+    over the whole task vector; ``density`` is then only checked for being < 1.
     """
     if density >= 1:
         return delta
-    mask = top_k_mask(delta.abs(), kept_count(delta.numel(), density))
+    mask = cut.mask(delta) if cut is not None else top_k_mask(delta.abs(), kept_count(delta.numel(), density))
     if not rescale:
         return delta.mul_(mask) if inplace else delta * mask
     return rescale_l1(delta, delta * mask)

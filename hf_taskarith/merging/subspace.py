@@ -10,7 +10,8 @@ logger = logging.getLogger(__name__)
 
 
 def is_matrix(t: torch.Tensor) -> bool:
-    """Subspace methods act on 2-D weights with both sides > 1; the rest are averaged or summed."""
+    """TSV acts on 2-D weights with both sides > 1 and averages the rest (Iso-C / Iso-CTS, as their
+    official code, decompose every 2-D tensor: :func:`hf_taskarith.merging.methods.iso._is_matrix`)."""
     return t.dim() == 2 and min(t.shape) > 1
 
 

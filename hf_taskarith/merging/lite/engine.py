@@ -11,7 +11,8 @@ the base, check finiteness, narrow, ``pwrite`` into shards laid out by
 :mod:`hf_taskarith.io.layout`. The output is byte-for-byte what the torch engine writes
 (tests compare every file).
 
-Anything else (other methods, task-vector inputs, Hub ids, mismatched names or shapes,
+Anything else (other methods, among them the weight-space ``slerp``, ``model_stock`` and
+``passthrough``; task-vector inputs, Hub ids, mismatched names or shapes,
 vocabulary alignment, float64, NaN/inf) makes :func:`plan_lite` return ``None`` or
 :func:`run_lite` raise :class:`Declined`; the caller then runs the torch engine, which
 reports errors in full. Errors that both paths would raise the same way (unreadable
@@ -106,7 +107,9 @@ def plan_lite(method: Any, params: dict[str, Any], base: str | None, models: lis
 
     form = FORMS.get(method.name)
     if form is None:
-        return no(f"method {method.name!r} is not one of {sorted(FORMS)}")
+        return no(f"method {method.name!r} runs on the torch engine only (this path runs the weighted sums "
+                  f"{sorted(FORMS)}; methods that need per-tensor norms, angles or selections, such as slerp and "
+                  "model_stock, do not stream block by block with the same bits)")
     if base is None or not all(isinstance(x, str) for x in [base, *models]):
         return no("base and models must be given as paths")
     folders = [Path(x) for x in [base, *models]]

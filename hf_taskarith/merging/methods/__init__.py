@@ -10,7 +10,8 @@ from __future__ import annotations
 import importlib
 
 #: the built-in method modules, by module name
-BUILTIN = ("breadcrumbs", "dare", "della", "iso", "linear", "magnitude_prune", "task_arithmetic", "ties", "tsv")
+BUILTIN = ("breadcrumbs", "dare", "della", "iso", "linear", "magnitude_prune", "task_arithmetic", "ties", "tsv",
+           "slerp", "model_stock", "passthrough")
 
 
 def load(*names: str) -> None:

@@ -11,9 +11,10 @@ from typing import Any
 
 import torch
 
+from ...errors import MergeConfigError
 from ..blockwise import BlockKernel, BlockRunner, DeltaBlocks, ElementwiseKernel
 from ..consensus import ConsensusMethod, agreement, disjoint_sum
-from ..sparsify import SPARSIFIERS, TopKRule, kept_count, top_k_rules
+from ..sparsify import SPARSIFIERS, MagnitudeCut, TopKRule, kept_count, top_k_rules
 from .pipeline import Pipeline
 
 
@@ -23,7 +24,10 @@ def run(pipeline: Pipeline, deltas: list[torch.Tensor], p: dict[str, Any], gen: 
         fn = SPARSIFIERS[pipeline.sparsify]
         extra = [k for k in ("gamma", "epsilon") if k in p]
         shared = {"rescale_mode": p["rescale_mode"]} if "rescale_mode" in p else {}
+        cuts = global_cuts(p)
         for i in range(len(deltas)):
+            if cuts is not None:
+                shared["cut"] = cuts[i]
             deltas[i] = fn(deltas[i], p["density"][i], rescale=p.get("rescale", pipeline.default_rescale),
                            generator=gen, inplace=True, **{k: p[k][i] for k in extra}, **shared)
     return combine(pipeline, deltas, p)
@@ -51,6 +55,24 @@ def combine(pipeline: Pipeline, deltas: list[torch.Tensor] | torch.Tensor, p: di
     return merged
 
 
+def global_cuts(p: dict[str, Any]) -> list[MagnitudeCut | None] | None:
+    """Per input, its share of a whole-task-vector trim (``trim_scope: global``), or ``None``
+    when trimming per tensor.
+
+    Raises:
+        MergeConfigError: ``trim_scope: global`` without the cuts, which only the merge engine's
+            pre-pass over every tensor can compute (:mod:`..global_trim`).
+    """
+    if p.get("trim_scope", "tensor") != "global":
+        return None
+    if "magnitude_cut" not in p:
+        raise MergeConfigError(
+            "trim_scope: global trims each task vector as a whole, so one tensor's deltas are not enough: "
+            "run it through hf_taskarith.merge() or merge_from_config() (their pre-pass finds the cut), or "
+            "use trim_scope: tensor.")
+    return p["magnitude_cut"]
+
+
 def block_kernel(pipeline: Pipeline, p: dict[str, Any]) -> BlockKernel | None:
     """:meth:`Pipeline.block_kernel`."""
     if pipeline.is_weighted_sum:
@@ -68,7 +90,12 @@ class _TrimmedKernel(BlockKernel):
         self.rules: list[TopKRule | None] = []
 
     def prepare(self, deltas: DeltaBlocks, runner: BlockRunner) -> None:
-        """Each input's top-k rule on |delta|; also checks every delta is finite."""
+        """Each input's top-k rule on |delta|; also checks every delta is finite. With
+        ``trim_scope: global``, each input's rule is its share of the whole-vector cut."""
+        cuts = global_cuts(self.p)
+        if cuts is not None:
+            self.rules = [None if c is None else _cut_rule(c, i, deltas, runner) for i, c in enumerate(cuts)]
+            return  # the pre-pass saw every delta, but a block check costs little: keep it
         n = deltas.n
         ks = [kept_count(n, d) if d < 1 else n for d in self.p["density"]]
         trimmed = [i for i, k in enumerate(ks) if k < n]  # density >= 1 (or k >= n) keeps all
@@ -97,6 +124,30 @@ class _TrimmedKernel(BlockKernel):
             if rule is not None:  # as sparsify.magnitude: delta * mask
                 d.mul_(rule.keep(s, start, k))
         return self.pipeline.combine(deltas, self.p)
+
+
+def _cut_rule(cut: MagnitudeCut, i: int, deltas: DeltaBlocks, runner: BlockRunner) -> TopKRule:
+    """:class:`MagnitudeCut` of input ``i`` as a :class:`TopKRule`: the ties it keeps are the
+    first ``cut.ties`` entries with ``|delta| == threshold``, so the rule's tie end is found by
+    counting them block by block (only for the one tensor per input where the cut splits ties)."""
+    if cut.ties is None:
+        return TopKRule(cut.threshold, deltas.n)  # every tie kept
+    if cut.ties == 0:
+        return TopKRule(cut.threshold, 0)
+
+    def equal(block: tuple[int, int]) -> torch.Tensor:
+        start, stop = block
+        return deltas.deltas(start, stop, deltas.base(start, stop))[i].abs() == cut.threshold
+
+    ranges = list(deltas.ranges())
+    seen = 0
+    for (start, stop), count in zip(ranges, runner.map(lambda r: int(equal(r).sum()), ranges)):
+        if seen + count >= cut.ties:  # the last kept tie is in this block
+            at = int(equal((start, stop)).nonzero().reshape(-1)[cut.ties - seen - 1])
+            return TopKRule(cut.threshold, start + at + 1)
+        seen += count
+    raise RuntimeError(f"tensor {deltas.name!r} changed between the global-trim pre-pass and the merge: "
+                       f"{seen} magnitudes equal the cut, {cut.ties} expected.")
 
 
 _CHUNK = 1 << 22  # entries per consensus chunk: bounds the stacked working set to n_models x 16 MB

@@ -6,11 +6,19 @@ replace the spectrum by its mean: ``mean(S) * U V^T`` (every direction equally s
 ``iso_cts``: keep the top ``common_fraction`` of the sum's singular vectors as a common
 subspace, fill the rest of the rank with each task's leading directions orthogonal to it,
 orthogonalize the concatenation, and flatten the spectrum the same way.
-Other tensors (biases, norms, embeddings of other ranks) take the *average* of the weighted
-task vectors, as the official code does (``iso-merging``, ``src/utils/iso.py``). In ``iso_cts``
-the rank split follows the official code too: the task-specific part is rounded to a multiple
-of the number of tasks and the remainder goes to the common subspace. The result is scaled by
-``lambda`` (the paper's alpha, tuned on validation data; 1.0 by default).
+As in the official code (``iso-merging``, ``src/utils/iso.py``):
+
+- every 2-D tensor is treated as a matrix, a ``1 x n`` one included (its spectrum has one
+  value, so it comes out as the task-arithmetic sum); other tensors (biases, norms, 3-D and
+  4-D kernels) take the *average* of the weighted task vectors;
+- in ``iso_cts`` the task-specific part of the rank is rounded to a multiple of the number of
+  tasks and the remainder goes to the common subspace (:func:`cts_ranks`), so the merged
+  matrix has full rank.
+
+The result is scaled by ``lambda`` (the paper's alpha, tuned on validation data; 1.0 by
+default). The official code also skips CLIP's ``text_projection`` by name; methods here see
+tensors, not names, so it is a matrix like any other. ``tests/test_subspace.py`` checks both
+methods against an independent float64 implementation of the official formulas.
 """
 
 from __future__ import annotations
@@ -20,12 +28,17 @@ from typing import Any
 import torch
 
 from ..registry import MergeMethod, ParamSpec, lambda_param, register_merge_method, weight_param
-from ..subspace import is_matrix, nearest_orthonormal, svd, top_components
+from ..subspace import nearest_orthonormal, svd, top_components
+
+
+def _is_matrix(t: torch.Tensor) -> bool:
+    """What the official code decomposes: every non-empty 2-D tensor (``1 x n`` included)."""
+    return t.dim() == 2 and t.numel() > 0
 
 
 def iso_c_merge(deltas: list[torch.Tensor], p: dict[str, Any], gen: torch.Generator | None) -> torch.Tensor:
     total = sum(d * w for d, w in zip(deltas, p["weight"]))
-    if not is_matrix(total):
+    if not _is_matrix(total):
         return total * (p["lambda"] / len(deltas))  # the average, as the reference
     u, s, vh = svd(total)
     return (s.mean() * (u @ vh)) * p["lambda"]
@@ -34,7 +47,7 @@ def iso_c_merge(deltas: list[torch.Tensor], p: dict[str, Any], gen: torch.Genera
 def iso_cts_merge(deltas: list[torch.Tensor], p: dict[str, Any], gen: torch.Generator | None) -> torch.Tensor:
     weighted = [d * w for d, w in zip(deltas, p["weight"])]
     total = sum(weighted)
-    if not is_matrix(total):
+    if not _is_matrix(total):
         return total * (p["lambda"] / len(weighted))  # the average, as the reference
     n = len(weighted)
     k_common, k_task = cts_ranks(min(total.shape), n, p["common_fraction"])
@@ -54,12 +67,19 @@ def cts_ranks(rank: int, n_tasks: int, common_fraction: float) -> tuple[int, int
     """``(common, per_task)`` ranks of Iso-CTS, as the reference splits them.
 
     ``common = int(fraction * rank)``; the task-specific total is rounded (Python's ``round``)
-    to a multiple of ``n_tasks`` and the remainder ``rank - n_tasks * per_task`` is common, so
-    no direction is left unused. At least one common direction is kept.
+    to a multiple of ``n_tasks``: ``per_task = round((rank - common) / n_tasks)``; the remainder
+    ``rank - n_tasks * per_task`` is common, so no direction is left unused. Where the rounding
+    overshoots the rank (tiny matrices, e.g. rank 3 with 2 tasks and fraction 0.2: the official
+    code would ask for -1 common directions), ``per_task = rank // n_tasks``.
+
+    Example:
+        >>> cts_ranks(16, 3, 0.8)  # int(12.8) = 12, round(4 / 3) = 1 per task, 16 - 3 = 13 common
+        (13, 1)
     """
     common = int(rank * common_fraction)
     per_task = round((rank - common) / n_tasks)
-    per_task = max(0, min(per_task, (rank - 1) // n_tasks))
+    if per_task * n_tasks > rank:
+        per_task = rank // n_tasks
     return rank - per_task * n_tasks, per_task
 
 

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     import torch
 
     from ..blockwise import BlockKernel
+    from ..prepass import ModelPrepass
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,15 @@ class Pipeline:
 
         return generalized.block_kernel(self, p)
 
+    def prepass(self, p: dict[str, Any]) -> ModelPrepass | None:
+        """``trim_scope: global`` (magnitude trimming): the pre-pass finding each task vector's
+        cut over all its tensors (:mod:`..global_trim`); ``None`` when trimming per tensor."""
+        if p.get("trim_scope", "tensor") != "global":
+            return None
+        from ..global_trim import GlobalMagnitudeCut
+
+        return GlobalMagnitudeCut(p["density"])
+
 
 def make_method(name: str, pipeline: Pipeline, *, description: str, reference: str,
                 needs_base: bool = True) -> MergeMethod:
@@ -83,6 +93,10 @@ def make_method(name: str, pipeline: Pipeline, *, description: str, reference: s
             ParamSpec("rescale", pipeline.default_rescale, kind=bool,
                       help="rescale kept entries to preserve each delta's L1 norm"),
         ]
+    if pipeline.sparsify == "magnitude":
+        params.append(ParamSpec("trim_scope", "tensor", kind=str, choices=("tensor", "global"),
+                                help="tensor (mergekit: keep density of each tensor) or global (the TIES paper: "
+                                     "of each whole task vector; reads the inputs 2-3 more times)"))
     if pipeline.sparsify == "magnitude_outliers":
         params.append(ParamSpec("gamma", 0.01, per_model=True, low=0.0, high=1.0,
                                 help="fraction of largest-magnitude entries removed as outliers"))
@@ -97,4 +111,5 @@ def make_method(name: str, pipeline: Pipeline, *, description: str, reference: s
         reference=reference, randomized=pipeline.sparsify in ("random", "della_magprune"),
         elementwise=pipeline.sparsify is None, needs_base=needs_base,
         block_kernel=pipeline.block_kernel,
+        prepass=pipeline.prepass if pipeline.sparsify == "magnitude" else None,
     )

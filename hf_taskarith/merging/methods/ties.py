@@ -1,4 +1,9 @@
-"""TIES-merging (Yadav et al., 2023): trim by magnitude, elect sign, disjoint mean."""
+"""TIES-merging (Yadav et al., 2023): trim by magnitude, elect sign, disjoint mean.
+
+``trim_scope: tensor`` (default, mergekit's) trims each tensor to its top ``density``
+entries; ``trim_scope: global`` (the paper's) trims each whole task vector, its cut found by
+a pre-pass over every tensor (:mod:`hf_taskarith.merging.global_trim`).
+"""
 
 from ..registry import register_merge_method
 from .pipeline import Pipeline, make_method
