@@ -25,10 +25,11 @@ block, before the first tensor is merged.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -245,23 +246,14 @@ def _run_prepass(plan: MergePlan, prepass: ModelPrepass, runner: BlockRunner, *,
             if job.common_rows is not None:
                 prepass.collect(job.name, job.inputs, [prepass.scan(_rows_deltas(plan, job), job.inputs)])
                 continue
-            srcs = [plan.inputs[i] for i in job.inputs]
-            readers = [plan.base.open_range(job.name)]
-            try:
-                readers += [src.open_range(job.name) for src in srcs]
-                deltas = DeltaBlocks(job.name, readers[0], readers[1:], is_model=[src.is_model for src in srcs],
-                                     labels=[src.label for src in srcs], runner=runner)
-
-                def scan(block: tuple[int, int]) -> Any:
+            with _delta_blocks(plan, job, runner) as deltas:
+                def scan(block: tuple[int, int], deltas: DeltaBlocks = deltas) -> Any:
                     stack = deltas.deltas(block[0], block[1], deltas.base(block[0], block[1]))
                     return prepass.scan(stack, job.inputs)
 
                 ranges = list(deltas.ranges())
                 for at in range(0, len(ranges), _PREPASS_GROUP):
                     prepass.collect(job.name, job.inputs, runner.map(scan, ranges[at:at + _PREPASS_GROUP]))
-            finally:
-                for reader in readers:
-                    reader.close()
         prepass.end_pass()
 
 
@@ -282,14 +274,20 @@ def _merge_blockwise(plan: MergePlan, job: _TensorJob, kernel: BlockKernel, out:
                      runner: BlockRunner) -> None:
     """One tensor, block by block (see :mod:`.blockwise`): inputs are read by range as stored,
     float32 exists only block by block, the result goes to ``out`` block by block."""
+    with _delta_blocks(plan, job, runner) as deltas:
+        merge_blocks(deltas, kernel, out, out_dtype=job.out_dtype, runner=runner, is_finite=_finite,
+                     what=f"method {plan.method.name!r}, params {plan.params}")
+
+
+@contextlib.contextmanager
+def _delta_blocks(plan: MergePlan, job: _TensorJob, runner: BlockRunner) -> Iterator[DeltaBlocks]:
+    """One tensor's inputs opened by range (base first) as :class:`DeltaBlocks`; closed on exit."""
     srcs = [plan.inputs[i] for i in job.inputs]
     readers = [plan.base.open_range(job.name)]
     try:
         readers += [src.open_range(job.name) for src in srcs]
-        deltas = DeltaBlocks(job.name, readers[0], readers[1:], is_model=[src.is_model for src in srcs],
-                             labels=[src.label for src in srcs], runner=runner)
-        merge_blocks(deltas, kernel, out, out_dtype=job.out_dtype, runner=runner, is_finite=_finite,
-                     what=f"method {plan.method.name!r}, params {plan.params}")
+        yield DeltaBlocks(job.name, readers[0], readers[1:], is_model=[src.is_model for src in srcs],
+                          labels=[src.label for src in srcs], runner=runner)
     finally:
         for reader in readers:
             reader.close()

@@ -39,7 +39,7 @@ def git_executable() -> str:
     return exe
 
 
-def _base_env() -> dict[str, str]:
+def base_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
     env.update({"GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_NOSYSTEM": "1", "GIT_TERMINAL_PROMPT": "0",
                 "LC_ALL": "C", "LANG": "C"})
@@ -49,7 +49,7 @@ def _base_env() -> dict[str, str]:
 def init_repository(path: Path) -> None:
     """``git init -b main <path>`` (a non-bare repository: its git directory is ``path/.git``)."""
     proc = subprocess.run([git_executable(), "init", "-q", "-b", "main", str(path)], capture_output=True,
-                          cwd=Path(path).parent, env=_base_env())
+                          cwd=Path(path).parent, env=base_env())
     if proc.returncode:
         raise GitError(f"git init {path} failed: {proc.stderr.decode(errors='replace').strip()}")
 
@@ -60,7 +60,7 @@ class Git:
     def __init__(self, git_dir: Path) -> None:
         self.git_dir = Path(git_dir)
         self._exe = git_executable()
-        self._env = _base_env()
+        self._env = base_env()
 
     def _cmd(self, args: Sequence[str]) -> list[str]:
         return [self._exe, f"--git-dir={self.git_dir}", *args]

@@ -17,7 +17,7 @@ import subprocess
 from urllib.parse import urlencode
 
 from .errors import HubHTTPError
-from .git import _base_env, git_executable
+from .git import base_env, git_executable
 from .messages import Request, StreamResponse
 
 #: the longest a ``git http-backend`` run may take
@@ -40,7 +40,7 @@ def upload_pack(req: Request) -> StreamResponse:
 
 def _backend(req: Request, path: str, body: bytes) -> StreamResponse:
     repo = req.server.store.open_visible(req.params["repo_type"], req.params["repo_id"], req.caller)
-    env = _base_env() | {
+    env = base_env() | {
         "GIT_PROJECT_ROOT": str(repo.path), "PATH_INFO": f"/.git/{path}", "GIT_HTTP_EXPORT_ALL": "1",
         "REQUEST_METHOD": req.method, "QUERY_STRING": urlencode({k: v[-1] for k, v in req.query.items()}),
         "CONTENT_TYPE": req.headers.get("Content-Type") or "", "CONTENT_LENGTH": str(len(body)),

@@ -16,6 +16,7 @@ from __future__ import annotations
 from functools import lru_cache
 from urllib.parse import quote
 
+from .listing import visible_repos
 from .messages import Request, Response, TextResponse
 from .names import REPO_TYPES, URL_PREFIXES
 from .storage import Repo, iso
@@ -52,13 +53,8 @@ def index(req: Request) -> Response:
                               "Set-Cookie": f"{TOKEN_COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/"})
     groups = []
     for plural, repo_type in REPO_TYPES.items():
-        repos = []
-        for repo in req.server.store.list(repo_type):
-            if repo.private and not req.caller.authenticated:
-                continue
-            head = repo.branch_head("main")
-            repos.append({"id": repo.repo_id, "url": repo_url(repo), "private": repo.private,
-                          "changed": iso(repo.commit_time(head)) if head else ""})
+        repos = [{"id": repo.repo_id, "url": repo_url(repo), "private": repo.private, "changed": changed or ""}
+                 for repo, _, changed in visible_repos(req, repo_type)]
         groups.append((plural, repos))
     return _page("index.html", title="Repositories", groups=groups)
 
