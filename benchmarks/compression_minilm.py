@@ -23,11 +23,12 @@ from pathlib import Path
 import torch
 
 from hf_taskarith import TaskVector
-from hf_taskarith.demo.assets import minilm_path
-from hf_taskarith.demo.data import load_task
-from hf_taskarith.demo.evaluate import task_accuracy
-from hf_taskarith.demo.models import load_encoder, load_tokenizer, make_head
-from hf_taskarith.demo.train import finetune_encoder
+from hf_taskarith.evaluation.task_accuracy import task_accuracy
+from hf_taskarith.training.assets import minilm_path
+from hf_taskarith.training.encoders import load_encoder, load_tokenizer
+from hf_taskarith.training.heads import make_head
+from hf_taskarith.training.manual_loop import finetune_encoder
+from hf_taskarith.training.tasks import load_task
 
 SETTINGS = [("topk", {"density": 0.2}), ("topk", {"density": 0.1}), ("topk", {"density": 0.05}),
             ("sign", {"density": 0.2}), ("sign", {"density": 0.1}),

@@ -60,7 +60,7 @@ from pathlib import Path
 import torch
 
 from hf_taskarith import TaskVector, list_merge_methods, merge
-from hf_taskarith.demo.data import load_task
+from hf_taskarith.training.tasks import load_task
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "llm_tasks.json"

@@ -63,10 +63,11 @@ import torch
 from edit_protocols import addition, negation
 
 from hf_taskarith import LinearizedModel, TaskVector
-from hf_taskarith.demo.assets import minilm_path
-from hf_taskarith.demo.data import load_task
-from hf_taskarith.demo.models import encode, load_encoder, load_tokenizer, make_head
-from hf_taskarith.demo.train import finetune_encoder
+from hf_taskarith.training.assets import minilm_path
+from hf_taskarith.training.encoders import encode, load_encoder, load_tokenizer
+from hf_taskarith.training.heads import make_head
+from hf_taskarith.training.manual_loop import finetune_encoder
+from hf_taskarith.training.tasks import load_task
 from hf_taskarith.evaluation import ModelEditor
 from hf_taskarith.evaluation.disentanglement import disentanglement_error
 from hf_taskarith.evaluation.plots import plot_disentanglement

@@ -99,8 +99,9 @@ from tqdm.auto import tqdm
 from edit_protocols import addition, negation
 
 from hf_taskarith import LinearizedModel, TaskVector
-from hf_taskarith.demo.models import fit_linear_probe, freeze, progress_disabled
-from hf_taskarith.demo.train import shuffled_batches, warmup_linear_decay
+from hf_taskarith.training.encoders import progress_disabled
+from hf_taskarith.training.heads import fit_linear_probe, freeze
+from hf_taskarith.training.manual_loop import shuffled_batches, warmup_linear_decay
 from hf_taskarith.errors import NonFiniteError
 from hf_taskarith.evaluation import ModelEditor, TangentEditor, disentanglement_error
 from hf_taskarith.evaluation.plots import plot_cosine_matrix, plot_disentanglement
@@ -305,7 +306,7 @@ def features(model: nn.Module, images: torch.Tensor, *, batch_size: int = FEATUR
 
 def fit_probe(feats: torch.Tensor, labels: torch.Tensor, num_labels: int, *, l2: float = 0.05,
               max_iter: int = 200) -> nn.Linear:
-    """The frozen task head: :func:`hf_taskarith.demo.models.fit_linear_probe` with one global
+    """The frozen task head: :func:`hf_taskarith.training.heads.fit_linear_probe` with one global
     feature scale (``scaling="global"``): at small image sizes most of Lite0's 1280 pooled
     ReLU6 features are (nearly) constant on these images (e.g. 732 of them have a standard
     deviation below 1e-3 on 32 px Fashion-MNIST), so per-feature standardization would give
@@ -324,7 +325,7 @@ def finetune_images(model: nn.Module, head: nn.Module, train: ImageSplit, *, ste
     """Fine-tune ``model`` (a backbone or its :class:`LinearizedModel`) in place through the frozen ``head``.
 
     AdamW without weight decay, linear warm-up then linear decay, gradient clipping; batches
-    drawn without replacement and reshuffled each epoch (as ``hf_taskarith.demo.train``).
+    drawn without replacement and reshuffled each epoch (as ``hf_taskarith.training.manual_loop``).
     The model stays in eval mode: BatchNorm uses (and keeps) its pre-trained running
     statistics, drop-connect and dropout are off.
     """

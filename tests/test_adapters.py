@@ -280,6 +280,28 @@ def test_merge_adapters_sums_dense_deltas_without_cross_terms(bert, tmp_path):
     assert not torch.equal(ties.get_parameter(name), bert.get_parameter(name))
 
 
+
+def test_merge_adapters_runs_weight_space_methods_schedules_and_refuses_whole_model_passes(bert):
+    """slerp (defined on weights) gets base + delta and its result is the weights; a filter picks
+    per-tensor values; ties with trim_scope='global' (a whole-model pre-pass) is refused clearly."""
+    from hf_taskarith.errors import MergeConfigError
+    from hf_taskarith.merging import Case, Conditional
+    from hf_taskarith.merging.methods.slerp import slerp
+
+    a = _lora(bert, 1)
+    tv = TaskVector.from_peft(a)
+    name = "bert.encoder.layer.0.attention.self.query.weight"
+    w0 = bert.get_parameter(name).detach().float()
+    merged = merge_adapters(bert, [a], method="slerp", t=0.3)
+    want = slerp(0.3, w0, w0 + tv[name].float())
+    torch.testing.assert_close(merged.get_parameter(name).float(), want, rtol=1e-6, atol=1e-7)
+    scheduled = merge_adapters(bert, [a], method="slerp", t=Conditional(Case("query", 1.0), default=0.0))
+    torch.testing.assert_close(scheduled.get_parameter(name).float(), w0 + tv[name].float(), rtol=1e-6, atol=1e-7)
+    value = name.replace("query", "value")
+    torch.testing.assert_close(scheduled.get_parameter(value), bert.get_parameter(value))
+    with pytest.raises(MergeConfigError, match="whole model"):
+        merge_adapters(bert, [a, a], method="ties", density=0.5, trim_scope="global")
+
 def test_llora_adapters_with_a_shared_seed_add_exactly_in_adapter_space(bert):
     config = LinearizedLoraConfig(r=4, target_modules=["query", "value"], init_seed=7, linearization="layer")
     a, b = wrap(bert, copy.deepcopy(config)), wrap(bert, copy.deepcopy(config))

@@ -49,10 +49,11 @@ def test_yaml_equals_python_call(tmp_path, llama_checkpoints):
 @pytest.mark.parametrize("text, message", [
     ("merge_method: ties\nmodels: []\n", "non-empty models"),
     ("base_model: x\nmodels: [{model: y}]\n", "needs merge_method"),
-    ("merge_method: ties\nslices: []\nmodels: [{model: y}]\n", "slicing is not supported"),
+    ("merge_method: ties\nslices: []\nmodels: [{model: y}]\n", "both models: and slices:"),
     ("merge_method: ties\nbase_model: b\nmodels: [{model: y, params: {}}]\n", "unknown key.*params"),
     ("merge_method: ties\nbase_model: b\nmodelz: []\n", r"unknown config key\(s\) \['modelz'\]"),
-    ("merge_method: ties\nbase_model: b\nmodels: [{model: y, parameters: {weight: [0, 1]}}]\n", "not supported; use one value"),
+    ("merge_method: ties\nbase_model: b\nmodels: [{model: y, parameters: {density: [0.5, 1.5]}}]\n",
+     r"density=1.5 is outside \(0.0, 1.0\]"),  # every point of a gradient is checked
     ("merge_method: ties\nbase_model: b\nmodels: [{model: y, parameters: {lambda: 2}}]\n", "shared parameter"),
     ("merge_method: ties\nbase_model: b\nmodels: [{model: y, parameters: {gamma: 2}}]\n", "does not take per-model parameter 'gamma'"),
     ("merge_method: [unclosed\n", "not valid YAML"),

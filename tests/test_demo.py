@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from hf_taskarith.demo import DemoConfig, RawTask, assets_available, run_demo, split_task
-from hf_taskarith.demo.data import list_tasks
+from hf_taskarith.training.tasks import list_tasks
 
 WORDS = {
     "mood": (("great", "lovely", "superb", "enjoyable"), ("awful", "boring", "dreadful", "terrible")),
@@ -88,7 +88,8 @@ def test_demo_pipeline_on_tiny_bert(tiny_bert_dir, tmp_path, mode, hub):
     from hf_taskarith import TaskVector
 
     tv = TaskVector.from_pretrained(out / "task_vectors" / "mood")
-    assert tv.metadata.created_with == ("linearized" if mode == "linear" else "from_models")
+    assert tv.metadata.created_with == ("linearized" if mode == "linear" else "fine-tuning")  # LinearizedTrainer
+    assert tv.metadata.extra["training"]["max_steps"] == 20 and "encoder.embeddings.word_embeddings.weight" not in tv
     assert tv.metadata.extra["mode"] == mode and tv.norm() > 0
 
     # the Hub round trip: one repo per task, tagged v1, pulled back at the pushed commit
@@ -127,8 +128,8 @@ def test_demo_pipeline_on_tiny_bert(tiny_bert_dir, tmp_path, mode, hub):
 
 
 def test_finetune_encoder_calls_on_step_after_each_step_in_train_mode(tiny_bert_dir):
-    from hf_taskarith.demo.models import load_encoder, load_tokenizer
-    from hf_taskarith.demo.train import finetune_encoder
+    from hf_taskarith.training.encoders import load_encoder, load_tokenizer
+    from hf_taskarith.training.manual_loop import finetune_encoder
 
     encoder, tokenizer = load_encoder(tiny_bert_dir), load_tokenizer(tiny_bert_dir)
     head = torch.nn.Linear(32, 2)
@@ -146,7 +147,7 @@ def test_finetune_encoder_calls_on_step_after_each_step_in_train_mode(tiny_bert_
 
 def test_demo_cli_parses_and_reports_missing_assets(monkeypatch, tmp_path, capsys):
     from hf_taskarith.cli.main import build_parser, main
-    from hf_taskarith.demo import assets
+    from hf_taskarith.training import assets
 
     args = build_parser().parse_args(["demo", "--quick", "--steps", "3", "--tasks", "sms_spam", "trec",
                                       "--output-dir", str(tmp_path / "o")])

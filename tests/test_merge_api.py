@@ -293,7 +293,8 @@ def test_model_stock_in_memory_equals_the_checkpoint_merge(tmp_path, llama_model
 @pytest.mark.parametrize("method, n, params, message", [
     ("slerp", 2, {"t": 0.5}, r"'slerp' takes exactly 1 model besides the base model, got 2"),
     ("slerp", 1, {}, "needs parameter 't'"),
-    ("slerp", 1, {"t": [0.0, 1.0]}, "Per-layer gradients"),
+    ("slerp", 1, {"t": [0.0, 1.0]}, r"t takes one value here, got \[0.0, 1.0\]\. For values that vary over the "
+                                     r"layers pass a Gradient"),
     ("model_stock", 1, {}, r"'model_stock' takes at least 2 models besides the base model, got 1"),
     ("model_stock", 2, {"weight": 0.5}, r"does not take parameter\(s\) \['weight'\]"),
     ("passthrough", 2, {}, r"'passthrough' takes exactly 1 model, got 2"),

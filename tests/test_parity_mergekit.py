@@ -389,12 +389,11 @@ def test_linear_without_normalize_is_the_plain_weighted_sum(ckpts, tmp_path):
 
 
 @pytest.mark.parametrize("extra, model_params, message", [
-    ({"slices": []}, {"weight": 0.5}, "slicing is not supported"),
+    # slices (layer ranges, frankenmerges) are supported: tests/test_slices.py
     ({"modules": {}}, {"weight": 0.5}, "per-module configs are not supported"),
     ({"tokenizer": {"source": "base"}}, {"weight": 0.5}, "tokenizer blocks are not supported"),
-    ({"tokenizer_source": "union"}, {"weight": 0.5}, "union .* is not supported"),
-    ({}, {"weight": [0.2, 0.8]}, "Per-layer gradients"),
-    ({}, {"weight": [{"filter": "self_attn", "value": 0.2}, {"value": 0.5}]}, "Per-layer gradients"),
+    # tokenizer_source: union is supported: tests/test_tokenizer_union.py
+    # gradients and filters are supported: tests/test_parity_mergekit_gradients.py
 ])
 def test_unsupported_mergekit_features_are_refused(extra, model_params, message, ckpts, tmp_path):
     text = _yaml(ckpts, "task_arithmetic", [model_params], dtype="float32", extra=extra)
@@ -404,8 +403,8 @@ def test_unsupported_mergekit_features_are_refused(extra, model_params, message,
 
 
 # documented in docs/mergekit_compatibility.md, "Methods"
-MERGEKIT_ONLY = {"arcee_fusion", "karcher", "multislerp", "nearswap", "nuslerp", "ram", "ramplus_tl", "sce"}
-OURS_ONLY = {"magnitude_prune", "tsv", "iso_c", "iso_cts"}
+MERGEKIT_ONLY = {"ram", "ramplus_tl"}
+OURS_ONLY = {"magnitude_prune", "tsv", "iso_c", "iso_cts", "hierarchical"}
 
 
 def test_method_sets_differ_exactly_as_documented():
@@ -563,13 +562,7 @@ def test_weight_space_methods_refuse_the_wrong_number_of_models(method, n_models
     assert not (tmp_path / "ours").exists()
 
 
-def test_slerp_gradient_of_t_is_refused(ckpts, tmp_path):
-    """mergekit interpolates a list ``t: [0, 0.5, 1]`` over the layers; our config takes one value
-    per parameter and says so (docs/mergekit_compatibility.md, "Configuration")."""
-    text = _yaml(ckpts, "slerp", [{}], shared={"t": [0.0, 0.5, 1.0]}, dtype="float32")
-    _run_mergekit(text, tmp_path / "mk")
-    with pytest.raises(MergeConfigError, match="t must be a number.*Per-layer gradients .* are not supported"):
-        _run_ours(text, tmp_path, tmp_path / "ours")
+# a gradient of t (t: [0, 0.5, 1]) and filters: tests/test_parity_mergekit_gradients.py
 
 
 @pytest.mark.parametrize("method, n_models, shared", [

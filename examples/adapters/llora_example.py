@@ -1,8 +1,9 @@
 """L-LoRA end to end, offline: train two adapters, save, reload, convert, merge.
 
 Two toy tasks on token sequences (does token 5 occur? does token 7 occur?), each learned by
-an L-LoRA adapter (``linearization="model"``, the paper's partial linearization) with the
-plain ``transformers.Trainer``. The adapters are saved with ``save_pretrained``, reloaded with
+an L-LoRA adapter (``linearization="model"``, the paper's partial linearization) with
+``LinearizedTrainer``, which trains a ``PeftModel`` with a linearized adapter as it is (the plain
+``transformers.Trainer`` works too: the adapter is an ordinary peft adapter). The adapters are saved with ``save_pretrained``, reloaded with
 ``peft.PeftModel.from_pretrained``, turned into dense task vectors with
 ``TaskVector.from_peft`` and merged (dense delta space) two ways:
 
@@ -28,11 +29,13 @@ from pathlib import Path
 import peft
 import torch
 from datasets import Dataset
-from transformers import Trainer, TrainingArguments
+from transformers import TrainingArguments
 
 from hf_taskarith import TaskVector
 from hf_taskarith.adapters import LinearizedLoraConfig, merge_adapters
+from hf_taskarith.evaluation.metrics import load_metric
 from hf_taskarith.linearize import LinearizedModel
+from hf_taskarith.training import LinearizedTrainer
 
 VOCAB, SEQ, MARKERS = 100, 12, {"task_5": 5, "task_7": 7}
 
@@ -65,7 +68,8 @@ def dataset(marker: int, n: int, seed: int) -> Dataset:
 def accuracy(model, ds: Dataset) -> float:
     with torch.no_grad():
         out = model(input_ids=torch.tensor(ds["input_ids"])).logits
-    return float((out.argmax(-1) == torch.tensor(ds["labels"])).float().mean())
+    # through `evaluate`, with the accuracy module shipped in hf_taskarith (a local path, no Hub)
+    return load_metric("accuracy").compute(predictions=out.argmax(-1).tolist(), references=ds["labels"])["accuracy"]
 
 
 def main() -> None:
@@ -88,7 +92,7 @@ def main() -> None:
         targs = TrainingArguments(output_dir=str(out / f"{name}_run"), max_steps=args.steps, learning_rate=5e-2,
                                   per_device_train_batch_size=32, report_to=[], save_strategy="no",
                                   logging_steps=max(1, args.steps // 4), use_cpu=True, disable_tqdm=True)
-        Trainer(model=model, args=targs, train_dataset=dataset(marker, 1024, seed=marker)).train()
+        LinearizedTrainer(model=model, args=targs, train_dataset=dataset(marker, 1024, seed=marker)).train()
         print(f"{name}: accuracy {accuracy(model, tests[name]):.3f} (base {accuracy(base, tests[name]):.3f})")
         model.save_pretrained(out / name)
 

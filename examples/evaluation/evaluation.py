@@ -10,8 +10,9 @@ task (the encoder fine-tuned through that head). Then:
 3. the weight disentanglement error xi of two tasks on a small grid;
 4. heat maps of the task vectors' cosine similarities and of xi, written as PNGs.
 
-``--linearized`` fine-tunes in the tangent space (``LinearizedModel``) and evaluates every
-combination there with ``TangentEditor`` instead of ``ModelEditor``.
+Fine-tuning runs ``LinearizedTrainer`` (``mode="nonlinear"``); ``--linearized`` fine-tunes in
+the tangent space (``mode="linear"``) and evaluates every combination there with
+``TangentEditor`` instead of ``ModelEditor``.
 
     python examples/evaluation/evaluation.py                              # under a minute on 2 CPU cores
     python examples/evaluation/evaluation.py --linearized                 # tangent space, about 2x longer
@@ -27,15 +28,22 @@ import time
 from pathlib import Path
 
 import torch
+from datasets import Dataset
 from torch import nn
 from transformers import BertConfig, BertModel
 
 from hf_taskarith import LinearizedModel, TaskVector
 from hf_taskarith.evaluation import (
-    ModelEditor, TangentEditor, disentanglement_error, learn_coefficients, task_addition, task_negation,
+    ModelEditor,
+    TangentEditor,
+    disentanglement_error,
+    learn_coefficients,
+    task_addition,
+    task_negation,
 )
 from hf_taskarith.evaluation.coefficients import layer_of
 from hf_taskarith.evaluation.plots import plot_cosine_matrix, plot_disentanglement
+from hf_taskarith.training.frozen_head import train_encoder
 
 # Each task: does the sequence hold one of the first three keywords (label 0) or of the last three (label 1)?
 TASKS = {"mood": (2, 3, 4, 5, 6, 7), "topic": (8, 9, 10, 11, 12, 13), "tense": (14, 15, 16, 17, 18, 19)}
@@ -82,23 +90,20 @@ def fit_head(encoder: nn.Module, ids: torch.Tensor, labels: torch.Tensor, seed: 
 
 def task_vector(base: nn.Module, head: nn.Module, ids: torch.Tensor, labels: torch.Tensor, *, steps: int,
                 seed: int, linearized: bool) -> TaskVector:
-    """Fine-tune a copy of the encoder through the frozen head; return fine-tuned minus pre-trained.
+    """Fine-tune a copy of the encoder through the frozen head with ``LinearizedTrainer`` on a
+    ``datasets.Dataset`` of token ids; return the task vector (fine-tuned minus pre-trained).
 
-    Ordinary fine-tuning uses a small learning rate (small task vectors: the regime in which
-    task arithmetic works); tangent-space fine-tuning trains ``delta`` of a ``LinearizedModel``.
+    Ordinary fine-tuning (``mode="nonlinear"``) uses a small learning rate (small task vectors:
+    the regime in which task arithmetic works); tangent-space fine-tuning (``mode="linear"``)
+    trains ``delta`` of a ``LinearizedModel``. Adam (AdamW without weight decay) at a constant
+    learning rate, batch 32, no gradient clipping.
     """
-    torch.manual_seed(seed)
-    model = LinearizedModel(base) if linearized else copy.deepcopy(base).train()
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3 if linearized else 5e-4)
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        idx = torch.randint(0, len(ids), (32,), generator=g)
-        opt.zero_grad()
-        nn.functional.cross_entropy(head(features(model, ids[idx])), labels[idx]).backward()
-        opt.step()
-    if linearized:
-        return model.task_vector()
-    return TaskVector.from_models(base, model.eval(), base_model="example/tiny-bert")
+    data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": labels.tolist()})
+    result = train_encoder(copy.deepcopy(base), head, None, data, mode="linear" if linearized else "nonlinear",
+                           steps=steps, batch_size=32, learning_rate=1e-3 if linearized else 5e-4, warmup_ratio=0.0,
+                           max_grad_norm=0.0, lr_scheduler_type="constant", seed=seed, progress=False,
+                           base_model="example/tiny-bert")
+    return result.task_vector
 
 
 def main() -> None:

@@ -26,6 +26,7 @@ import torch
 from datasets import Dataset
 from transformers import BertConfig, BertForSequenceClassification, TrainingArguments
 
+from hf_taskarith.evaluation.metrics import load_metric
 from hf_taskarith.linearize import LinearizedModel
 from hf_taskarith.training import LinearizedTrainer
 
@@ -50,7 +51,8 @@ def task_data(marker: int, n: int, seed: int) -> Dataset:
 def accuracy(model, ds: Dataset) -> float:
     with torch.no_grad():
         out = model(input_ids=torch.tensor(ds["input_ids"]), token_type_ids=torch.tensor(ds["token_type_ids"]))
-    return float((out.logits.argmax(-1) == torch.tensor(ds["labels"])).float().mean())
+    # through `evaluate`, with the accuracy module shipped in hf_taskarith (a local path, no Hub)
+    return load_metric("accuracy").compute(predictions=out.logits.argmax(-1).tolist(), references=ds["labels"])["accuracy"]
 
 
 def main() -> None:

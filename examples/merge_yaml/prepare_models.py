@@ -5,9 +5,10 @@ Writes under ``models/`` (next to this file):
 - ``base/``: a tiny BERT built from a config (2 layers, hidden 32) with a word-level tokenizer,
   or the real all-MiniLM-L6-v2 with ``--minilm``;
 - ``ft_a/``, ``ft_b/``: the base fine-tuned on task A and task B (synthetic word tasks, or
-  SMS spam and movie sentiment with ``--minilm``), the task's head kept frozen;
+  SMS spam and movie sentiment with ``--minilm``), the task's head kept frozen, with
+  ``LinearizedTrainer`` in ordinary mode (``mode="nonlinear"``) on a ``datasets.Dataset``;
 - ``tv_b/``: task B's task vector, saved with ``TaskVector.save_pretrained``;
-- ``heads/`` and ``tasks.json``: the frozen heads and test data, for ``evaluate.py``.
+- ``heads/`` and ``tasks.json``: the frozen heads and test data, for ``score.py``.
 
     python examples/merge_yaml/prepare_models.py [--minilm]
 """
@@ -23,9 +24,14 @@ from pathlib import Path
 import torch
 
 from hf_taskarith import TaskVector
-from hf_taskarith.demo.data import RawTask, load_task, split_task
-from hf_taskarith.demo.models import load_encoder, load_tokenizer, make_head, quiet_transformers, save_heads
-from hf_taskarith.demo.train import finetune_encoder
+from hf_taskarith.training.encoders import (
+    load_encoder,
+    load_tokenizer,
+    quiet_transformers,
+)
+from hf_taskarith.training.frozen_head import train_encoder
+from hf_taskarith.training.heads import make_head, save_heads
+from hf_taskarith.training.tasks import RawTask, load_task, split_task
 
 HERE = Path(__file__).resolve().parent
 MODELS = HERE / "models"
@@ -62,7 +68,7 @@ def main() -> None:
     args = parser.parse_args()
     MODELS.mkdir(exist_ok=True)
     if args.minilm:
-        from hf_taskarith.demo.assets import minilm_path
+        from hf_taskarith.training.assets import minilm_path
 
         source = minilm_path()
         tasks = [load_task(n, train_size=384, val_size=32, test_size=200) for n in ("sms_spam", "movie_sentiment")]
@@ -82,7 +88,7 @@ def main() -> None:
     save_heads(heads, {t.name: t.label_names for t in tasks}, MODELS / "heads")
     for i, (t, slot) in enumerate(zip(tasks, ("a", "b"))):
         ft = copy.deepcopy(base)
-        finetune_encoder(ft, heads[t.name], tok, t.train, seed=i, progress=False, **train_kw)
+        train_encoder(ft, heads[t.name], tok, t.dataset("train"), mode="nonlinear", seed=i, progress=False, **train_kw)
         with quiet_transformers():
             ft.save_pretrained(MODELS / f"ft_{slot}")
         tok.save_pretrained(MODELS / f"ft_{slot}")

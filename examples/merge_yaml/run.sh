@@ -10,4 +10,4 @@ python prepare_models.py "$@"
 for cfg in task_arithmetic ties dare_ties negate; do
   hf-taskarith merge "$cfg.yml" "merged/$cfg" --overwrite --no-progress
 done
-python evaluate.py models/base models/ft_a models/ft_b merged/task_arithmetic merged/ties merged/dare_ties merged/negate
+python score.py models/base models/ft_a models/ft_b merged/task_arithmetic merged/ties merged/dare_ties merged/negate

@@ -146,7 +146,9 @@ def merge_adapters(base_model: nn.Module, adapters: Sequence[Any], *, method: st
     Example:
         >>> merged = merge_adapters(base, ["out/task_a", "out/task_b"], method="ties", density=0.2)
     """
+    from ..errors import MergeConfigError
     from ..merging.registry import get_merge_method
+    from ..merging.schedule import layer_positions
     from ..task_vector import TaskVector
 
     if not adapters:
@@ -155,6 +157,12 @@ def merge_adapters(base_model: nn.Module, adapters: Sequence[Any], *, method: st
     if weights is not None:
         params["weight"] = list(weights)
     resolved = merge_method.resolve_params(len(adapters), params)
+    if merge_method.prepass is not None and merge_method.prepass(resolved) is not None:
+        raise MergeConfigError(
+            f"merge_adapters: method {method!r} with these parameters needs a pass over each whole model before "
+            "merging (e.g. ties with trim_scope='global'), which this in-memory helper does not run. Convert the "
+            "adapters to task vectors (task_vector_from_peft) and merge them with hf_taskarith.merge(), or choose "
+            "parameters that work tensor by tensor.")
     tvs = [a if isinstance(a, TaskVector) else task_vector_from_peft(a, base_model=base_model) for a in adapters]
     state = float_state_dict(base_model)
     fp = fingerprint_state_dict(state)
@@ -174,12 +182,19 @@ def merge_adapters(base_model: nn.Module, adapters: Sequence[Any], *, method: st
     out = copy.deepcopy(base_model) if copy_model else base_model
     target = float_state_dict(out)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    positions = layer_positions(list(target))
     with torch.no_grad():
         for name in names:
             ref = target[name]
+            tensor_params = merge_method.tensor_params(resolved, tensor_name=name, position=positions[name])
+            base = ref.detach().to(device="cpu", dtype=torch.float32, copy=True)
             deltas = [tv[name].to(torch.float32) if name in tv else torch.zeros(ref.shape) for tv in tvs]
-            kw = {"base": ref.detach().to(torch.float32)} if merge_method.takes_base else {}
-            merged = merge_method.fn(deltas, resolved, generator, **kw)
+            if merge_method.on_weights:  # slerp, model_stock, ...: the adapters' weights in, merged weights out
+                merged = merge_method.fn([d.add_(base) for d in deltas], tensor_params, generator, base=base)
+                ref.copy_(merged.to(device=ref.device, dtype=ref.dtype))
+                continue
+            kw = {"base": base} if merge_method.takes_base else {}
+            merged = merge_method.fn(deltas, tensor_params, generator, **kw)
             ref.add_(merged.to(device=ref.device, dtype=ref.dtype))
     return out
 

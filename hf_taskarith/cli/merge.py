@@ -1,8 +1,12 @@
-"""``hf-taskarith merge CONFIG.yml OUT_DIR``: run a (mergekit-compatible) merge config."""
+"""``hf-taskarith merge CONFIG.yml OUT_DIR``: run a (mergekit-compatible) merge config.
+
+``hf-taskarith merge --print-schema`` prints the JSON schema of the config file (for editors).
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 
 from .common import DTYPE_CHOICES
 
@@ -10,6 +14,8 @@ from .common import DTYPE_CHOICES
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("merge", help="merge models / task vectors described by a YAML config",
                        description="Run a merge described by a mergekit-compatible YAML file.")
+    p.add_argument("--print-schema", action=_PrintSchema,
+                   help="print the JSON schema of merge config files (for editors: see docs/merging.md) and exit")
     p.add_argument("config", help="YAML file (merge_method, base_model, models, parameters, dtype, ...)")
     p.add_argument("output_dir", help="folder to write the merged checkpoint to (created atomically)")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, help="override the output dtype (default: the config's dtype)")
@@ -23,6 +29,20 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="always use the torch engine (by default, task_arithmetic and linear merges of local "
                         "safetensors checkpoints run torch-free with numpy, with identical output)")
     p.set_defaults(func=run)
+
+
+class _PrintSchema(argparse.Action):
+    """Like ``--version``: print the schema and exit, before the positionals are required."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        kwargs.update(nargs=0, default=argparse.SUPPRESS)
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from ..merging.schema import json_schema
+
+        print(json.dumps(json_schema(), indent=2))
+        parser.exit()
 
 
 def run(args: argparse.Namespace) -> int:

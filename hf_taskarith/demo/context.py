@@ -15,11 +15,11 @@ from typing import Any
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..evaluation.task_accuracy import evaluate_tasks
 from ..task_vector import TaskVector
+from ..training.encoders import load_encoder, progress_disabled
+from ..training.tasks import TaskData
 from .config import DemoConfig
-from .data import TaskData
-from .evaluate import evaluate_tasks
-from .models import load_encoder, progress_disabled
 from .report import DemoResults
 
 

@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from ..merging.registry import get_merge_method
+from ..training.tasks import TaskData
 from . import steps as _steps  # noqa: F401  (registers the built-in steps)
 from .config import DemoConfig
 from .context import DEMO_STEPS, DemoContext, DemoStep
-from .data import TaskData
 from .report import DemoResults
 
 logger = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ def validate_config(config: DemoConfig, *, custom_tasks: bool = False) -> None:
         ValueError: an unknown task (``UnknownMethodError``, a ``ValueError`` too, for an
             unknown merge method); the message lists the valid names.
     """
-    from .data import list_tasks
+    from ..training.tasks import list_tasks
 
     for name in config.merge_methods:
         get_merge_method(name)

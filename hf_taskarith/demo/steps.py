@@ -6,8 +6,9 @@ Steps (``DEMO_STEPS``, in order):
    checkpoint folder, load the tasks' splits.
 2. ``heads``: make one frozen head per task from the pre-trained encoder.
 3. ``pretrained``: score the pre-trained encoder on every task (zero-shot through the heads).
-4. ``finetune``: fine-tune a copy of the encoder on each task, save the checkpoint, extract
-   and save its task vector (:meth:`TaskVector.from_models`), score it on every task.
+4. ``finetune``: fine-tune a copy of the encoder on each task with ``LinearizedTrainer``
+   (:func:`hf_taskarith.training.frozen_head.train_encoder`, on the task's ``datasets.Dataset``),
+   save the checkpoint (non-linear mode), save its task vector, score it on every task.
 5. ``task_vectors``: reload the saved task vectors; norms and pairwise cosine similarities.
 6. ``merge``: for each merge method, choose the coefficient on validation among the grid,
    each candidate a checkpoint written by the streaming :func:`hf_taskarith.merge`
@@ -33,18 +34,23 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import TaskArithError
+from ..evaluation.task_accuracy import mean
 from ..io.writer import atomic_output_dir
 from ..merging.api import merge
 from ..merging.registry import get_merge_method
 from ..task_vector import TaskVector
-from .assets import minilm_path
+from ..training.assets import minilm_path
+from ..training.encoders import (
+    load_encoder,
+    load_tokenizer,
+    progress_disabled,
+    quiet_transformers,
+)
+from ..training.frozen_head import train_encoder
+from ..training.heads import make_head, save_heads
+from ..training.tasks import load_task
 from .context import DemoContext, register_demo_step
-from .data import load_task
-from .evaluate import mean
-from .models import load_encoder, load_tokenizer, make_head, progress_disabled, quiet_transformers, save_heads
 from .report import DemoResults, NegationResult, ResultRow
-from ..linearize import LinearizedModel
-from .train import finetune_encoder
 
 logger = logging.getLogger(__name__)
 
@@ -85,34 +91,33 @@ def step_pretrained(ctx: DemoContext) -> None:
 
 
 def step_finetune(ctx: DemoContext) -> None:
+    """Fine-tune on each task with :class:`~hf_taskarith.training.LinearizedTrainer` (``mode`` =
+    the demo's mode) through the task's frozen head, on the task's ``datasets.Dataset``."""
     c = ctx.config
     own: dict[str, float] = {}
     for i, t in enumerate(ctx.tasks):
         encoder = copy.deepcopy(ctx.base_encoder)
-        model = LinearizedModel(encoder, copy_model=False) if ctx.linear else encoder
-        fit = finetune_encoder(model, ctx.heads[t.name], ctx.tokenizer, t.train, steps=c.steps,
-                               batch_size=c.batch_size, learning_rate=c.learning_rate,
-                               weight_decay=c.weight_decay, warmup_ratio=c.warmup_ratio,
-                               max_length=c.max_length, seed=c.seed + 1 + i, progress=c.progress,
-                               desc=f"fine-tune {t.name} ({c.mode})")
+        fit = train_encoder(encoder, ctx.heads[t.name], ctx.tokenizer, t.dataset("train"), mode=c.mode,
+                            steps=c.steps, batch_size=c.batch_size, learning_rate=c.learning_rate,
+                            weight_decay=c.weight_decay, warmup_ratio=c.warmup_ratio, max_length=c.max_length,
+                            seed=c.seed + 1 + i, progress=c.progress, desc=f"fine-tune {t.name} ({c.mode})",
+                            base_model=ctx.base_model_id)
         details = {"task": t.name, "mode": c.mode, "steps": c.steps, "batch_size": c.batch_size,
                    "learning_rate": c.learning_rate, "seed": c.seed + 1 + i}
         row = {"train_seconds": round(fit.seconds, 2), "first_loss": fit.first_loss, "last_loss": fit.last_loss}
-        if ctx.linear:  # the trained model is f_lin(x; theta0 + tau): its task vector is all there is to keep
-            tv = model.task_vector(base_model=ctx.base_model_id, finetuned_model=f"{ctx.base_model_id}+{t.name}")
-        else:
+        tv = fit.task_vector  # over the encoder's names; in linear mode f_lin(x; theta0 + tau) is all there is
+        tv.metadata.finetuned_model = f"{ctx.base_model_id}+{t.name}"
+        if not ctx.linear:
             folder = ctx.output_dir / "checkpoints" / "finetuned" / t.name
             _save_encoder(encoder, ctx.tokenizer, folder)
             ctx.finetuned_dirs[t.name] = row["path"] = folder
-            tv = TaskVector.from_models(ctx.base_encoder, encoder, base_model=ctx.base_model_id,
-                                        finetuned_model=f"{ctx.base_model_id}+{t.name}")
         tv.metadata.extra.update(details)
         ctx.task_vector_dirs[t.name] = tv.save_pretrained(ctx.output_dir / "task_vectors" / t.name, overwrite=True)
         ctx.task_vectors[t.name] = TaskVector.from_pretrained(ctx.task_vector_dirs[t.name])
-        acc = ctx.evaluate(model, "test", desc=f"fine-tuned {t.name}")
+        acc = ctx.evaluate(fit.model, "test", desc=f"fine-tuned {t.name}")
         own[t.name] = acc[t.name]
         ctx.results.rows.append(ResultRow(f"fine-tuned on {t.name}", "finetuned", acc, row))
-        del encoder, model, tv
+        del encoder, fit, tv
     ctx.results.rows.append(ResultRow("fine-tuned (each task's own model)", "individual", own))
 
 
@@ -250,7 +255,7 @@ def step_disentanglement(ctx: DemoContext) -> None:
     if not c.xi_alphas:
         return
     from ..evaluation import ModelEditor, disentanglement_error
-    from .models import encode
+    from ..training.encoders import encode
 
     t1, t2 = (t.name for t in ctx.tasks[:2])
     by_name = {t.name: t for t in ctx.tasks}

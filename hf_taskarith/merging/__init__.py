@@ -12,6 +12,7 @@ _EXPORTS = {
     "merge": ".api",
     "MergeMethod": ".registry", "ParamSpec": ".registry", "get_merge_method": ".registry",
     "list_merge_methods": ".registry", "register_merge_method": ".registry",
+    "Gradient": ".schedule", "Conditional": ".schedule", "Case": ".schedule",
 }
 __all__ = list(_EXPORTS)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -53,11 +54,17 @@ def merge(base: Any, models: Sequence[Any], *, method: str = "task_arithmetic",
             della_linear, magnitude_prune, tsv, iso_c, iso_cts, and the weight-space methods
             slerp (one model, ``t=``), model_stock (two or more models) and passthrough (one
             model, optional ``scale=``; no base needed).
-        weights: one weight per model (or one for all). Negative weights negate tasks.
+        weights: one weight per model (or one for all). Negative weights negate tasks. Each
+            may vary by tensor: a :class:`~hf_taskarith.merging.schedule.Gradient` over the
+            layers or a :class:`~hf_taskarith.merging.schedule.Conditional` on tensor names
+            (see ``**params``).
         output_dir: where to write the merged checkpoint (required unless ``base`` is a module).
         dtype: output dtype (default: the base's dtype per tensor). Maths runs in float32.
         tokenizer_source: ``"base"`` or one of the models: its tokenizer is copied, and its
-            vocabulary size decides the rows of embedding / LM-head tensors.
+            vocabulary size decides the rows of embedding / LM-head tensors. ``"union"``: the
+            union of every model's vocabulary (mergekit's), each model's embedding / LM-head rows
+            re-indexed by token before merging (:mod:`~hf_taskarith.merging.tokenizer_union`;
+            checkpoint folders with tokenizers only).
         seed: seeds randomized methods (DARE, DELLA); results are reproducible per seed and
             independent of tensor order.
         max_shard_size: output shard size (``"5GB"``, ``"500MB"``, bytes).
@@ -68,6 +75,13 @@ def merge(base: Any, models: Sequence[Any], *, method: str = "task_arithmetic",
         progress: show a tqdm bar over tensors (also off with ``HF_HUB_DISABLE_PROGRESS_BARS=1``).
         **params: method parameters, e.g. ``density=0.2``, ``lambda_=0.5`` (or ``**{"lambda": 0.5}``),
             ``normalize=True``, ``gamma=0.01``, ``epsilon=0.15``, ``t=0.3`` (slerp). Per-model ones take a list.
+            Any value may vary by tensor, as mergekit's gradients and filters do
+            (:mod:`hf_taskarith.merging.schedule`): ``t=Gradient([0, 0.5, 1])`` interpolates over
+            the layers (tensors outside the layers take the first value);
+            ``density=Conditional(Case("self_attn", 0.3), default=0.6)`` picks by name (first
+            matching filter wins; with no match and no ``default`` the method's default applies);
+            a case's value may itself be a ``Gradient``. A plain list always means one value per
+            model, never a gradient; a shared parameter refuses a list.
 
     Returns:
         The output folder (``Path``) for checkpoint bases, or the merged ``nn.Module``.
@@ -78,7 +92,9 @@ def merge(base: Any, models: Sequence[Any], *, method: str = "task_arithmetic",
         MergeConfigError: unknown method or parameter, wrong number of weights or of models
             for the method (slerp: one besides the base; model_stock: two or more), bad density or
             seed, an output path that is (or is nested with) an input, ``linear`` weights
-            summing to 0 with ``normalize``.
+            summing to 0 with ``normalize`` (for some tensor, where weights vary); a gradient or
+            filter value out of range (every value it can take is checked), a conditional that
+            leaves a required parameter unset for some tensor.
         FileExistsError: ``output_dir`` exists (a file, or a folder that is not empty) and
             ``overwrite`` is False.
         KeyMismatchError, ShapeMismatchError, IncompatibleBaseError: inputs do not fit the base.
@@ -94,6 +110,9 @@ def merge(base: Any, models: Sequence[Any], *, method: str = "task_arithmetic",
     Example:
         >>> merge("base/", ["tv_a/", "tv_b/"], method="ties", weights=[1.0, 1.0], density=0.2,
         ...       output_dir="merged/")
+        >>> from hf_taskarith.merging import Case, Conditional, Gradient
+        >>> merge("base/", ["chat/"], method="slerp", output_dir="slerped/",
+        ...       t=Conditional(Case("self_attn", Gradient([0, 0.5, 1])), default=0.5))
     """
     m = get_merge_method(method)
     if "lambda_" in params:
@@ -108,6 +127,7 @@ def merge(base: Any, models: Sequence[Any], *, method: str = "task_arithmetic",
         check_output_not_input(output_dir, [base, *models])
     if not models:
         raise MergeConfigError("merge() needs at least one model or task vector to merge.")
+    base_given = base is not None
     if base is None:
         if m.needs_base:
             raise MergeConfigError(f"merge method {method!r} needs a base model.")
@@ -118,10 +138,16 @@ def merge(base: Any, models: Sequence[Any], *, method: str = "task_arithmetic",
 
     base_src = open_tensor_source(base, label=_label(base, "base"))
     inputs = [open_delta_source(x, label=_label(x, f"model {i}")) for i, x in enumerate(models)]
-    vocab_src = _vocab_source(tokenizer_source, base_src, inputs)
+    union = None
+    if isinstance(tokenizer_source, str) and tokenizer_source == "union":  # hf_taskarith.merging.tokenizer_union
+        from .tokenizer_union import union_sources
+
+        union = union_sources(base_src, inputs, base_given=base_given)
+        base_src, inputs = union.base, union.inputs
+    vocab_src = base_src if union is not None else _vocab_source(tokenizer_source, base_src, inputs)
     out_dtype = parse_dtype(dtype)
     plan = plan_merge(base_src, inputs, m, resolved, out_dtype=out_dtype, vocab_source=vocab_src,
-                      seed=seed, allow_mismatch=allow_mismatch)
+                      seed=seed, allow_mismatch=allow_mismatch, base_given=base_given)
 
     if isinstance(base, torch.nn.Module):
         return _merge_into_module(plan, base, inplace=inplace, progress=progress)
@@ -131,7 +157,13 @@ def merge(base: Any, models: Sequence[Any], *, method: str = "task_arithmetic",
         with ShardedWriter(tmp, plan.specs(), prefix="model", max_shard_size=max_shard_size,
                            metadata={"format": "pt"}) as writer:
             report = run_merge(plan, writer.write, progress=progress, open_output=writer.open_range)
-        write_side_files(tmp, plan.summary(out_dtype), report, config_yaml=config_yaml)
+        summary = plan.summary(out_dtype)
+        if union is not None:  # the union tokenizer, not a copy of the base's
+            union.save_tokenizer(tmp)
+            summary = dataclasses.replace(summary, tokenizer_folder=None)
+        write_side_files(tmp, summary, report, config_yaml=config_yaml)
+        if union is not None:
+            union.set_vocab_size(tmp)
     _log_report(report)
     return Path(output_dir)
 
@@ -169,9 +201,6 @@ def _vocab_source(ref: Any, base_src, inputs):
     else:
         matches = [s for s in inputs if s.label == str(ref)]
         if not matches:
-            if ref == "union":
-                raise MergeConfigError("tokenizer_source: union (mergekit's token re-mapping) is not "
-                                       "supported; use 'base' or one of the models.")
             raise MergeConfigError(f"tokenizer_source {ref!r} is neither 'base' nor one of the models "
                                    f"{[s.label for s in inputs]}.")
         src = matches[0]

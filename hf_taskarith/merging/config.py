@@ -9,19 +9,25 @@ Accepted keys (mergekit's meaning)::
         parameters: {weight: 1.0, density: 0.5}
     parameters: {normalize: true, lambda: 1.0, int8_mask: true}   # shared
     dtype: bfloat16                 # output dtype (out_dtype also accepted)
-    tokenizer_source: base          # or one of the models
+    tokenizer_source: base          # or one of the models, or union
+    chat_template: chatml           # auto, a built-in name, or a Jinja template
+    name: my-merge                  # the title of the model card
+    # instead of models: layer ranges to merge and stack (frankenmerges)
+    # slices: [{sources: [{model: ..., layer_range: [0, 16]}]}]
     # hf_taskarith extensions:
     seed: 0
     max_shard_size: 5GB
 
-Not supported (a clear error says so): ``slices`` / layer ranges, parameter gradients
-(lists) and ``filter`` overrides, ``tokenizer_source: union``, ``tokenizer:`` blocks.
-A model listed under ``models`` that equals ``base_model`` is the base (as in mergekit);
-for ``linear`` (which averages whole models) it is averaged with its weight.
+The structure and types are checked by the schema (:mod:`.schema`: one line per mistake;
+its JSON schema is ``docs/merge_config.schema.json``); parameter names and values by the
+merge method (:class:`~.registry.ParamSpec`). ``tokenizer:`` blocks and ``modules`` are
+refused with a clear error. A model listed under ``models`` that equals ``base_model`` is the
+base (as in mergekit); for ``linear`` (which averages whole models) it is averaged with its weight.
 """
 
 from __future__ import annotations
 
+import copy
 import operator
 import os
 from dataclasses import dataclass, field
@@ -32,18 +38,30 @@ import yaml
 
 from ..errors import MergeArgumentTypeError, MergeConfigError
 
-TOP_LEVEL = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source",
-             "seed", "max_shard_size", "name", "chat_template"}
 #: how a one-line string that is YAML text (not a file name) starts
 YAML_STARTS = ("merge_method", "{", "#")
-UNSUPPORTED = {"slices": "layer slicing is not supported; merge whole models",
-               "tokenizer": "tokenizer blocks are not supported; use tokenizer_source",
-               "modules": "per-module configs are not supported"}
 
 
 @dataclass
 class MergeConfig:
-    """A parsed, validated merge configuration."""
+    """A parsed, validated merge configuration.
+
+    Attributes:
+        merge_method: the registered method's name.
+        base_model: the base (a resolved local path or a Hub id), or ``None``.
+        models: the inputs (resolved paths or Hub ids), the base left out for task-vector
+            methods; empty when ``slices`` is given.
+        model_parameters: each model's ``parameters:``, verbatim (gradients are lists,
+            filters ``{filter, value}`` dicts).
+        parameters: the shared ``parameters:``, verbatim.
+        dtype: the output dtype name (``out_dtype`` wins over ``dtype``), or ``None``.
+        tokenizer_source: ``"base"``, ``"union"``, a model (resolved), or ``None``.
+        seed, max_shard_size: hf_taskarith extensions.
+        name: the merged model's name (the model card's title), or ``None``.
+        chat_template: ``auto``, a built-in template name or a Jinja template, or ``None``.
+        slices: the validated ``slices:`` (plain dicts, each source's ``model`` resolved), or ``None``.
+        source_text: the YAML text the config came from (a dump of the mapping for dicts).
+    """
 
     merge_method: str
     base_model: str | None
@@ -54,6 +72,9 @@ class MergeConfig:
     tokenizer_source: str | None = "base"
     seed: int = 0
     max_shard_size: str | int = "5GB"
+    name: str | None = None
+    chat_template: str | None = None
+    slices: list[dict[str, Any]] | None = None
     source_text: str | None = None
 
     @classmethod
@@ -94,65 +115,66 @@ class MergeConfig:
 
     @classmethod
     def from_dict(cls, data: Any, *, base_dir: str | os.PathLike | None = None) -> "MergeConfig":
-        if not isinstance(data, dict):
-            raise MergeConfigError(f"merge config must be a mapping, got {type(data).__name__}.")
-        for key, why in UNSUPPORTED.items():
-            if key in data:
-                raise MergeConfigError(f"config key {key!r}: {why}.")
-        unknown = sorted(set(data) - TOP_LEVEL)
-        if unknown:
-            raise MergeConfigError(f"unknown config key(s) {unknown}; valid keys: {sorted(TOP_LEVEL)}.")
-        if "merge_method" not in data:
-            raise MergeConfigError("config needs merge_method (e.g. task_arithmetic, ties, dare_ties).")
-        from .registry import get_merge_method
+        """Validate a parsed config (:mod:`.schema`) and resolve its model references.
 
-        method = get_merge_method(str(data["merge_method"]))
+        Relative model paths resolve against ``base_dir`` when they exist there; anything else
+        (a Hub id, an absolute path) is kept as written.
+
+        Raises:
+            MergeConfigError: one line per mistake (where, what was received, what was
+                expected); a config whose models are all the base model.
+            UnknownMethodError: ``merge_method`` is not registered.
+        """
+        from .registry import get_merge_method
+        from .schema import validate_config
+
+        valid = validate_config(data)
+        method = get_merge_method(valid.merge_method)
         resolve = _resolver(base_dir)
-        base = data.get("base_model")
-        base = resolve(base) if base is not None else None
-        entries = data.get("models") or []
-        if not isinstance(entries, list) or not entries:
-            raise MergeConfigError("config needs a non-empty models: list of {model: ..., parameters: {...}}.")
+        base = resolve(valid.base_model) if valid.base_model is not None else None
         models, params = [], []
-        for i, entry in enumerate(entries):
-            if isinstance(entry, str):
-                entry = {"model": entry}
-            if not isinstance(entry, dict) or "model" not in entry:
-                raise MergeConfigError(f"models[{i}] must be a mapping with a 'model' key, got {entry!r}.")
-            extra = sorted(set(entry) - {"model", "parameters"})
-            if extra:
-                raise MergeConfigError(f"models[{i}] has unknown key(s) {extra}; valid: ['model', 'parameters'].")
-            model = resolve(entry["model"])
+        for entry in valid.models or []:
+            model = resolve(entry.model)
             if base is not None and model == base and method.needs_base:
                 continue  # the base of a task-vector method is the reference, not an input (as in mergekit)
-            p = entry.get("parameters") or {}
-            if not isinstance(p, dict):
-                raise MergeConfigError(f"models[{i}].parameters must be a mapping, got {p!r}.")
             models.append(model)
-            params.append(dict(p))
-        if not models:
+            params.append(copy.deepcopy(entry.parameters or {}))
+        if valid.models is not None and not models:
             raise MergeConfigError("config lists no models besides the base model.")
-        shared = data.get("parameters") or {}
-        if not isinstance(shared, dict):
-            raise MergeConfigError(f"parameters must be a mapping, got {shared!r}.")
-        tok = data.get("tokenizer_source", "base")
-        if tok is not None and not isinstance(tok, str):
-            raise MergeConfigError(f"tokenizer_source must be 'base', a model of the config, or null; got {tok!r}.")
-        if tok not in (None, "base"):
+        slices = None
+        if valid.slices is not None:
+            slices = [{"sources": [{"model": resolve(src.model), "layer_range": list(src.layer_range),
+                                    "parameters": copy.deepcopy(src.parameters or {})} for src in piece.sources],
+                       "parameters": copy.deepcopy(piece.parameters or {})} for piece in valid.slices]
+        tok = valid.tokenizer_source
+        if tok not in (None, "base", "union"):
             tok = resolve(tok)
         return cls(
-            merge_method=str(data["merge_method"]), base_model=base, models=models, model_parameters=params,
-            parameters=dict(shared), dtype=data.get("out_dtype") or data.get("dtype"),
-            tokenizer_source=tok, seed=parse_seed(data.get("seed", 0)),
-            max_shard_size=data.get("max_shard_size", "5GB"),
+            merge_method=valid.merge_method, base_model=base, models=models, model_parameters=params,
+            parameters=copy.deepcopy(valid.parameters or {}), dtype=valid.out_dtype or valid.dtype,
+            tokenizer_source=tok, seed=valid.seed, max_shard_size=valid.max_shard_size, name=valid.name,
+            chat_template=valid.chat_template, slices=slices,
+            source_text=_dump(data),
         )
 
     def merge_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for :func:`hf_taskarith.merge` (per-model params become lists)."""
+        """Keyword arguments for :func:`hf_taskarith.merge` (per-model params become lists).
+
+        YAML values that vary by tensor become :mod:`.schedule` objects, with mergekit's
+        meaning: a list is a :class:`~.schedule.Gradient` over the layers (under a model or under
+        ``parameters:``, never one value per model), ``{filter, value}`` mappings a
+        :class:`~.schedule.Conditional`. A model's conditional that matches no tensor falls back
+        to the shared ``parameters:`` value, then to the method's default.
+
+        Raises:
+            MergeConfigError: a parameter the method does not take, a shared one under a model,
+                a malformed gradient or filter (:func:`~.schedule.parse_setting`).
+        """
         from .registry import get_merge_method
+        from .schedule import parse_setting, with_fallback
 
         method = get_merge_method(self.merge_method)
-        kwargs: dict[str, Any] = dict(self.parameters)
+        kwargs: dict[str, Any] = {k: parse_setting(v, where=f"parameters.{k}") for k, v in self.parameters.items()}
         per_model = {k for p in self.model_parameters for k in p}
         for key in sorted(per_model):
             spec = method.param_index.get(key)
@@ -164,8 +186,11 @@ class MergeConfig:
             if not spec.per_model:
                 raise MergeConfigError(f"{key!r} is a shared parameter of {self.merge_method!r}: put it under "
                                        "top-level parameters:, not under a model.")
-            shared_default = kwargs.pop(key, spec.default)
-            kwargs[key] = [p.get(key, shared_default) for p in self.model_parameters]
+            shared = kwargs.pop(key, None)
+            kwargs[key] = [
+                with_fallback(parse_setting(p[key], where=f"parameters.{key} of model {model!r}"), shared)
+                if key in p else (shared if shared is not None else spec.default)
+                for model, p in zip(self.models, self.model_parameters)]
         return kwargs
 
 
@@ -204,6 +229,10 @@ def merge_from_config(config: str | os.PathLike | MergeConfig | dict, output_dir
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if "seed" in overrides:  # the torch-free path only records it: check it here for both engines
         overrides["seed"] = parse_seed(overrides["seed"])
+    if config.slices:  # layer ranges stacked into a new model (frankenmerges): hf_taskarith.merging.slices
+        from .slices import merge_slices
+
+        return merge_slices(config, output_dir, **overrides)
     if fast_path:
         from .lite import merge_config_lite
 
@@ -238,6 +267,15 @@ def parse_seed(value: Any) -> int:
         raise MergeConfigError(f"seed must be a non-negative integer, got {value!r} ({type(value).__name__}); "
                                "write a whole number such as 0 or 7.")
     return seed
+
+
+def _dump(data: dict[str, Any]) -> str | None:
+    """A config mapping as YAML text (recorded next to the output, as mergekit does), or
+    ``None`` if it holds values YAML cannot write."""
+    try:
+        return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+    except yaml.YAMLError:
+        return None
 
 
 def _resolver(base_dir):

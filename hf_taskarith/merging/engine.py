@@ -31,17 +31,20 @@ import logging
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import IncompatibleBaseError, KeyMismatchError, NonFiniteError, ShapeMismatchError, format_names
+from ..errors import (IncompatibleBaseError, KeyMismatchError, MergeConfigError, NonFiniteError, ShapeMismatchError,
+                      format_names)
 from ..io.writer import TensorSpec
 from .blockwise import BlockKernel, BlockRunner, DeltaBlocks, RangeSink, finite, kernel_for, merge_blocks
 from .prepass import ModelPrepass
 from .registry import MergeMethod
 from .report import MergeReport, MergeSummary
+from .schedule import has_schedule, layer_positions, to_plain
 from .sources import DeltaSource, ModelDelta, TensorSource
 from .vocab import VocabAlignment, is_vocab_tensor, rows_differ_only
 
@@ -56,6 +59,7 @@ class _TensorJob:
     is_float: bool
     inputs: list[int]          # indices of inputs that contribute
     common_rows: int | None    # vocab alignment: merge only these rows
+    params: dict[str, Any] | None = None  # this tensor's values of parameters that vary by tensor
 
 
 @dataclass
@@ -64,6 +68,14 @@ class MergePlan:
 
     ``prepass`` is the method's finished whole-model pre-pass (:mod:`.prepass`), set by
     :func:`run_merge` on its copy of the plan; its per-tensor parameters join each tensor's.
+
+    ``base_given`` is False when the caller gave no base model and the first model stands in as
+    the reference (methods with ``needs_base=False``); methods defined on weights then get
+    ``base=None``. ``base_inputs`` are the inputs that are the base checkpoint itself (a base
+    model also listed among the models): a method defined on weights that needs no base
+    receives, for them, the very tensor it gets as ``base=`` (``weights[i] is base``), so it
+    can tell the base apart as mergekit does (nuslerp, multislerp: not a model to merge;
+    karcher: one of the points, counted once).
     """
 
     base: TensorSource
@@ -75,6 +87,8 @@ class MergePlan:
     seed: int
     vocab_source: TensorSource
     prepass: ModelPrepass | None = None
+    base_given: bool = True
+    base_inputs: tuple[int, ...] = ()
 
     def specs(self) -> list[TensorSpec]:
         return [TensorSpec(j.name, j.out_shape, j.out_dtype) for j in self.jobs]
@@ -83,7 +97,8 @@ class MergePlan:
         """What is recorded next to the output (``dtype``: the requested output dtype)."""
         return MergeSummary(
             method=self.method.name, description=self.method.description, reference=self.method.reference,
-            params=self.params, seed=self.seed, dtype=str(dtype).replace("torch.", "") if dtype else None,
+            params={k: to_plain(v) for k, v in self.params.items()}, seed=self.seed,
+            dtype=str(dtype).replace("torch.", "") if dtype else None,
             base_label=self.base.label, input_labels=[s.label for s in self.inputs],
             base_folder=self.base.folder, tokenizer_folder=self.vocab_source.folder or self.base.folder,
         )
@@ -91,8 +106,11 @@ class MergePlan:
 
 def plan_merge(base: TensorSource, inputs: list[DeltaSource], method: MergeMethod, params: dict[str, Any], *,
                out_dtype: torch.dtype | None = None, vocab_source: TensorSource | None = None,
-               seed: int = 0, allow_mismatch: bool = False) -> MergePlan:
+               seed: int = 0, allow_mismatch: bool = False, base_given: bool = True) -> MergePlan:
     """Check names, shapes and fingerprints of every input against the base, and plan each tensor.
+
+    ``base_given=False``: ``base`` is the first model standing in as the reference, not a base
+    model the caller chose (see :class:`MergePlan`).
 
     Raises:
         KeyMismatchError / ShapeMismatchError / IncompatibleBaseError: with the offending
@@ -164,7 +182,48 @@ def plan_merge(base: TensorSource, inputs: list[DeltaSource], method: MergeMetho
                 report.vocab.append(VocabAlignment(name, meta.shape[0], [s[0] for s in shapes], out_shape[0],
                                                    common, vocab_source.label))
         jobs.append(_TensorJob(name, out_shape, out_dtype or meta.dtype, True, contributing, common))
-    return MergePlan(base, inputs, method, params, jobs, report, seed, vocab_source)
+    if has_schedule(params):
+        _evaluate_schedules(method, params, jobs, base_names)
+    return MergePlan(base, inputs, method, params, jobs, report, seed, vocab_source, base_given=base_given,
+                     base_inputs=_base_inputs(base, inputs) if base_given and not method.needs_base else ())
+
+
+def _base_inputs(base: TensorSource, inputs: list[DeltaSource]) -> tuple[int, ...]:
+    """The inputs that are the base checkpoint itself (same folder on disk)."""
+    if base.folder is None:
+        return ()
+    folder = Path(base.folder).resolve()
+    return tuple(i for i, src in enumerate(inputs) if isinstance(src, ModelDelta) and src.source.folder is not None
+                 and Path(src.source.folder).resolve() == folder)
+
+
+def _evaluate_schedules(method: MergeMethod, params: dict[str, Any], jobs: list[_TensorJob],
+                        base_names: list[str]) -> None:
+    """Give each float job its own values of the parameters that vary by tensor (gradients over
+    the layers, filters on names; :mod:`.schedule`), checked before anything is merged.
+
+    Raises:
+        MergeConfigError: a value a tensor cannot take (see :meth:`MergeMethod.tensor_params`),
+            or a schedule with a method that needs a whole-model pre-pass.
+    """
+    positions = layer_positions(base_names)
+    for job in jobs:
+        if not job.is_float:
+            continue
+        job.params = method.tensor_params(params, tensor_name=job.name, position=positions[job.name])
+        if method.prepass is not None and method.prepass(job.params) is not None:
+            fix = ("Use trim_scope: tensor, or one value per model." if method.name == "ties"
+                   else "Give each parameter one value (per model where it is per model).")
+            raise MergeConfigError(
+                f"merge method {method.name!r}: with these parameters it runs a pre-pass over each whole model "
+                f"({method.name}: {_prepass_what(method, job.params)}), which takes one value per model for every "
+                f"tensor; per-layer gradients and filters cannot be combined with it. {fix}")
+
+
+def _prepass_what(method: MergeMethod, params: dict[str, Any]) -> str:
+    """What a method's pre-pass does, for messages."""
+    prepass = method.prepass(params) if method.prepass is not None else None
+    return getattr(prepass, "description", None) or "whole-model figures"
 
 
 def _generator(seed: int, name: str) -> torch.Generator:
@@ -195,6 +254,7 @@ def run_merge(plan: MergePlan, sink: Callable[[str, torch.Tensor], None], *, pro
     with BlockRunner(workers) as runner:
         prepass = method.prepass(plan.params) if method.prepass is not None else None
         if prepass is not None:  # figures of each whole input, before any tensor is merged
+            prepass.begin(plan.base)
             _run_prepass(plan, prepass, runner, disable=disable)
             plan = replace(plan, prepass=prepass)
         for job in tqdm(plan.jobs, desc=f"merging ({method.name})", unit="tensor", disable=disable):
@@ -219,8 +279,9 @@ def run_merge(plan: MergePlan, sink: Callable[[str, torch.Tensor], None], *, pro
 def _job_params(plan: MergePlan, job: _TensorJob) -> dict[str, Any]:
     """The method's parameters for one tensor: per-model ones for its contributing inputs only,
     plus the pre-pass's share for this tensor."""
+    source = job.params if job.params is not None else plan.params
     params = {k: ([v[i] for i in job.inputs] if plan.method.param_index[k].per_model else v)
-              for k, v in plan.params.items()}
+              for k, v in source.items()}
     if plan.prepass is not None:
         params.update(plan.prepass.tensor_params(job.name, job.inputs))
     return params
@@ -237,12 +298,15 @@ def _run_prepass(plan: MergePlan, prepass: ModelPrepass, runner: BlockRunner, *,
     vocabulary-aligned rows), so the pre-pass sees the values the merge will trim; a NaN or
     inf in an input stops the merge here, before anything is written.
     """
-    jobs = [job for job in plan.jobs if job.is_float and job.inputs]
+    jobs = [job for job in plan.jobs if job.is_float and job.inputs and prepass.selects(job.name)]
     rounds = 0
     while prepass.needs_pass():
         rounds += 1
         for job in tqdm(jobs, desc=f"{prepass.description} ({plan.method.name}), pass {rounds}", unit="tensor",
                         disable=disable):
+            if prepass.reads == "weights":  # whole float32 weights, as an on_weights method gets them
+                prepass.collect_weights(job.name, job.inputs, *_whole_weights(plan, job))
+                continue
             if job.common_rows is not None:
                 prepass.collect(job.name, job.inputs, [prepass.scan(_rows_deltas(plan, job), job.inputs)])
                 continue
@@ -255,6 +319,20 @@ def _run_prepass(plan: MergePlan, prepass: ModelPrepass, runner: BlockRunner, *,
                 for at in range(0, len(ranges), _PREPASS_GROUP):
                     prepass.collect(job.name, job.inputs, runner.map(scan, ranges[at:at + _PREPASS_GROUP]))
         prepass.end_pass()
+
+
+def _whole_weights(plan: MergePlan, job: _TensorJob) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One tensor's float32 base weights and each contributing input's float32 weights (over
+    the common rows of a vocabulary-aligned tensor); a NaN or inf stops the merge here."""
+    base = plan.base.get(job.name)[:job.common_rows].to(torch.float32)
+    weights = []
+    for i in job.inputs:
+        w = _input_weights(plan.inputs[i], job.name, base, job.common_rows)
+        if not _finite(w):
+            raise NonFiniteError(f"input {plan.inputs[i].label}: tensor {job.name!r} contains NaN or inf. Fix or "
+                                 "re-export that checkpoint; merging it would spread the bad values.")
+        weights.append(w)
+    return base, weights
 
 
 def _rows_deltas(plan: MergePlan, job: _TensorJob) -> torch.Tensor:
@@ -320,6 +398,9 @@ def _merge_general(plan: MergePlan, job: _TensorJob) -> torch.Tensor:
     inputs = []
     for i in job.inputs:
         src = plan.inputs[i]
+        if method.on_weights and i in plan.base_inputs:  # the base itself: the very tensor given as base=
+            inputs.append(base_c)
+            continue
         x = read_input(src, job.name, base_c, rows)
         if not _finite(x):
             raise NonFiniteError(
@@ -330,8 +411,12 @@ def _merge_general(plan: MergePlan, job: _TensorJob) -> torch.Tensor:
     if inputs:
         params = _job_params(plan, job)
         gen = _generator(plan.seed, job.name) if method.randomized else None
-        merged = (method.fn(inputs, params, gen, base=base_c) if method.takes_base or method.on_weights
-                  else method.fn(inputs, params, gen))
+        if method.on_weights:  # without a base model given, none is passed (the first model is among the inputs)
+            merged = method.fn(inputs, params, gen, base=base_c if plan.base_given else None)
+        elif method.takes_base:
+            merged = method.fn(inputs, params, gen, base=base_c)
+        else:
+            merged = method.fn(inputs, params, gen)
         del inputs
         if merged.shape != base_c.shape:
             raise ShapeMismatchError(

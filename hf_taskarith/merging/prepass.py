@@ -8,15 +8,24 @@ method declares ``prepass`` in its registry entry
 tensor's deltas through a :class:`ModelPrepass` (as many passes as it asks for) and adds
 :meth:`ModelPrepass.tensor_params` to each tensor's parameters when it merges it.
 
+A pre-pass that needs whole weights rather than blocks of deltas (head alignment in
+:mod:`.methods.hierarchical` compares each input's attention heads with the base's) sets
+``reads = "weights"``: the engine then hands it each selected tensor's whole float32 weights,
+the base's included, through :meth:`ModelPrepass.collect_weights`. :meth:`ModelPrepass.begin`
+gives it the base model first (for its ``config.json``), and :meth:`ModelPrepass.selects` lets
+it skip the tensors it does not need, so they are not read twice.
+
 The protocol is plain Python (no torch import here), so registry entries stay cheap to load.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     import torch
+
+    from .sources import TensorSource
 
 
 class ModelPrepass:
@@ -29,11 +38,31 @@ class ModelPrepass:
                 collect(name, inputs, [scan(block, inputs) for block in group])
         end_pass()
 
-    then :meth:`tensor_params` once per tensor while merging.
+    then :meth:`tensor_params` once per tensor while merging. With ``reads = "weights"`` the
+    inner loop is one ``collect_weights(name, inputs, base, weights)`` per tensor instead.
+    :meth:`begin` comes before everything, and only tensors :meth:`selects` accepts are streamed.
     """
 
     #: shown on the progress bar of each pass
     description: str = "pre-pass"
+    #: ``"delta_blocks"``: :meth:`scan` / :meth:`collect` over blocks of deltas; ``"weights"``:
+    #: :meth:`collect_weights` with whole float32 weights
+    reads: Literal["delta_blocks", "weights"] = "delta_blocks"
+
+    def begin(self, base: TensorSource) -> None:
+        """Called once before the first pass with the base model (``base.folder`` holds its
+        ``config.json`` when it is a checkpoint); may raise ``MergeConfigError``. Default: nothing."""
+
+    def selects(self, name: str) -> bool:
+        """Whether float tensor ``name`` is streamed through the pre-pass (default: all)."""
+        return True
+
+    def collect_weights(self, name: str, inputs: list[int], base: torch.Tensor,
+                        weights: list[torch.Tensor]) -> None:
+        """``reads == "weights"`` only: tensor ``name``'s float32 base weights and each contributing
+        input's float32 weights (``base + delta`` for a task vector), aligned with ``inputs``.
+        Read them, do not keep or modify them."""
+        raise NotImplementedError
 
     def needs_pass(self) -> bool:
         """Whether another pass over every tensor is needed."""

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..errors import MergeConfigError, UnknownMethodError
+from .schedule import evaluate, has_schedule, is_schedule, map_values
 
 
 class _Required:
@@ -61,9 +62,10 @@ class ParamSpec:
             return value
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise MergeConfigError(
-                f"{where}: {self.name} must be a number, got {value!r} ({type(value).__name__}). "
-                "Per-layer gradients (lists) and filters are not supported; use one value."
+                f"{where}: {self.name} must be a number, got {value!r} ({type(value).__name__})."
             )
+        if self.kind is int and value != int(value):
+            raise MergeConfigError(f"{where}: {self.name} must be a whole number, got {value!r}.")
         value = self.kind(value)
         too_low = self.low is not None and (value <= self.low if self.low_open else value < self.low)
         too_high = self.high is not None and value > self.high
@@ -71,6 +73,24 @@ class ParamSpec:
             lo = "(" if self.low_open else "["
             raise MergeConfigError(f"{where}: {self.name}={value} is outside {lo}{self.low}, {self.high}].")
         return value
+
+    def check_setting(self, value: Any, where: str) -> Any:
+        """:meth:`check` for a value that may vary by tensor: every value a
+        :class:`~.schedule.Gradient` or :class:`~.schedule.Conditional` holds is checked (and
+        converted); interpolated numbers lie between checked ones, so they are in range too.
+
+        Raises:
+            MergeConfigError: a value of the wrong type or out of range; a plain list or mapping
+                (in Python, a gradient is an explicit ``Gradient([...])``).
+        """
+        if is_schedule(value):
+            return map_values(value, lambda v: self.check(v, where))
+        if isinstance(value, (list, tuple, dict)):
+            raise MergeConfigError(
+                f"{where}: {self.name} takes one value here, got {value!r}. For values that vary over the layers "
+                "pass a Gradient([0.0, 0.5, 1.0]); by tensor name, a Conditional(Case('self_attn', 0.3), "
+                "default=0.5) (both from hf_taskarith.merging).")
+        return self.check(value, where)
 
 
 if TYPE_CHECKING:
@@ -166,12 +186,63 @@ class MergeMethod:
                         f"{self.name}: got {len(values)} values for {spec.name!r} but {n_models} models; "
                         "give one value per model, or a single value for all."
                     )
-                out[spec.name] = [spec.check(v, f"{self.name} model {i}") for i, v in enumerate(values)]
+                out[spec.name] = [spec.check_setting(v, f"{self.name} model {i}") for i, v in enumerate(values)]
             else:
-                out[spec.name] = spec.check(value, self.name)
-        if self.check is not None:
+                out[spec.name] = spec.check_setting(value, self.name)
+        if self.check is not None and not has_schedule(out):  # else per tensor: tensor_params
             self.check(out)
         return out
+
+    def tensor_params(self, params: dict[str, Any], *, tensor_name: str, position: float) -> dict[str, Any]:
+        """The resolved parameters of one tensor: every :class:`~.schedule.Gradient` and
+        :class:`~.schedule.Conditional` evaluated (mergekit's precedence: a conditional that
+        matches nothing gives the default), then the method's ``check`` on the result.
+
+        Args:
+            params: from :meth:`resolve_params`.
+            tensor_name: the tensor's name (filters are substrings of it).
+            position: its position ``t`` among the layers (:func:`~.schedule.layer_positions`).
+
+        Returns:
+            ``params`` itself when nothing varies, else a new dict of plain values.
+
+        Raises:
+            MergeConfigError: a required parameter no case of a conditional gives for this
+                tensor, an interpolated value the parameter does not accept (a fraction for a
+                whole number), or what the method's ``check`` refuses (naming the tensor).
+
+        Note:
+            Cost: a few Python operations per parameter and model; nothing when no parameter varies.
+        """
+        if not has_schedule(params):
+            return params
+        out: dict[str, Any] = {}
+        for name, value in params.items():
+            spec = self.param_index[name]
+            if spec.per_model:
+                out[name] = [self._tensor_value(spec, v, tensor_name, position, f" of model {i}")
+                             for i, v in enumerate(value)]
+            else:
+                out[name] = self._tensor_value(spec, value, tensor_name, position, "")
+        if self.check is not None:
+            try:
+                self.check(out)
+            except MergeConfigError as e:
+                raise MergeConfigError(f"tensor {tensor_name!r} (layer position {position:g}): {e}") from None
+        return out
+
+    def _tensor_value(self, spec: ParamSpec, setting: Any, tensor_name: str, position: float, whose: str) -> Any:
+        if not is_schedule(setting):
+            return setting
+        value = evaluate(setting, tensor_name=tensor_name, position=position)
+        if value is None:  # no case of a conditional matches: the default
+            if spec.default is REQUIRED:
+                raise MergeConfigError(
+                    f"merge method {self.name!r}: no filter of {spec.name}{whose} ({setting!r}) matches tensor "
+                    f"{tensor_name!r}, and {spec.name!r} has no default; add a case without filter (YAML: a "
+                    f"mapping with only value:; Python: default=).")
+            return spec.default
+        return spec.check(value, f"{self.name}, tensor {tensor_name!r}{whose}")
 
 
     def check_model_count(self, n_models: int) -> None:

@@ -3,8 +3,9 @@
 Rows ``[0, common)`` (common to every input and the output) are merged; rows beyond come
 from the tokenizer source (the base model unless configured otherwise), so a merged model
 keeps the vocabulary of the tokenizer it ships with. This assumes the shared rows mean the
-same tokens (a fine-tune that *appended* tokens), which is how vocabularies usually grow;
-mergekit's token-by-token re-mapping across unrelated tokenizers is not implemented.
+same tokens (a fine-tune that *appended* tokens), which is how vocabularies usually grow.
+``tokenizer_source: union`` re-maps rows token by token instead
+(:mod:`hf_taskarith.merging.tokenizer_union`); with ``base`` or a model, rows are aligned by index.
 """
 
 from __future__ import annotations

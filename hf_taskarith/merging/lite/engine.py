@@ -36,6 +36,7 @@ from ...io.layout import Entry, ShardLayout, create_shard, encode_header
 from ...io.safetensors_header import FLOAT_CODES, ITEMSIZE, StoredTensor, pread_into, pwrite_all
 from ...metadata import CONFIG_NAME
 from ..report import MergeReport, MergeSummary
+from ..schedule import has_schedule
 from .codecs import CODES, STORED, decode, encode
 
 logger = logging.getLogger(__name__)
@@ -110,6 +111,8 @@ def plan_lite(method: Any, params: dict[str, Any], base: str | None, models: lis
         return no(f"method {method.name!r} runs on the torch engine only (this path runs the weighted sums "
                   f"{sorted(FORMS)}; methods that need per-tensor norms, angles or selections, such as slerp and "
                   "model_stock, do not stream block by block with the same bits)")
+    if has_schedule(params):
+        return no("a parameter varies by tensor (a gradient or filter); the torch engine evaluates those")
     if base is None or not all(isinstance(x, str) for x in [base, *models]):
         return no("base and models must be given as paths")
     folders = [Path(x) for x in [base, *models]]

@@ -11,7 +11,8 @@ import importlib
 
 #: the built-in method modules, by module name
 BUILTIN = ("breadcrumbs", "dare", "della", "iso", "linear", "magnitude_prune", "task_arithmetic", "ties", "tsv",
-           "slerp", "model_stock", "passthrough")
+           "slerp", "model_stock", "passthrough", "hierarchical", "sce", "arcee_fusion",
+           "nuslerp", "multislerp", "karcher", "nearswap")
 
 
 def load(*names: str) -> None:

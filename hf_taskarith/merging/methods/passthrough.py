@@ -1,8 +1,9 @@
 """Passthrough: one model's weights, unchanged or multiplied by ``scale`` (mergekit's ``passthrough``).
 
-mergekit uses it with ``slices`` to stack layers of several models (frankenmerges); slices
-are not supported here, so it copies (and optionally rescales) one whole model: re-sharding,
-converting the dtype (``dtype: bfloat16``) or scaling a model in the same YAML format.
+mergekit uses it with ``slices`` to stack layers of several models (frankenmerges; see
+:mod:`hf_taskarith.merging.slices`); with ``models:`` it copies (and optionally rescales) one
+whole model: re-sharding, converting the dtype (``dtype: bfloat16``) or scaling a model in the
+same YAML format.
 
 It takes exactly one model and needs no base; ``base_model``, when given, is only the
 reference for tensor names, shapes, the default output dtype and the tokenizer (mergekit

@@ -18,9 +18,9 @@ vectors summed chunk by chunk), so float32 inputs give mergekit's result bit for
 
 Note:
     Cost: three passes over the two tensors (norms, dot product, result), the result written
-    into the model's tensor; extra memory a few chunks (4 MB each). ``t`` is one number for every tensor: mergekit's per-layer gradients
-    (``t: [0, 0.5, 1]``) and ``filter`` overrides are refused with a :class:`MergeConfigError`,
-    as for every method.
+    into the model's tensor; extra memory a few chunks (4 MB each). ``t`` may vary by tensor as in
+    mergekit (``t: [0, 0.5, 1]`` over the layers, ``filter`` lists; :mod:`..schedule`): this
+    function receives each tensor's own ``t``.
 
 Example:
     >>> import torch
@@ -99,7 +99,7 @@ def slerp_merge(weights: list[torch.Tensor], p: dict[str, Any], gen: torch.Gener
 register_merge_method(MergeMethod(
     name="slerp", fn=slerp_merge,
     params=(ParamSpec("t", REQUIRED, help="interpolation factor: 0 gives the base model, 1 the other model "
-                                          "(one value; per-layer gradients are not supported)"),),
+                                          "(a gradient over the layers and filters accepted)"),),
     description="Spherical linear interpolation between the base model and one other model.",
     reference="https://en.wikipedia.org/wiki/Slerp", on_weights=True, min_models=1, max_models=1,
 ))

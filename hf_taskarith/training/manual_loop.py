@@ -1,7 +1,19 @@
-"""A minimal fine-tuning loop: the encoder learns, the task's head stays frozen.
+"""A hand-written fine-tuning loop (encoder learns, frozen head), kept for the benchmarks only.
 
-Plain PyTorch (AdamW, linear warm-up then linear decay, gradient clipping) so the loop is
-short, deterministic on CPU for a given seed, and has no hidden state on disk.
+The demo and the examples fine-tune with :class:`~hf_taskarith.training.LinearizedTrainer`
+(:func:`hf_taskarith.training.frozen_head.train_encoder`). This loop stays for two studies
+whose published numbers depend on what it does and ``Trainer`` does not:
+
+* ``benchmarks/text_tasks.py`` calls ``on_step`` after *every* optimizer step to score the
+  validation split and keep the best weights (the selection curve it reports); a
+  ``TrainerCallback`` sees the step but the loop's exact batches (drawn without replacement,
+  a batch may span two epochs, :func:`shuffled_batches`) would change, and with them the
+  published figures.
+* ``benchmarks/vision_tasks.py`` runs its own image loop on :func:`shuffled_batches` and
+  :func:`warmup_linear_decay`.
+
+Plain PyTorch (AdamW, linear warm-up then linear decay, gradient clipping), deterministic on
+CPU for a given seed, with no state on disk.
 """
 
 from __future__ import annotations
@@ -17,8 +29,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import NonFiniteError
-from .data import Split
-from .models import embed, progress_disabled
+from .encoders import embed, progress_disabled
+from .tasks import Split
 
 logger = logging.getLogger(__name__)
 

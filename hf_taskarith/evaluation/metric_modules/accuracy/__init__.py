@@ -1,0 +1,1 @@
+"""The ``accuracy`` metric module (read by ``evaluate.load`` from this folder, not imported)."""
