@@ -75,7 +75,8 @@ def main() -> None:
                    "disk_ratio": dense_disk / folder_bytes(saved), "relative_error": st["relative_error"],
                    "accuracy": acc, "accuracy_change_points": 100 * (acc - ft_acc)}
             rows.append(row)
-            print(f"{method:8s} {json.dumps(params):28s} size x{row['size_ratio']:5.1f} (disk x{row['disk_ratio']:5.1f})  "
+            print(f"{method:8s} {json.dumps(params):28s} size x{row['size_ratio']:5.1f} "
+                  f"(disk x{row['disk_ratio']:5.1f})  "
                   f"rel.err {row['relative_error']:.3f}  acc {acc:.4f} ({row['accuracy_change_points']:+.2f} pts)")
     ok = [r for r in rows if r["size_ratio"] >= 8 and r["accuracy_change_points"] >= -1]
     print(f"settings meeting >= 8x at <= 1 point lost: {len(ok)} of {len(rows)}"

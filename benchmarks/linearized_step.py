@@ -14,8 +14,8 @@ Variants (each a full step: forward, loss, backward, AdamW step, zero_grad):
 
 Times are medians over interleaved rounds (variants alternate within each round, so load
 from other processes hits all of them alike). On a busy shared machine use
-``--threads 1 --clock cpu``: process CPU time is far less sensitive to other processes. Peak memory is each variant's peak resident
-set size in a fresh subprocess, minus the size after imports.
+``--threads 1 --clock cpu``: process CPU time is far less sensitive to other processes. Peak
+memory is each variant's peak resident set size in a fresh subprocess, minus the size after imports.
 
 Usage::
 
@@ -173,7 +173,8 @@ class NaiveLinearized(torch.nn.Module):
         self.model = model
         names = [n for n, _ in model.named_parameters()]
         self.names = names
-        self.params = torch.nn.ParameterList([torch.nn.Parameter(p.detach().clone()) for _, p in model.named_parameters()])
+        self.params = torch.nn.ParameterList(
+            [torch.nn.Parameter(p.detach().clone()) for _, p in model.named_parameters()])
         for i, (_, p) in enumerate(model.named_parameters()):
             self.register_buffer(f"theta0_{i}", p.detach().clone())
         model.requires_grad_(False)

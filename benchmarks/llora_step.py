@@ -10,9 +10,10 @@ batch, same rank and targets:
   linearized (closed form, plain matmuls).
 
 The models, batches, devices and dtypes are those of ``benchmarks/linearized_step.py``
-(``--model vit|bert|vit-b16|bert-base|llama``; GPT-2's Conv1D layers are not adapted by L-LoRA; bf16/fp16 are autocast over float32
-weights, as ``TrainingArguments(bf16=True)`` does). The matmul floor of ``llora_model`` is
-1.5x a LoRA step: the frozen layers run a primal and a tangent product in the forward.
+(``--model vit|bert|vit-b16|bert-base|llama``; GPT-2's Conv1D layers are not adapted by L-LoRA;
+bf16/fp16 are autocast over float32 weights, as ``TrainingArguments(bf16=True)`` does). The
+matmul floor of ``llora_model`` is 1.5x a LoRA step: the frozen layers run a primal and a
+tangent product in the forward.
 
 Times are medians over interleaved rounds (``lora, llora_model, llora_layer, ...``, the order
 reversed every other round) in one process, so load from other processes hits all alike. Prints

@@ -78,7 +78,7 @@ CASES = {
     "karcher": Case(),
     "model_stock": Case(),
     "nearswap": Case(models=("ft1",), shared={"t": 0.001}),
-    "sce": Case(per_model={"weight": 1.0}, shared={"select_topk": 0.2}),
+    "sce": Case(shared={"select_topk": 0.2}),
     "arcee_fusion": Case(models=("ft1",)),
 }
 PARAMS = {m: {**c.per_model, **c.shared} for m, c in CASES.items()}

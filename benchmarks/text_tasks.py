@@ -61,16 +61,15 @@ from pathlib import Path
 import torch
 
 from edit_protocols import addition, negation
-
 from hf_taskarith import LinearizedModel, TaskVector
+from hf_taskarith.evaluation import ModelEditor
+from hf_taskarith.evaluation.disentanglement import disentanglement_error
+from hf_taskarith.evaluation.plots import plot_disentanglement
 from hf_taskarith.training.assets import minilm_path
 from hf_taskarith.training.encoders import encode, load_encoder, load_tokenizer
 from hf_taskarith.training.heads import make_head
 from hf_taskarith.training.manual_loop import finetune_encoder
 from hf_taskarith.training.tasks import load_task
-from hf_taskarith.evaluation import ModelEditor
-from hf_taskarith.evaluation.disentanglement import disentanglement_error
-from hf_taskarith.evaluation.plots import plot_disentanglement
 
 TASKS = ("sms_spam", "movie_sentiment", "trec", "disaster_tweets", "tweet_sentiment", "amazon_sentiment")
 MODES = ("nonlinear", "linear", "lora", "llora")
@@ -384,8 +383,8 @@ def report(inputs: list[str], output: str) -> None:
         if data is None:
             data = part
         elif mismatched_knobs(data["config"], part["config"]):
-            sys.exit(f"{path} was made with different settings ({', '.join(mismatched_knobs(data['config'], part['config']))})"
-                     f" than {inputs[0]}; they cannot be combined.")
+            knobs = ", ".join(mismatched_knobs(data["config"], part["config"]))
+            sys.exit(f"{path} was made with different settings ({knobs}) than {inputs[0]}; they cannot be combined.")
         seen = {(r["seed"], r["mode"]) for r in runs}
         runs += [r for r in part["runs"] if (r["seed"], r["mode"]) not in seen]
     runs.sort(key=lambda r: (r["seed"], MODES.index(r["mode"])))

@@ -97,14 +97,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from edit_protocols import addition, negation
-
 from hf_taskarith import LinearizedModel, TaskVector
-from hf_taskarith.training.encoders import progress_disabled
-from hf_taskarith.training.heads import fit_linear_probe, freeze
-from hf_taskarith.training.manual_loop import shuffled_batches, warmup_linear_decay
 from hf_taskarith.errors import NonFiniteError
 from hf_taskarith.evaluation import ModelEditor, TangentEditor, disentanglement_error
 from hf_taskarith.evaluation.plots import plot_cosine_matrix, plot_disentanglement
+from hf_taskarith.training.encoders import progress_disabled
+from hf_taskarith.training.heads import fit_linear_probe, freeze
+from hf_taskarith.training.manual_loop import shuffled_batches, warmup_linear_decay
 
 TASKS = ("mnist", "fashion_mnist", "digits", "mnist_rotation")
 GRID = tuple(round(0.05 * i, 2) for i in range(21))
@@ -626,7 +625,7 @@ def tiny_transformers(tasks: list[ImageTask], args) -> dict:
                                                   for i in range(0, len(t.probe), 256)]),
                                        t.probe.labels, t.num_labels, l2=args.probe_l2) for t in tasks}
 
-            def logits_of(model, task, x):
+            def logits_of(model, task, x, heads=heads):
                 return heads[task](model(pixel_values=x).pooler_output)
 
             def make_loss(head):
@@ -669,7 +668,7 @@ def tiny_transformers(tasks: list[ImageTask], args) -> dict:
             else:
                 editor = ModelEditor(copy.deepcopy(base), tvs)
 
-            def mean_acc(coefs, split):
+            def mean_acc(coefs, split, editor=editor):
                 with editor.edited(coefs) as model:
                     return {t.name: acc(model, t, split) for t in tasks}
 

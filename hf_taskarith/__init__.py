@@ -46,10 +46,12 @@ def __getattr__(name: str):
 
 __all__ = [
     "LinearizedModel", "LinearizedTrainer", "LinearizedLoraConfig", "TangentConfig",
-    "TaskVector", "TaskVectorMetadata", "check_compatibility", "ApplyReport", "merge", "merge_from_config", "MergeConfig",
+    "TaskVector", "TaskVectorMetadata", "check_compatibility", "ApplyReport",
+    "merge", "merge_from_config", "MergeConfig",
     "get_merge_method", "list_merge_methods", "register_merge_method", "compress",
     "push_task_vector", "pull_task_vector", "list_task_vector_versions",
     "TaskArithError", "CheckpointNotFoundError", "CorruptCheckpointError", "IncompatibleBaseError",
-    "KeyMismatchError", "MergeConfigError", "HubError", "ConcurrentPushError", "NotATaskVectorRepoError", "NonFiniteError", "ShapeMismatchError", "UnknownMethodError",
+    "KeyMismatchError", "MergeConfigError", "HubError", "ConcurrentPushError", "NotATaskVectorRepoError",
+    "NonFiniteError", "ShapeMismatchError", "UnknownMethodError",
     "__version__",
 ]

@@ -62,7 +62,7 @@ class ApplyReport:
         return "; ".join(lines)
 
 
-def check_compatibility(tv: "TaskVector", base: torch.nn.Module | dict[str, torch.Tensor]) -> ApplyReport:
+def check_compatibility(tv: TaskVector, base: torch.nn.Module | dict[str, torch.Tensor]) -> ApplyReport:
     """Compare a task vector with a base model without changing anything.
 
     Checks the weight fingerprint, every tensor's name and shape, and (from ``base.config``)
@@ -91,7 +91,7 @@ def check_compatibility(tv: "TaskVector", base: torch.nn.Module | dict[str, torc
     return report
 
 
-def _updated(tv: "TaskVector", state: dict[str, torch.Tensor], name: str, scaling: float) -> torch.Tensor:
+def _updated(tv: TaskVector, state: dict[str, torch.Tensor], name: str, scaling: float) -> torch.Tensor:
     """``state[name] + scaling * tv[name]`` in the parameter's dtype.
 
     Raises:
@@ -113,7 +113,7 @@ def _updated(tv: "TaskVector", state: dict[str, torch.Tensor], name: str, scalin
     return new
 
 
-def apply_to_module(tv: "TaskVector", model: torch.nn.Module, scaling: float, *, inplace: bool = False,
+def apply_to_module(tv: TaskVector, model: torch.nn.Module, scaling: float, *, inplace: bool = False,
                     allow_mismatch: bool = False, allow_negative_variance: bool = False) -> torch.nn.Module:
     """``model`` with ``scaling * tv`` added: a new model (a deep copy), or ``model`` itself edited
     when ``inplace``; see :meth:`TaskVector.apply_to`.
@@ -166,7 +166,8 @@ def apply_to_module(tv: "TaskVector", model: torch.nn.Module, scaling: float, *,
         logger.warning("applied the task vector with scaling %s (allow_negative_variance=True): normalization "
                        "variances are negative in %s; the model's outputs will be NaN in eval mode.",
                        scaling, format_names(negative_variances))
-    model.hf_taskarith_apply_report = report
+    # torch types Module.__setattr__ for tensors and modules only; any value is accepted at runtime
+    model.hf_taskarith_apply_report = report  # type: ignore[assignment]
     return model
 
 

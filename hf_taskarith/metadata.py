@@ -48,7 +48,7 @@ class TaskVectorMetadata:
         return {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **asdict(self)}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> "TaskVectorMetadata":
+    def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> TaskVectorMetadata:
         """Read metadata, warning (not failing) on keys from newer library versions."""
         data = dict(data)
         fmt = data.pop("format", FORMAT_NAME)
@@ -71,7 +71,7 @@ class TaskVectorMetadata:
             meta.extra = {**meta.extra, "unknown": unknown}
         return meta
 
-    def derived(self, created_with: str, **extra: Any) -> "TaskVectorMetadata":
+    def derived(self, created_with: str, **extra: Any) -> TaskVectorMetadata:
         """A copy describing a vector derived from this one (same base)."""
         return TaskVectorMetadata(
             base_model=self.base_model, base_revision=self.base_revision,

@@ -9,20 +9,27 @@ import numbers
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
 from .delegates import delegate
 from .errors import (
-    CheckpointNotFoundError, IncompatibleBaseError, KeyMismatchError, ShapeMismatchError,
-    TaskArithError, format_names,
+    CheckpointNotFoundError,
+    IncompatibleBaseError,
+    KeyMismatchError,
+    ShapeMismatchError,
+    TaskArithError,
+    format_names,
 )
 from .io.checkpoints import Checkpoint, open_checkpoint
 from .io.fingerprint import fingerprint_checkpoint, fingerprint_state_dict
 from .io.writer import atomic_output_dir, save_tensors
 from .metadata import CONFIG_NAME, WEIGHTS_PREFIX, TaskVectorMetadata
 from .state import float_state_dict
+
+if TYPE_CHECKING:
+    from .compression.compressed import DecodedTensors
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +119,7 @@ class TaskVector(Mapping):
     def compressed(self) -> bool:
         return hasattr(self._deltas, "components")
 
-    def materialize(self) -> "TaskVector":
+    def materialize(self) -> TaskVector:
         """Load every tensor into memory (a no-op for in-memory vectors)."""
         return TaskVector({k: v for k, v in self.items()}, self.metadata) if self.lazy else self
 
@@ -131,7 +138,7 @@ class TaskVector(Mapping):
     def from_state_dicts(cls, base: Mapping[str, torch.Tensor], finetuned: Mapping[str, torch.Tensor], *,
                          base_model: str | None = None, base_revision: str | None = None,
                          finetuned_model: str | None = None, dtype: torch.dtype | None = torch.float32,
-                         created_with: str = "from_state_dicts") -> "TaskVector":
+                         created_with: str = "from_state_dicts") -> TaskVector:
         """``finetuned - base`` for every floating-point tensor (tied weights counted once).
 
         Args:
@@ -158,7 +165,7 @@ class TaskVector(Mapping):
         return cls(deltas, meta)
 
     @classmethod
-    def from_models(cls, base: torch.nn.Module, finetuned: torch.nn.Module, **kwargs: Any) -> "TaskVector":
+    def from_models(cls, base: torch.nn.Module, finetuned: torch.nn.Module, **kwargs: Any) -> TaskVector:
         """Task vector between two ``nn.Module`` s (e.g. transformers models).
 
         The base id and revision are read from ``base.config`` (``_name_or_path`` and
@@ -175,7 +182,7 @@ class TaskVector(Mapping):
     @classmethod
     def from_checkpoints(cls, base: str | os.PathLike, finetuned: str | os.PathLike, *,
                          base_revision: str | None = None, finetuned_revision: str | None = None,
-                         dtype: torch.dtype | None = torch.float32) -> "TaskVector":
+                         dtype: torch.dtype | None = torch.float32) -> TaskVector:
         """Task vector between two checkpoint folders (single or sharded safetensors) or Hub ids.
 
         Tensors are read one pair at a time, so peak memory is the resulting deltas plus
@@ -197,7 +204,7 @@ class TaskVector(Mapping):
         return cls(deltas, meta)
 
     @classmethod
-    def from_peft(cls, model_or_dir: Any, **kwargs: Any) -> "TaskVector":
+    def from_peft(cls, model_or_dir: Any, **kwargs: Any) -> TaskVector:
         """A LoRA, L-LoRA or tangent adapter (``PeftModel`` or adapter folder) as a dense task vector.
 
         LoRA becomes ``scaling * B @ A`` under the base's names (``...query.weight``), so every
@@ -207,7 +214,7 @@ class TaskVector(Mapping):
         return delegate("from_peft")(model_or_dir, **kwargs)
 
     # -- algebra ----------------------------------------------------------------------
-    def _combine(self, other: "TaskVector", op, name: str) -> "TaskVector":
+    def _combine(self, other: TaskVector, op, name: str) -> TaskVector:
         if not isinstance(other, TaskVector):
             return NotImplemented
         _check_same_keys(self.keys(), other.keys(), "left", "right")
@@ -221,33 +228,33 @@ class TaskVector(Mapping):
         meta = (self.metadata if fa else other.metadata).derived("arithmetic")
         return TaskVector({k: op(self[k], other[k]) for k in self}, meta)
 
-    def __add__(self, other: "TaskVector") -> "TaskVector":
+    def __add__(self, other: TaskVector) -> TaskVector:
         return self._combine(other, lambda a, b: a + b, "add")
 
-    def __radd__(self, other: Any) -> "TaskVector":
+    def __radd__(self, other: Any) -> TaskVector:
         if isinstance(other, numbers.Number) and other == 0:  # sum([...]) starts from 0
             return self
         return NotImplemented
 
-    def __sub__(self, other: "TaskVector") -> "TaskVector":
+    def __sub__(self, other: TaskVector) -> TaskVector:
         return self._combine(other, lambda a, b: a - b, "subtract")
 
-    def __neg__(self) -> "TaskVector":
+    def __neg__(self) -> TaskVector:
         return TaskVector({k: -v for k, v in self.items()}, self.metadata.derived("arithmetic"))
 
-    def __mul__(self, alpha: float) -> "TaskVector":
+    def __mul__(self, alpha: float) -> TaskVector:
         if not isinstance(alpha, numbers.Real) or isinstance(alpha, bool):
             return NotImplemented
         return TaskVector({k: v * float(alpha) for k, v in self.items()}, self.metadata.derived("arithmetic"))
 
     __rmul__ = __mul__
 
-    def __truediv__(self, alpha: float) -> "TaskVector":
+    def __truediv__(self, alpha: float) -> TaskVector:
         if not isinstance(alpha, numbers.Real) or isinstance(alpha, bool):
             return NotImplemented
         return self * (1.0 / float(alpha))
 
-    def dot(self, other: "TaskVector") -> float:
+    def dot(self, other: TaskVector) -> float:
         """Inner product over all shared parameters (float64 accumulation)."""
         _check_same_keys(self.keys(), other.keys(), "left", "right")
         return float(sum(torch.dot(self[k].reshape(-1).double(), other[k].reshape(-1).double()) for k in self))
@@ -259,12 +266,12 @@ class TaskVector(Mapping):
         total = sum(v.double().abs().pow(p).sum() for v in self.values())
         return float(total) ** (1.0 / p)
 
-    def cosine_similarity(self, other: "TaskVector") -> float:
+    def cosine_similarity(self, other: TaskVector) -> float:
         """Cosine of the angle between two task vectors (0.0 if either is zero)."""
         denom = self.norm() * other.norm()
         return self.dot(other) / denom if denom > 0 else 0.0
 
-    def to(self, dtype: torch.dtype) -> "TaskVector":
+    def to(self, dtype: torch.dtype) -> TaskVector:
         return TaskVector({k: v.to(dtype) for k, v in self.items()}, self.metadata)
 
     # -- persistence ------------------------------------------------------------------
@@ -279,8 +286,9 @@ class TaskVector(Mapping):
         config = self.metadata.to_dict()
         tensors: Mapping[str, torch.Tensor] = self
         if self.compressed:  # store the compact parts, decode on load
-            tensors = self._deltas.components
-            config["extra"]["compression"] = {**config["extra"]["compression"], **self._deltas.spec()}
+            decoded = cast("DecodedTensors", self._deltas)
+            tensors = decoded.components
+            config["extra"]["compression"] = {**config["extra"]["compression"], **decoded.spec()}
         with atomic_output_dir(save_directory, overwrite=overwrite) as tmp:
             save_tensors(tensors, tmp, prefix=WEIGHTS_PREFIX, max_shard_size=max_shard_size,
                          metadata={"format": "hf_taskarith.task_vector"})
@@ -289,7 +297,7 @@ class TaskVector(Mapping):
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, revision: str | None = None,
-                        dtype: torch.dtype | None = None) -> "TaskVector":
+                        dtype: torch.dtype | None = None) -> TaskVector:
         """Open a saved task vector lazily: tensors are read from disk only when accessed.
 
         Args:
@@ -317,7 +325,7 @@ class TaskVector(Mapping):
 
     @classmethod
     def from_folder(cls, folder: str | os.PathLike, *, dtype: torch.dtype | None = None,
-                    config_label: str | None = None) -> "TaskVector":
+                    config_label: str | None = None) -> TaskVector:
         """Open a saved task-vector folder lazily (what :meth:`from_pretrained` does for folders).
 
         Args:
@@ -360,7 +368,7 @@ class TaskVector(Mapping):
                 ) from None
         return cls(tensors, meta)
 
-    def compress(self, method: str = "topk", **params: Any) -> "TaskVector":
+    def compress(self, method: str = "topk", **params: Any) -> TaskVector:
         """A compressed copy for sharing; see :func:`hf_taskarith.compression.compress`."""
         return delegate("compress")(self, method, **params)
 

@@ -19,7 +19,11 @@ peft = pytest.importorskip("peft")
 
 from hf_taskarith import TaskVector  # noqa: E402
 from hf_taskarith.adapters import (  # noqa: E402
-    LLORA_PEFT_TYPE, TANGENT_PEFT_TYPE, LinearizedLoraConfig, TangentConfig, merge_adapters,
+    LLORA_PEFT_TYPE,
+    TANGENT_PEFT_TYPE,
+    LinearizedLoraConfig,
+    TangentConfig,
+    merge_adapters,
 )
 from hf_taskarith.adapters.registration import register  # noqa: E402
 from hf_taskarith.errors import AdapterConfigError, IncompatibleBaseError  # noqa: E402
@@ -200,8 +204,8 @@ def test_tangent_adapter_equals_linearized_model(bert):
     randomize(model)
     tv = TaskVector.from_peft(model)
     assert all(("attention" in k or "classifier" in k) for k in tv)
-    ref = LinearizedModel.from_task_vector(bert, TaskVector.from_peft(model, complete=True, dtype=torch.float64), engine="jvp",
-                                           linearize=[r"attention", r"classifier"])
+    dense = TaskVector.from_peft(model, complete=True, dtype=torch.float64)
+    ref = LinearizedModel.from_task_vector(bert, dense, engine="jvp", linearize=[r"attention", r"classifier"])
     torch.testing.assert_close(logits(model), logits(ref), rtol=1e-9, atol=1e-10)
 
 
@@ -239,7 +243,8 @@ def test_families_init_training_and_round_trip(family, targets, request, tmp_pat
     model.save_pretrained(tmp_path)
     loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
     torch.testing.assert_close(out(loaded), expected, rtol=0, atol=0)
-    ref = LinearizedModel.from_task_vector(base, TaskVector.from_peft(tmp_path, base_model=base, complete=True, dtype=torch.float64))
+    ref = LinearizedModel.from_task_vector(
+        base, TaskVector.from_peft(tmp_path, base_model=base, complete=True, dtype=torch.float64))
     torch.testing.assert_close(out(ref), expected, rtol=1e-8, atol=1e-9)
 
 

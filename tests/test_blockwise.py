@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 import hf_taskarith.merging.blockwise as blockwise
 import hf_taskarith.merging.engine as engine
 import hf_taskarith.merging.sparsify as sparsify
+from conftest import perturbed
 from hf_taskarith import TaskVector, merge
 from hf_taskarith.errors import NonFiniteError
 from hf_taskarith.io.checkpoints import Checkpoint
@@ -24,8 +25,6 @@ from hf_taskarith.io.safetensors_file import RangeReader
 from hf_taskarith.io.writer import ShardedWriter, TensorSpec
 from hf_taskarith.merging.consensus import agreement, agreement_mask
 from hf_taskarith.merging.sparsify import top_k_mask, top_k_rules
-
-from conftest import perturbed
 
 CASES = [
     ("task_arithmetic", {"weights": [0.3, -0.5, 0.7]}),

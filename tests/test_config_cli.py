@@ -35,7 +35,8 @@ def test_yaml_equals_python_call(tmp_path, llama_checkpoints):
     cfg_file = llama_checkpoints / "ties.yml"
     cfg_file.write_text(YAML)
     cfg = MergeConfig.from_yaml(cfg_file)
-    assert cfg.models == [str(llama_checkpoints / "ft1"), str(llama_checkpoints / "ft2")]  # base dropped, paths resolved
+    # base dropped, paths resolved
+    assert cfg.models == [str(llama_checkpoints / "ft1"), str(llama_checkpoints / "ft2")]
     assert cfg.merge_kwargs()["density"] == [0.5, 0.4]
     a = merge_from_config(cfg_file, tmp_path / "a", progress=False)
     b = merge(llama_checkpoints / "base", [llama_checkpoints / "ft1", llama_checkpoints / "ft2"], method="ties",
@@ -55,7 +56,8 @@ def test_yaml_equals_python_call(tmp_path, llama_checkpoints):
     ("merge_method: ties\nbase_model: b\nmodels: [{model: y, parameters: {density: [0.5, 1.5]}}]\n",
      r"density=1.5 is outside \(0.0, 1.0\]"),  # every point of a gradient is checked
     ("merge_method: ties\nbase_model: b\nmodels: [{model: y, parameters: {lambda: 2}}]\n", "shared parameter"),
-    ("merge_method: ties\nbase_model: b\nmodels: [{model: y, parameters: {gamma: 2}}]\n", "does not take per-model parameter 'gamma'"),
+    ("merge_method: ties\nbase_model: b\nmodels: [{model: y, parameters: {gamma: 2}}]\n",
+     "does not take per-model parameter 'gamma'"),
     ("merge_method: [unclosed\n", "not valid YAML"),
 ])
 def test_bad_configs_explain_themselves(tmp_path, text, message):

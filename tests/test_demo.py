@@ -97,7 +97,8 @@ def test_demo_pipeline_on_tiny_bert(tiny_bert_dir, tmp_path, mode, hub):
         assert set(results.hub["repos"]) == {"mood", "topic"}
         for info in results.hub["repos"].values():
             assert info["commit_sha"] == info["pushed_commit"]
-            assert {"name": "v1", "kind": "tag"}.items() <= next(v for v in info["versions"] if v["kind"] == "tag").items()
+            tag = next(v for v in info["versions"] if v["kind"] == "tag")
+            assert {"name": "v1", "kind": "tag"}.items() <= tag.items()
             assert (out / "hub" / "models" / info["repo_id"] / ".git").is_dir()  # a real git repository
     else:
         assert results.hub == {} and not (out / "hub").exists()

@@ -10,7 +10,11 @@ from torch import nn
 
 from hf_taskarith import TaskVector
 from hf_taskarith.evaluation import (
-    ModelEditor, disentanglement_error, learn_coefficients, task_addition, task_negation,
+    ModelEditor,
+    disentanglement_error,
+    learn_coefficients,
+    task_addition,
+    task_negation,
 )
 from hf_taskarith.evaluation.plots import plot_cosine_matrix, plot_disentanglement
 
@@ -38,7 +42,8 @@ def _data(task, seed):
 @pytest.fixture(scope="module")
 def setup():
     base = TwoHeads()
-    data = {t: {"val": _data(t, 1 + i), "test": _data(t, 10 + i), "train": _data(t, 20 + i)} for i, t in enumerate("ab")}
+    data = {t: {"val": _data(t, 1 + i), "test": _data(t, 10 + i), "train": _data(t, 20 + i)}
+            for i, t in enumerate("ab")}
     tvs = {}
     for t in "ab":
         ft = copy.deepcopy(base)
@@ -52,7 +57,8 @@ def setup():
 
     def evaluate(model, split):
         with torch.no_grad():
-            return {t: float((model(*data[t][split][:1], t).argmax(-1) == data[t][split][1]).float().mean()) for t in "ab"}
+            return {t: float((model(*data[t][split][:1], t).argmax(-1) == data[t][split][1]).float().mean())
+                    for t in "ab"}
 
     return base, tvs, data, evaluate
 
@@ -64,8 +70,10 @@ def test_editor_sets_and_restores_exactly(setup):
     editor = ModelEditor(model, tvs)
     editor.set({"a": 0.5, "b": {"trunk.0.weight": 2.0}})
     w = model.state_dict()["trunk.0.weight"]
-    torch.testing.assert_close(w, before["trunk.0.weight"] + 0.5 * tvs["a"]["trunk.0.weight"] + 2 * tvs["b"]["trunk.0.weight"])
-    torch.testing.assert_close(model.state_dict()["trunk.2.bias"], before["trunk.2.bias"] + 0.5 * tvs["a"]["trunk.2.bias"])
+    torch.testing.assert_close(
+        w, before["trunk.0.weight"] + 0.5 * tvs["a"]["trunk.0.weight"] + 2 * tvs["b"]["trunk.0.weight"])
+    torch.testing.assert_close(
+        model.state_dict()["trunk.2.bias"], before["trunk.2.bias"] + 0.5 * tvs["a"]["trunk.2.bias"])
     editor.reset()
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     with pytest.raises(KeyError, match="no task vector"):
@@ -79,7 +87,8 @@ def test_addition_picks_the_best_validated_coefficient(setup):
     for t in "ab":
         with editor.edited({t: 1.0}) as m:
             ft_val[t], ft_test[t] = evaluate(m, "val")[t], evaluate(m, "test")[t]
-    res = task_addition(editor, evaluate, finetuned_val=ft_val, finetuned_test=ft_test, grid=[0.0, 0.25, 0.5, 0.75, 1.0])
+    res = task_addition(editor, evaluate, finetuned_val=ft_val, finetuned_test=ft_test,
+                        grid=[0.0, 0.25, 0.5, 0.75, 1.0])
     best = max(res.search, key=lambda s: s[1])[0]
     assert res.coefficients == {"a": best, "b": best}
     assert res.normalized["a"] == pytest.approx(res.absolute["a"] / ft_test["a"])

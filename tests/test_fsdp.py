@@ -32,7 +32,8 @@ def worker(out_dir: str) -> None:
     rank = dist.get_rank()
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     model, ds = _model_and_data()
-    batch = {k: torch.tensor(ds[k])[rank * N // 2:(rank + 1) * N // 2] for k in ("input_ids", "attention_mask", "labels")}
+    batch = {k: torch.tensor(ds[k])[rank * N // 2:(rank + 1) * N // 2]
+             for k in ("input_ids", "attention_mask", "labels")}
 
     bad = LinearizedModel(model)
     fully_shard(bad.model.bert.encoder.layer[0], mesh=mesh)

@@ -153,8 +153,9 @@ def test_blocks_and_whole_tensors_agree_bit_for_bit(method, params, monkeypatch,
 
 
 def test_vocabulary_aligned_rows_count_towards_the_whole_vector(tmp_path, llama_models, llama_checkpoints):
-    from conftest import tiny_llama_config
     from transformers import LlamaForCausalLM
+
+    from conftest import tiny_llama_config
 
     fts = llama_models[1]
     big = LlamaForCausalLM(tiny_llama_config(vocab_size=136))

@@ -52,8 +52,10 @@ def permute_heads(model: torch.nn.Module, perms: dict[int, tuple[torch.Tensor, t
 
 
 def layer_scores(ref: dict[str, torch.Tensor], model: dict[str, torch.Tensor], *, heads: int, kv_heads: int):
-    query = head_scores(ref["q"], model["q"], heads=heads, dim=0) + head_scores(ref["o"], model["o"], heads=heads, dim=1)
-    kv = head_scores(ref["k"], model["k"], heads=kv_heads, dim=0) + head_scores(ref["v"], model["v"], heads=kv_heads, dim=0)
+    query = (head_scores(ref["q"], model["q"], heads=heads, dim=0)
+             + head_scores(ref["o"], model["o"], heads=heads, dim=1))
+    kv = (head_scores(ref["k"], model["k"], heads=kv_heads, dim=0)
+          + head_scores(ref["v"], model["v"], heads=kv_heads, dim=0))
     return query, kv
 
 
@@ -228,7 +230,8 @@ def test_module_base_needs_head_counts(llama_models, permuted_ckpts):
 
 def test_wrong_head_counts_are_refused(permuted_ckpts, tmp_path):
     root, _ = permuted_ckpts
-    with pytest.raises(MergeConfigError, match="k_proj.weight has shape \\[16, 32\\], which does not split into 1 heads"):
+    with pytest.raises(MergeConfigError,
+                       match="k_proj.weight has shape \\[16, 32\\], which does not split into 1 heads"):
         merge_from_config(_config(root, ["base_permuted"], num_attention_heads=3, num_key_value_heads=1),
                           tmp_path / "out", progress=False)
     with pytest.raises(MergeConfigError, match="does not divide"):

@@ -37,7 +37,7 @@ def _closed_within(sock: socket.socket, seconds: float) -> tuple[bool, bytes]:
     while time.monotonic() < deadline:
         try:
             data = sock.recv(65536)
-        except socket.timeout:
+        except TimeoutError:
             continue
         except ConnectionResetError:
             return True, received
@@ -127,7 +127,7 @@ def test_a_trickled_body_gets_408(tmp_path):
                     answer += sock.recv(65536)
                     if answer:
                         break
-                except socket.timeout:
+                except TimeoutError:
                     pass
                 except OSError:
                     break

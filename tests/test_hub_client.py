@@ -9,13 +9,17 @@ import pytest
 import torch
 
 pytest.importorskip("hf_taskarith.hub.server")
-from hf_taskarith.hub.server import serve_in_thread  # noqa: E402
-
 from hf_taskarith import (  # noqa: E402
-    ConcurrentPushError, HubError, NotATaskVectorRepoError, TaskVector, list_task_vector_versions,
-    pull_task_vector, push_task_vector,
+    ConcurrentPushError,
+    HubError,
+    NotATaskVectorRepoError,
+    TaskVector,
+    list_task_vector_versions,
+    pull_task_vector,
+    push_task_vector,
 )
 from hf_taskarith.cli.main import main  # noqa: E402
+from hf_taskarith.hub.server import serve_in_thread  # noqa: E402
 
 TOKEN = "secret-token"
 
@@ -76,6 +80,18 @@ def test_push_versions_pull_by_tag(hub, vectors):
     edited = got1.apply_to(copy.deepcopy(base))
     assert edited.hf_taskarith_apply_report.fingerprint_ok
 
+
+
+def test_a_bare_repo_name_is_pushed_under_the_token_namespace(hub, vectors):
+    """As on the Hub: "tv-bare" is created under the user's namespace, and the push goes on with that id."""
+    from huggingface_hub import HfApi
+
+    _, (tv1, _, _) = vectors
+    user = HfApi(endpoint=hub, token=TOKEN).whoami()["name"]
+    r = push_task_vector(tv1, "tv-bare", tag="v1", endpoint=hub, token=TOKEN)
+    assert r.repo_id == f"{user}/tv-bare"
+    got = pull_task_vector(f"{user}/tv-bare", revision="v1", endpoint=hub, token=TOKEN)
+    assert torch.equal(got["model.norm.weight"], tv1["model.norm.weight"])
 
 def test_card_is_pushed_with_metadata(hub, vectors):
     from huggingface_hub import ModelCard

@@ -24,13 +24,20 @@ import pytest
 import torch
 
 pytest.importorskip("hf_taskarith.hub.server")
-from hf_taskarith.hub.server import serve_in_thread  # noqa: E402
-
 from hf_taskarith import (  # noqa: E402
-    CheckpointNotFoundError, CorruptCheckpointError, HubError, MergeConfigError, NonFiniteError, TaskArithError,
-    TaskVector, list_task_vector_versions, pull_task_vector, push_task_vector,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    HubError,
+    MergeConfigError,
+    NonFiniteError,
+    TaskArithError,
+    TaskVector,
+    list_task_vector_versions,
+    pull_task_vector,
+    push_task_vector,
 )
 from hf_taskarith.cli.main import main  # noqa: E402
+from hf_taskarith.hub.server import serve_in_thread  # noqa: E402
 
 TOKEN = "errors-token"
 SHA = r"\(commit [0-9a-f]{40}\)"

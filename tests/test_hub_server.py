@@ -16,9 +16,9 @@ import socket
 import subprocess
 import sys
 import threading
-from typing import Any
 import time
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
@@ -353,8 +353,12 @@ def test_request_size_limits(tmp_path, client_env):
 
 
 def test_client_errors_are_specific(api, hub, versioned):
-    from huggingface_hub.errors import (BadRequestError, EntryNotFoundError, HfHubHTTPError,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HfHubHTTPError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     url, _ = hub
     with pytest.raises(RepositoryNotFoundError):

@@ -14,7 +14,8 @@ import pytest
 from hf_taskarith.hub.server import serve_in_thread
 
 TOKEN = "web-token-123"
-CARD = b"---\nlicense: mit\nbase_model: org/base\n---\n# Sentiment task vector\n\nTrained *gently*. <script>alert(1)</script>\n"
+CARD = (b"---\nlicense: mit\nbase_model: org/base\n---\n# Sentiment task vector\n\n"
+        b"Trained *gently*. <script>alert(1)</script>\n")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 

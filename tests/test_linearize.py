@@ -8,8 +8,9 @@ classification, Llama causal LM, GPT-2 LM (tied embeddings).
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import torch

@@ -55,7 +55,8 @@ def test_torch_multihead_attention_modules_linearize(engine, padding):
 
 
 def test_linearized_model_of_torch_encoder_trains():
-    lin = LinearizedModel(TorchEncoder(), loss_fn=lambda out, y, num_items_in_batch=None: nn.functional.cross_entropy(out, y))
+    lin = LinearizedModel(TorchEncoder(),
+                          loss_fn=lambda out, y, num_items_in_batch=None: nn.functional.cross_entropy(out, y))
     lin.train()
     out = lin(torch.randn(2, 5, 16), labels=torch.tensor([0, 2]))
     out.loss.backward()
@@ -285,9 +286,9 @@ def test_torch_compile_with_activation_checkpointing_runs_the_dual_engine_eagerl
 def test_linearized_trainer_with_torch_compile(tmp_path):
     """TrainingArguments(torch_compile=True) trains through the traced linearized forward, and the
     task vector equals the eager run's after the same steps."""
-    from hf_taskarith.training import LinearizedTrainer
-
     from torch._dynamo.utils import counters
+
+    from hf_taskarith.training import LinearizedTrainer
 
     torch._dynamo.reset()
     counters.clear()

@@ -10,13 +10,16 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaForCausalLM
 
 import hf_taskarith.merging.engine as engine
+from conftest import perturbed, tiny_llama_config
 from hf_taskarith import TaskVector, merge
 from hf_taskarith.errors import (
-    IncompatibleBaseError, KeyMismatchError, MergeConfigError, NonFiniteError, ShapeMismatchError,
+    IncompatibleBaseError,
+    KeyMismatchError,
+    MergeConfigError,
+    NonFiniteError,
+    ShapeMismatchError,
     UnknownMethodError,
 )
-
-from conftest import perturbed, tiny_llama_config
 
 ALL_METHODS = ["task_arithmetic", "linear", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties",
                "della", "della_linear", "magnitude_prune", "tsv", "iso_c", "iso_cts"]
@@ -52,7 +55,8 @@ def test_task_arithmetic_matches_hand_computation_mixed_inputs(tmp_path, llama_m
     base, fts = llama_models
     tv2 = TaskVector.from_models(base, fts[1])
     tv2.save_pretrained(tmp_path / "tv2")
-    out = merge(llama_checkpoints / "base", [llama_checkpoints / "ft1", tmp_path / "tv2", TaskVector.from_models(base, fts[2])],
+    out = merge(llama_checkpoints / "base",
+                [llama_checkpoints / "ft1", tmp_path / "tv2", TaskVector.from_models(base, fts[2])],
                 method="task_arithmetic", weights=[0.3, -0.5, 0.2], output_dir=tmp_path / "out", progress=False)
     merged = _sd(out)
     b, f = base.state_dict(), [m.state_dict() for m in fts]

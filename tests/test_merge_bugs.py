@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import numpy as np
 import pytest
@@ -55,8 +54,8 @@ def test_an_existing_path_is_always_a_file(ckpts, tmp_path, name, monkeypatch):
 
 
 def test_config_text_and_folders_are_not_file_errors(ckpts, tmp_path):
-    long_text = "{name: %s, merge_method: task_arithmetic, base_model: %s, models: [%s]}" % (
-        "m" * 300, ckpts / "base", ckpts / "ft1")  # its first component is too long for a file name: no OSError
+    long_text = (f"{{name: {'m' * 300}, merge_method: task_arithmetic, base_model: {ckpts / 'base'}, "
+                 f"models: [{ckpts / 'ft1'}]}}")  # its first component is too long for a file name: no OSError
     assert MergeConfig.from_yaml(long_text).models == [str(ckpts / "ft1")]
     with pytest.raises(MergeConfigError, match="is a folder"):
         MergeConfig.from_yaml(str(tmp_path))
@@ -80,9 +79,11 @@ def test_overwrite_onto_a_file_leaves_nothing_behind(ckpts, tmp_path, fast):
 
 @pytest.mark.parametrize("yaml_extra,match", [("seed: abc", "seed must be"), ("seed: 7.9", "seed must be"),
                                               ("seed: 7.0", "seed must be"), ("seed: true", "seed must be"),
-                                              ("seed: -1", "seed must be"), ("tokenizer_source: 5", "tokenizer_source")])
+                                              ("seed: -1", "seed must be"),
+                                              ("tokenizer_source: 5", "tokenizer_source")])
 def test_bad_values_are_one_line_errors(ckpts, yaml_extra, match):
-    text = f"merge_method: task_arithmetic\nbase_model: {ckpts / 'base'}\nmodels:\n  - model: {ckpts / 'ft1'}\n{yaml_extra}\n"
+    text = (f"merge_method: task_arithmetic\nbase_model: {ckpts / 'base'}\n"
+            f"models:\n  - model: {ckpts / 'ft1'}\n{yaml_extra}\n")
     with pytest.raises(MergeConfigError, match=match):
         MergeConfig.from_yaml(text)
 

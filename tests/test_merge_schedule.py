@@ -143,7 +143,8 @@ def test_api_schedules_equal_the_yaml_ones(llama_checkpoints, tmp_path):
                     density=Conditional(Case("mlp", Gradient([0.3, 0.9])), default=0.5), progress=False)
     text = yaml.safe_dump({"merge_method": "ties", "base_model": str(ckpt / "base"), "models": [
         {"model": str(ckpt / "ft1"), "parameters": {"weight": [0.3, 1.0]}},
-        {"model": str(ckpt / "ft2"), "parameters": {"weight": [{"filter": "self_attn", "value": 0.2}, {"value": 0.6}]}}],
+        {"model": str(ckpt / "ft2"),
+         "parameters": {"weight": [{"filter": "self_attn", "value": 0.2}, {"value": 0.6}]}}],
         "parameters": {"density": [{"filter": "mlp", "value": [0.3, 0.9]}, {"value": 0.5}]}})
     via_yaml = merge_from_config(text, tmp_path / "yaml", progress=False)
     a, b = _sd(via_api), _sd(via_yaml)

@@ -90,7 +90,8 @@ def cases() -> dict[str, tuple[Callable, Callable, list[tuple[int, ...]], list[b
     gqa = [(2, 4, 7, 8), (2, 2, 7, 8), (2, 2, 7, 8)]
     c = {
         "linear": (F.linear, F.linear, [(3, 5, 16), (12, 16), (12,)], [True, True, True], "_LinearTangent"),
-        "linear_first_layer": (F.linear, F.linear, [(3, 5, 16), (12, 16), (12,)], [False, True, True], "_LinearTangent"),
+        "linear_first_layer": (F.linear, F.linear, [(3, 5, 16), (12, 16), (12,)], [False, True, True],
+                               "_LinearTangent"),
         "layer_norm": (ln, ln, [(3, 5, 16), (16,), (16,)], [True, True, True], "_LayerNormTangent"),
         "gelu": (F.gelu, F.gelu, [(3, 5, 16)], [True], "_ScaleTangent"),
         "gelu_tanh": (lambda x: F.gelu(x, approximate="tanh"), lambda x: F.gelu(x, approximate="tanh"),
@@ -210,6 +211,7 @@ def test_fully_masked_rows_give_zero_output_and_zero_gradients():
     primals, tangents = _inputs(shapes)
     g = torch.ones(2, 4, 7, 8, dtype=torch.float64)
     y, y_t, grads = run_rule(fn, primals, tangents, has_t, g, torch.float32, False)
-    assert torch.equal(y[1, :, 0], torch.zeros_like(y[1, :, 0])) and torch.equal(y_t[1, :, 0], torch.zeros_like(y_t[1, :, 0]))
+    assert torch.equal(y[1, :, 0], torch.zeros_like(y[1, :, 0]))
+    assert torch.equal(y_t[1, :, 0], torch.zeros_like(y_t[1, :, 0]))
     _, _, grads_ref = reference(ref, primals, tangents, has_t, g)
     assert all(bool(torch.isfinite(gr).all()) for gr in grads_ref)  # the reference itself is NaN-free

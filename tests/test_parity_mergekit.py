@@ -32,17 +32,18 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from hf_taskarith import merge_from_config
 from hf_taskarith.errors import MergeConfigError, UnknownMethodError
 from hf_taskarith.merging.registry import get_merge_method, list_merge_methods
 from hf_taskarith.merging.sparsify import magnitude, magnitude_outliers
+from tests.mergekit_runs import run_both as _both
+from tests.mergekit_runs import run_mergekit as _run_mergekit
+from tests.mergekit_runs import run_ours as _run_ours
+from tests.mergekit_runs import state_dict as _sd
 
 with warnings.catch_warnings():  # mergekit's lazy unpickler touches the deprecated numpy.core
     warnings.simplefilter("ignore", DeprecationWarning)
     pytest.importorskip("mergekit")
     from mergekit import sparsify as mk_sparsify
-    from mergekit.config import MergeConfiguration
-    from mergekit.merge import run_merge
     from mergekit.merge_methods import registry as mk_registry
     from mergekit.merge_methods.base import TensorGroup
     from mergekit.options import MergeOptions
@@ -78,32 +79,6 @@ def _yaml(root: Path, method: str, model_params: list[dict], *, shared: dict | N
         cfg["dtype"] = dtype
     cfg.update(extra or {})
     return yaml.safe_dump(cfg, sort_keys=False)
-
-
-def _sd(folder: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
-
-
-def _run_mergekit(text: str, out: Path) -> dict[str, torch.Tensor]:
-    run_merge(MergeConfiguration.model_validate(yaml.safe_load(text)), str(out), options=MK_OPTIONS)
-    return _sd(out)
-
-
-def _run_ours(text: str, tmp_path: Path, out: Path) -> dict[str, torch.Tensor]:
-    cfg_file = tmp_path / f"{out.name}.yml"
-    cfg_file.write_text(text)
-    return _sd(merge_from_config(cfg_file, out, progress=False))
-
-
-def _both(text: str, tmp_path: Path) -> tuple[dict, dict]:
-    ours, theirs = _run_ours(text, tmp_path, tmp_path / "ours"), _run_mergekit(text, tmp_path / "mergekit")
-    assert set(ours) == set(theirs)
-    for k in ours:
-        assert ours[k].dtype == theirs[k].dtype, k
-    return ours, theirs
 
 
 def _bf16_ulps(x: torch.Tensor, y: torch.Tensor, *refs: torch.Tensor) -> torch.Tensor:
@@ -145,7 +120,7 @@ def test_float32_checkpoints_equal_mergekit(method, params, shared, ckpts, tmp_p
     text = _yaml(ckpts, method, params, shared=shared, dtype="float32", with_base=method != "linear")
     ours, theirs = _both(text, tmp_path)
     for k in ours:
-        torch.testing.assert_close(ours[k], theirs[k], atol=1e-6, rtol=1e-5, msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(ours[k], theirs[k], atol=1e-6, rtol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
 
 
 @pytest.mark.parametrize("method, params, shared", CASES)

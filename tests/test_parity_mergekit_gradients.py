@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import perturbed, tiny_llama_config
-from safetensors.torch import load_file
 
+from conftest import perturbed, tiny_llama_config
 from hf_taskarith import merge_from_config
+from tests.mergekit_runs import state_dict as _sd
 
 with warnings.catch_warnings():  # mergekit's lazy unpickler touches the deprecated numpy.core
     warnings.simplefilter("ignore", DeprecationWarning)
@@ -58,13 +58,6 @@ def _yaml(root: Path, method: str, model_params: list[dict], *, shared: dict | N
         cfg["parameters"] = shared
     cfg["dtype"] = "float32"
     return yaml.safe_dump(cfg, sort_keys=False)
-
-
-def _sd(folder: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
 
 
 def _ours(text: str, tmp_path: Path, name: str) -> dict[str, torch.Tensor]:

@@ -19,9 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 
-from hf_taskarith import merge_from_config
 from hf_taskarith.errors import MergeConfigError
 from hf_taskarith.merging.methods.arcee_fusion import (
     arcee_fusion,
@@ -30,12 +28,14 @@ from hf_taskarith.merging.methods.arcee_fusion import (
 )
 from hf_taskarith.merging.methods.sce import sce, sce_select_mask, sce_weights
 from hf_taskarith.merging.registry import REQUIRED, get_merge_method
+from tests.mergekit_runs import run_both as _both
+from tests.mergekit_runs import run_mergekit as _run_mergekit
+from tests.mergekit_runs import run_ours as _run_ours
+from tests.mergekit_runs import state_dict as _sd
 
 with warnings.catch_warnings():  # mergekit's lazy unpickler touches the deprecated numpy.core
     warnings.simplefilter("ignore", DeprecationWarning)
     pytest.importorskip("mergekit")
-    from mergekit.config import MergeConfiguration
-    from mergekit.merge import run_merge
     from mergekit.merge_methods import registry as mk_registry
     from mergekit.merge_methods.base import MISSING, TensorGroup
     from mergekit.options import MergeOptions
@@ -68,32 +68,6 @@ def _yaml(root: Path, method: str, n_models: int, *, shared: dict | None = None,
         cfg["parameters"] = shared
     cfg["dtype"] = dtype
     return yaml.safe_dump(cfg, sort_keys=False)
-
-
-def _sd(folder: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
-
-
-def _run_mergekit(text: str, out: Path) -> dict[str, torch.Tensor]:
-    run_merge(MergeConfiguration.model_validate(yaml.safe_load(text)), str(out), options=MK_OPTIONS)
-    return _sd(out)
-
-
-def _run_ours(text: str, tmp_path: Path, out: Path) -> dict[str, torch.Tensor]:
-    cfg_file = tmp_path / f"{out.name}.yml"
-    cfg_file.write_text(text)
-    return _sd(merge_from_config(cfg_file, out, progress=False))
-
-
-def _both(text: str, tmp_path: Path) -> tuple[dict, dict]:
-    ours, theirs = _run_ours(text, tmp_path, tmp_path / "ours"), _run_mergekit(text, tmp_path / "mergekit")
-    assert set(ours) == set(theirs)
-    for k in ours:
-        assert ours[k].dtype == theirs[k].dtype, k
-    return ours, theirs
 
 
 def _mk_group(method: str, base: torch.Tensor, models: list[torch.Tensor], **params) -> torch.Tensor:

@@ -26,17 +26,17 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 
-from hf_taskarith import merge, merge_from_config
+from hf_taskarith import merge
 from hf_taskarith.errors import MergeConfigError
 from hf_taskarith.merging.registry import REQUIRED, get_merge_method
+from tests.mergekit_runs import run_mergekit as _run_mergekit
+from tests.mergekit_runs import run_ours as _run_ours
+from tests.mergekit_runs import state_dict as _sd
 
 with warnings.catch_warnings():  # mergekit's lazy unpickler touches the deprecated numpy.core
     warnings.simplefilter("ignore", DeprecationWarning)
     pytest.importorskip("mergekit")
-    from mergekit.config import MergeConfiguration
-    from mergekit.merge import run_merge
     from mergekit.merge_methods import registry as mk_registry
     from mergekit.merge_methods.api import merge_tensors
     from mergekit.merge_methods.base import MISSING
@@ -73,24 +73,6 @@ def _yaml(root: Path, method: str, model_params: list[dict], *, shared: dict | N
         cfg["parameters"] = shared
     cfg["dtype"] = "float32"
     return yaml.safe_dump(cfg, sort_keys=False)
-
-
-def _sd(folder: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
-
-
-def _run_mergekit(text: str, out: Path) -> dict[str, torch.Tensor]:
-    run_merge(MergeConfiguration.model_validate(yaml.safe_load(text)), str(out), options=MK_OPTIONS)
-    return _sd(out)
-
-
-def _run_ours(text: str, tmp_path: Path, out: Path) -> dict[str, torch.Tensor]:
-    cfg_file = tmp_path / f"{out.name}.yml"
-    cfg_file.write_text(text)
-    return _sd(merge_from_config(cfg_file, out, progress=False))
 
 
 def _assert_equal_to_mergekit(text: str, tmp_path: Path) -> dict[str, torch.Tensor]:

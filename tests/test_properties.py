@@ -36,7 +36,7 @@ def _assert_same_params(a: torch.nn.Module, b: torch.nn.Module, **tol) -> None:
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys()
     for k in sa:
-        torch.testing.assert_close(sa[k], sb[k], msg=lambda m: f"{k}: {m}", **(tol or dict(atol=1e-6, rtol=1e-6)))
+        torch.testing.assert_close(sa[k], sb[k], msg=lambda m, k=k: f"{k}: {m}", **(tol or dict(atol=1e-6, rtol=1e-6)))
 
 
 # -- TaskVector algebra -----------------------------------------------------------------

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 
 from hf_taskarith import merge_from_config
 from hf_taskarith.errors import KeyMismatchError, MergeConfigError
 from hf_taskarith.merging.layer_stack import layer_stack
+from tests.mergekit_runs import state_dict as _sd
 
 with warnings.catch_warnings():  # mergekit's lazy unpickler touches the deprecated numpy.core
     warnings.simplefilter("ignore", DeprecationWarning)
@@ -45,13 +45,6 @@ def _src(root: Path, name: str, start: int, end: int, **params) -> dict:
     out = {"model": str(root / name), "layer_range": [start, end]}
     if params:
         out["parameters"] = params
-    return out
-
-
-def _sd(folder: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(f))
     return out
 
 
@@ -205,8 +198,8 @@ def test_layer_range_outside_the_model_is_refused(ckpts, tmp_path):
     _refused(cfg, tmp_path, MergeConfigError, "slices[0].sources[0]", "[1, 3)", "has 2 layers")
 
 
-@pytest.mark.parametrize("rng", [[1, 1], [2, 1], [-1, 1], [0], [0.5, 1], ["a", 1]], ids=["empty", "reversed", "negative",
-                                                                                  "one_number", "fraction", "string"])
+@pytest.mark.parametrize("rng", [[1, 1], [2, 1], [-1, 1], [0], [0.5, 1], ["a", 1]],
+                         ids=["empty", "reversed", "negative", "one_number", "fraction", "string"])
 def test_empty_or_malformed_layer_ranges_are_refused(ckpts, tmp_path, rng):
     cfg = {"merge_method": "passthrough", "slices": [{"sources": [{"model": str(ckpts / "ft1"), "layer_range": rng}]}]}
     _refused(cfg, tmp_path, MergeConfigError, "layer_range")
@@ -247,8 +240,9 @@ def test_models_of_different_architectures_are_refused(ckpts, tmp_path):
 
 
 def test_layers_that_do_not_match_across_sources_are_refused(ckpts, tmp_path):
-    from conftest import tiny_llama_config
     from transformers import LlamaForCausalLM
+
+    from conftest import tiny_llama_config
 
     torch.manual_seed(0)
     LlamaForCausalLM(tiny_llama_config(attention_bias=True)).save_pretrained(tmp_path / "biased")
@@ -259,8 +253,8 @@ def test_layers_that_do_not_match_across_sources_are_refused(ckpts, tmp_path):
 
 
 def test_layer_stack_finds_layers_and_refuses_several_stacks():
-    stack = layer_stack(["transformer.wte.weight", "transformer.h.0.attn.c_attn.weight", "transformer.h.1.mlp.c_fc.weight",
-                         "transformer.ln_f.weight", "lm_head.weight"])
+    stack = layer_stack(["transformer.wte.weight", "transformer.h.0.attn.c_attn.weight",
+                         "transformer.h.1.mlp.c_fc.weight", "transformer.ln_f.weight", "lm_head.weight"])
     assert (stack.prefix, stack.num_layers) == ("transformer.h.", 2)
     assert stack.before == ["transformer.wte.weight"] and stack.after == ["transformer.ln_f.weight", "lm_head.weight"]
     with pytest.raises(MergeConfigError, match="several layer stacks"):

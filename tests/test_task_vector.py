@@ -9,10 +9,9 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
 
+from conftest import perturbed, tiny_llama_config
 from hf_taskarith import TaskVector
 from hf_taskarith.errors import IncompatibleBaseError, KeyMismatchError, ShapeMismatchError
-
-from conftest import perturbed, tiny_llama_config
 
 
 def test_from_models_is_finetuned_minus_base(llama_models):
@@ -131,7 +130,7 @@ def test_apply_to_reproduces_finetuned_and_scaling_zero_is_identity(llama_models
     import copy
 
     edited = tv.apply_to(copy.deepcopy(base))
-    for (k, a), b in zip(edited.state_dict().items(), fts[0].state_dict().values()):
+    for a, b in zip(edited.state_dict().values(), fts[0].state_dict().values()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
     same = tv.apply_to(copy.deepcopy(base), scaling=0.0)
     for a, b in zip(same.state_dict().values(), base.state_dict().values()):

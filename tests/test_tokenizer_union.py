@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 
 from hf_taskarith import merge, merge_from_config
 from hf_taskarith.errors import MergeConfigError
 from hf_taskarith.merging.tokenizer_union import align_vocab_rows
+from tests.mergekit_runs import state_dict as _sd
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
@@ -33,9 +33,10 @@ VOCAB_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
 
 
 def _model_with_tokenizer(folder: Path, words: list[str], specials: tuple[str, ...], seed: int) -> None:
-    from conftest import tiny_llama_config
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from conftest import tiny_llama_config
 
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -56,13 +57,6 @@ def tok_models(tmp_path_factory) -> Path:
                           ("<|im_end|>",), seed=1)
     _model_with_tokenizer(root / "ft2", ["[UNK]"] + [f"w{i}" for i in range(25)] + ["x3", "y0"], (), seed=2)
     return root
-
-
-def _sd(folder: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
 
 
 def _vocab(folder: Path) -> dict[str, int]:

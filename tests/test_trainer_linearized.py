@@ -167,7 +167,7 @@ def test_nonlinear_mode_is_ordinary_fine_tuning_with_the_same_code(tmp_path):
     trainer.save_model()
     assert TaskVector.is_task_vector_folder(tmp_path / "out" / "task_vector")
     with pytest.raises(ValueError, match="nonlinear"):
-        trainer.linearized_model
+        _ = trainer.linearized_model
     with pytest.raises(TypeError, match="LinearizedModel"):
         LinearizedTrainer(model=LinearizedModel(original), mode="nonlinear")
     with pytest.raises(ValueError, match="mode"):

@@ -3,8 +3,8 @@
 Two toy tasks on token sequences (does token 5 occur? does token 7 occur?), each learned by
 an L-LoRA adapter (``linearization="model"``, the paper's partial linearization) with
 ``LinearizedTrainer``, which trains a ``PeftModel`` with a linearized adapter as it is (the plain
-``transformers.Trainer`` works too: the adapter is an ordinary peft adapter). The adapters are saved with ``save_pretrained``, reloaded with
-``peft.PeftModel.from_pretrained``, turned into dense task vectors with
+``transformers.Trainer`` works too: the adapter is an ordinary peft adapter). The adapters are
+saved with ``save_pretrained``, reloaded with ``peft.PeftModel.from_pretrained``, turned into dense task vectors with
 ``TaskVector.from_peft`` and merged (dense delta space) two ways:
 
 * in the tangent space, exactly what was trained: ``LinearizedModel.from_task_vector``;

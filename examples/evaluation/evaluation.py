@@ -163,7 +163,8 @@ def main() -> None:
     shared = task_addition(editor, evaluate, finetuned_val=ft_val, finetuned_test=ft_test)
     alpha = next(iter(shared.coefficients.values()))
     row(f"addition, shared alpha = {alpha:g}", shared.absolute)
-    print(f"  {'':34s}mean absolute {100 * shared.mean_absolute:.1f}%, mean normalized {100 * shared.mean_normalized:.1f}%"
+    print(f"  {'':34s}mean absolute {100 * shared.mean_absolute:.1f}%, "
+          f"mean normalized {100 * shared.mean_normalized:.1f}%"
           f"  (searched {len(shared.search)} values on val)")
     per_task = task_addition(editor, evaluate, finetuned_val=ft_val, finetuned_test=ft_test, per_task=True)
     row("addition, per-task alphas", per_task.absolute)
@@ -198,13 +199,15 @@ def main() -> None:
     cos_png = plot_cosine_matrix(task_vectors, out / "cosine.png")
     xi_png = plot_disentanglement(grid, out / f"xi_{t1}_{t2}.png")
     results = {
-        "mode": "linearized" if args.linearized else "nonlinear", "pretrained_test": pre_test, "finetuned_test": ft_test,
+        "mode": "linearized" if args.linearized else "nonlinear", "pretrained_test": pre_test,
+        "finetuned_test": ft_test,
         "addition_shared": {"coefficients": shared.coefficients, "absolute": shared.absolute,
                             "normalized": shared.normalized, "search": shared.search},
         "addition_per_task": {"coefficients": per_task.coefficients, "absolute": per_task.absolute,
                               "normalized": per_task.normalized},
         "addition_learned": None if learned is None else {
-            "absolute": learned_test, "coefficients": {t: {layer_of(n): c for n, c in d.items()} for t, d in learned.items()}},
+            "absolute": learned_test,
+            "coefficients": {t: {layer_of(n): c for n, c in d.items()} for t, d in learned.items()}},
         "negation": {"target": neg.target, "coefficient": neg.coefficient, "target_accuracy": neg.target_accuracy,
                      "control_accuracy": neg.control_accuracy, "search": neg.search},
         "disentanglement": {"tasks": list(grid.tasks), "alphas": list(grid.alphas), "xi": grid.xi.tolist()},

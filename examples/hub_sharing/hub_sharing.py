@@ -26,8 +26,14 @@ from transformers import BertConfig, BertModel
 from transformers.utils import logging as hf_logging
 
 from hf_taskarith import (
-    ConcurrentPushError, HubError, IncompatibleBaseError, TaskVector, check_compatibility,
-    list_task_vector_versions, pull_task_vector, push_task_vector,
+    ConcurrentPushError,
+    HubError,
+    IncompatibleBaseError,
+    TaskVector,
+    check_compatibility,
+    list_task_vector_versions,
+    pull_task_vector,
+    push_task_vector,
 )
 from hf_taskarith.hub.server import embedded_hub
 
@@ -125,13 +131,14 @@ def main() -> None:
         got_v1 = pull_task_vector(REPO, revision="v1", endpoint=url, cache_dir=cache)
         got_v2 = pull_task_vector(REPO, revision="v2", endpoint=url, cache_dir=cache)
         print(f"\npulled v1: metadata.extra['hub'] = {got_v1.metadata.extra['hub']}")
-        print(f"  identical to what was pushed: {max_vector_diff(got_v1, tv_v1) == 0.0}; compressed: {got_v1.compressed}")
+        print(f"  identical to what was pushed: {max_vector_diff(got_v1, tv_v1) == 0.0}; "
+              f"compressed: {got_v1.compressed}")
         print(f"pulled v2: commit {got_v2.metadata.extra['hub']['commit_sha'][:12]}, compressed: {got_v2.compressed} "
               f"(decoded on access), method {got_v2.metadata.extra['compression']['method']}")
         print(f"  max |pulled v2 - uncompressed v2| = {max_vector_diff(got_v2, tv_v2):.1e}")
         card = next(cache.rglob("README.md")).read_text()
-        print("  model card (README.md) front matter: "
-              + ", ".join(line for line in card.splitlines()[1:12] if line.startswith(("base_model:", "library_name:"))))
+        front = [line for line in card.splitlines()[1:12] if line.startswith(("base_model:", "library_name:"))]
+        print("  model card (README.md) front matter: " + ", ".join(front))
 
     # 6. Compatibility: a different base is refused, unless you opt in ------------------------
     other = tiny_bert(seed=3, intermediate_size=48)  # another init and a wider feed-forward

@@ -52,7 +52,8 @@ def accuracy(model, ds: Dataset) -> float:
     with torch.no_grad():
         out = model(input_ids=torch.tensor(ds["input_ids"]), token_type_ids=torch.tensor(ds["token_type_ids"]))
     # through `evaluate`, with the accuracy module shipped in hf_taskarith (a local path, no Hub)
-    return load_metric("accuracy").compute(predictions=out.logits.argmax(-1).tolist(), references=ds["labels"])["accuracy"]
+    scores = load_metric("accuracy").compute(predictions=out.logits.argmax(-1).tolist(), references=ds["labels"])
+    return scores["accuracy"]
 
 
 def main() -> None:

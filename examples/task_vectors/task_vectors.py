@@ -121,7 +121,8 @@ def main() -> None:
     # 2. algebra: +, -, unary -, scalar *, sum(); norms and cosine similarity
     both = 0.8 * (a + b)
     print(f"cosine(a, b) = {a.cosine_similarity(b):+.3f};  |a + b| = {(a + b).norm():.3f};  "
-          f"|a - b| = {(a - b).norm():.3f};  sum([a, b]) == a + b: {torch.equal(sum([a, b])[next(iter(a))], (a + b)[next(iter(a))])}")
+          f"|a - b| = {(a - b).norm():.3f};  "
+          f"sum([a, b]) == a + b: {torch.equal(sum([a, b])[next(iter(a))], (a + b)[next(iter(a))])}")
 
     # 3. save / load: safetensors + a JSON config that pins the base (id and weight fingerprint)
     if state.is_main_process:

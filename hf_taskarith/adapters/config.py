@@ -17,7 +17,7 @@ import logging
 import math
 import numbers
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from typing import Literal
 
 from packaging.version import InvalidVersion, Version
 from peft import PeftConfig
@@ -39,12 +39,12 @@ LINEARIZATIONS: tuple[str, ...] = ("model", "layer")
 class _LinearizedAdapterConfig(PeftConfig):
     """Provenance fields shared by the linearized adapter configs."""
 
-    base_model_fingerprint: Optional[str] = field(
+    base_model_fingerprint: str | None = field(
         default=None,
         metadata={"help": "Fingerprint of the base weights the adapter was created on (set by get_peft_model); "
                           "loading onto a base with another fingerprint fails."},
     )
-    hf_taskarith_version: Optional[str] = field(
+    hf_taskarith_version: str | None = field(
         default=None, metadata={"help": "hf_taskarith version that wrote the config (leave empty to auto-fill)."}
     )
 
@@ -105,12 +105,12 @@ class LinearizedLoraConfig(_LinearizedAdapterConfig):
 
     r: int = field(default=8, metadata={"help": "Rank of the adapter (> 0)."})
     lora_alpha: float = field(default=8.0, metadata={"help": "scaling = lora_alpha / r."})
-    target_modules: Optional[Union[list[str], str]] = field(
+    target_modules: list[str] | str | None = field(
         default=None,
         metadata={"help": "Module names or suffixes (list), or a regex over full module names (str); None: "
                           "peft's LoRA defaults for the architecture. Only nn.Linear modules."},
     )
-    exclude_modules: Optional[Union[list[str], str]] = field(
+    exclude_modules: list[str] | str | None = field(
         default=None, metadata={"help": "Modules never targeted (same forms as target_modules)."}
     )
     linearization: str = field(
@@ -118,10 +118,10 @@ class LinearizedLoraConfig(_LinearizedAdapterConfig):
         metadata={"help": "'model': the network is linearized in the adapter parameters (Tang et al.); 'layer': "
                           "only each LoRA branch is linearized (costs what LoRA costs)."},
     )
-    init_seed: Optional[int] = field(
+    init_seed: int | None = field(
         default=None, metadata={"help": "Seed of the frozen initial factors A0, B0; None uses the global RNG."}
     )
-    modules_to_save: Optional[list[str]] = field(
+    modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Modules trained ordinarily and saved in full (e.g. the classifier)."}
     )
 
@@ -173,7 +173,7 @@ class TangentConfig(_LinearizedAdapterConfig):
         >>> model = peft.get_peft_model(base, TangentConfig(linearize=r"attention"))
     """
 
-    linearize: Optional[Union[list[str], str]] = field(
+    linearize: list[str] | str | None = field(
         default=None,
         metadata={"help": "Regex (or list of regexes) searched in parameter names; None: every trainable parameter."},
     )

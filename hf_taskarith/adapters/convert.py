@@ -54,7 +54,7 @@ _ADAPTER_MARKERS = (".lora_", ".llora_", ".modules_to_save.")
 
 def task_vector_from_peft(model_or_dir: Any, *, adapter_name: str | None = None,
                           base_model: nn.Module | None = None, dtype: torch.dtype = torch.float32,
-                          complete: bool = False) -> "TaskVector":
+                          complete: bool = False) -> TaskVector:
     """A LoRA, L-LoRA or tangent adapter as a dense task vector over the base model's names.
 
     Args:
@@ -71,9 +71,9 @@ def task_vector_from_peft(model_or_dir: Any, *, adapter_name: str | None = None,
 
     Returns:
         A :class:`~hf_taskarith.TaskVector` holding the changed weights (the others are
-        implicitly zero: ``apply_to`` leaves them unchanged), or all of them with ``complete``. Its metadata records the base id,
-        revision and fingerprint (from the config for our adapters, computed for LoRA),
-        ``created_with="peft:<type>"`` and the adapter config under ``extra["adapter"]``.
+        implicitly zero: ``apply_to`` leaves them unchanged), or all of them with ``complete``.
+        Its metadata records the base id, revision and fingerprint (from the config for our
+        adapters, computed for LoRA), ``created_with="peft:<type>"`` and the adapter config under ``extra["adapter"]``.
 
     Raises:
         CheckpointNotFoundError: the folder holds no ``adapter_config.json`` or weights.
@@ -178,7 +178,8 @@ def merge_adapters(base_model: nn.Module, adapters: Sequence[Any], *, method: st
     unknown = [n for n in names if n not in state]
     if unknown:
         raise KeyMismatchError(f"the adapters change tensors the base has not: {format_names(unknown)}; is "
-                               f"base_model the model the adapters were trained on (e.g. {format_names(list(state), 5)})?")
+                               "base_model the model the adapters were trained on "
+                               f"(e.g. {format_names(list(state), 5)})?")
     out = copy.deepcopy(base_model) if copy_model else base_model
     target = float_state_dict(out)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -262,7 +263,8 @@ def _lora(config: Mapping[str, Any], weights: Mapping[str, torch.Tensor]) -> dic
         if m is None:
             continue
         module, embedding = m.group(1), bool(m.group(2))
-        b = weights[key.replace(f"lora_{'embedding_' if embedding else ''}A", f"lora_{'embedding_' if embedding else ''}B")]
+        infix = "embedding_" if embedding else ""
+        b = weights[key.replace(f"lora_{infix}A", f"lora_{infix}B")]
         if a.dim() != 2:
             raise ValueError(f"{key}: a {a.dim()}-d LoRA factor (convolution); convert the loaded PeftModel instead "
                              "of its folder, or use TaskVector.from_models(base, model.merge_and_unload()).")

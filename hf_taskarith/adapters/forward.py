@@ -18,8 +18,6 @@ a post-hook (:class:`LinearizedForwardHooks`):
 
 from __future__ import annotations
 
-from ..linearize.functional import unpack_output
-
 import contextlib
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -28,7 +26,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import nn
 
-from ..linearize.functional import add_tangent, forward_params
+from ..linearize.functional import add_tangent, forward_params, unpack_output
 from ..linearize.losses import get_linearized_loss, infer_loss_type
 from ..linearize.tangent_rules import TangentRulesMode
 from .layer import linearized_forward

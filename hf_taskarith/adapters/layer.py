@@ -20,7 +20,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-from typing import Any, Iterator, Optional
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -42,7 +43,7 @@ def linearized_forward() -> Iterator[None]:
         _IN_LINEARIZED_FORWARD.reset(token)
 
 
-def initial_factors(in_features: int, out_features: int, r: int, *, seed: Optional[int], dtype: torch.dtype,
+def initial_factors(in_features: int, out_features: int, r: int, *, seed: int | None, dtype: torch.dtype,
                     device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(A0, B0)``: ``A0 ~ U(+-1/sqrt(in))`` (``r x in``), ``B0 ~ U(+-1/sqrt(out))`` (``out x r``).
 
@@ -68,7 +69,7 @@ class LinearizedLoraLayer(nn.Module, BaseTunerLayer):
     other_param_names = ("llora_A0", "llora_B0", "r", "lora_alpha", "scaling", "linearization")
 
     def __init__(self, base_layer: nn.Linear, adapter_name: str, *, r: int, lora_alpha: float,
-                 linearization: str, init_seed: Optional[int] = None) -> None:
+                 linearization: str, init_seed: int | None = None) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
@@ -85,7 +86,7 @@ class LinearizedLoraLayer(nn.Module, BaseTunerLayer):
         self.update_layer(adapter_name, r=r, lora_alpha=lora_alpha, linearization=linearization, init_seed=init_seed)
 
     def update_layer(self, adapter_name: str, *, r: int, lora_alpha: float, linearization: str,
-                     init_seed: Optional[int] = None) -> None:
+                     init_seed: int | None = None) -> None:
         """Add adapter ``adapter_name`` (zero deltas, fresh ``A0``/``B0``) and make it active."""
         weight = self.base_layer.weight
         dtype = weight.dtype if weight.dtype not in (torch.float16, torch.bfloat16) else torch.float32
@@ -151,7 +152,7 @@ class LinearizedLoraLayer(nn.Module, BaseTunerLayer):
         return result
 
     # -- merging ----------------------------------------------------------------------
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Add ``s (B0 dA + dB A0)`` of the adapters to the base weight (exact for ``"layer"``;
         for ``"model"`` the weight-space counterpart of the tangent, a first-order approximation)."""
         names = [a for a in (adapter_names or self.active_adapters) if a in self.llora_delta_A

@@ -186,7 +186,7 @@ class LinearizedLoraModel(BaseTuner):
                 return not module.disable_adapters and not module.merged
         return False
 
-    def train(self, mode: bool = True) -> "LinearizedLoraModel":
+    def train(self, mode: bool = True) -> LinearizedLoraModel:
         """In ``"model"`` linearization the wrapped model stays in ``eval()`` (dropout off at theta0)."""
         super().train(mode)
         if self.peft_config and self.linearization == "model":

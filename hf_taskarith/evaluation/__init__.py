@@ -5,5 +5,5 @@ from .coefficients import learn_coefficients
 from .disentanglement import DisentanglementGrid, disentanglement_error
 from .editing import ModelEditor, TangentEditor
 
-__all__ = ["ModelEditor", "TangentEditor", "task_addition", "task_negation", "normalized", "AdditionResult", "NegationResult",
-           "disentanglement_error", "DisentanglementGrid", "learn_coefficients"]
+__all__ = ["ModelEditor", "TangentEditor", "task_addition", "task_negation", "normalized", "AdditionResult",
+           "NegationResult", "disentanglement_error", "DisentanglementGrid", "learn_coefficients"]

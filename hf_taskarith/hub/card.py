@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
-def render_task_vector_card(tv: "TaskVector", *, repo_id: str, revision: str | None = None,
+def render_task_vector_card(tv: TaskVector, *, repo_id: str, revision: str | None = None,
                             license: str = "apache-2.0") -> str:
     """Render the card: base model metadata, how the vector was trained, metrics, usage."""
     m = tv.metadata
@@ -25,7 +25,8 @@ def render_task_vector_card(tv: "TaskVector", *, repo_id: str, revision: str | N
     base_id = m.base_model if m.base_model and _HUB_ID.match(m.base_model) else None
     card_data = {
         "library_name": "hf_taskarith", "license": license,
-        "tags": ["task-vector", "task-arithmetic", "hf_taskarith"] + (["linearized"] if m.created_with == "linearized" else []),
+        "tags": ["task-vector", "task-arithmetic", "hf_taskarith"]
+        + (["linearized"] if m.created_with == "linearized" else []),
         "base_model": base_id, "base_model_relation": "adapter" if base_id else None,
     }
     return render(

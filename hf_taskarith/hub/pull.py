@@ -65,6 +65,9 @@ def pull_task_vector(repo_id: str, *, revision: str | None = None, token: str | 
     with network_errors(where, endpoint):
         try:
             sha = api.repo_info(repo_id, revision=revision).sha
+            if sha is None:
+                raise HubError(f"{where}: the Hub returned no commit sha for this revision, so the files cannot be "
+                               "pinned to one commit; check the endpoint (it must be a Hub-compatible server).")
             listing = {f.path: f for f in api.list_repo_tree(repo_id, revision=sha, recursive=True)
                        if isinstance(f, RepoFile)}
         except RepositoryNotFoundError as e:
@@ -85,7 +88,7 @@ def pull_task_vector(repo_id: str, *, revision: str | None = None, token: str | 
             f"{WEIGHTS_PREFIX}*.safetensors weights (files: {sorted(listing)[:10]}). The push that made it was "
             "incomplete; push the task vector again, or pull another revision."
         )
-    folder = None
+    folder = Path()  # names holds at least the weights file (checked above): the loop sets it
     for name in names:
         local = _download(repo_id, name, sha=sha, at=at, token=token, endpoint=endpoint, cache_dir=cache_dir)
         verify_file(local, listing[name], where=at)
@@ -111,7 +114,8 @@ def _download(repo_id: str, name: str, *, sha: str, at: str, token: str | None, 
     what = f"{at}, file {name!r}"
     with network_errors(what, endpoint):
         try:
-            return hf_hub_download(repo_id, name, revision=sha, token=token, endpoint=endpoint, cache_dir=cache_dir)
+            return hf_hub_download(repo_id, name, revision=sha, token=token, endpoint=endpoint,
+                                   cache_dir=None if cache_dir is None else os.fspath(cache_dir))
         except HfHubHTTPError as e:
             if isinstance(e, EntryNotFoundError):
                 raise CheckpointNotFoundError(f"{what} is listed but the Hub answers 'not found': {e}") from e

@@ -37,7 +37,7 @@ class PushResult:
         return self.tag or self.commit_sha
 
 
-def push_task_vector(tv: "TaskVector", repo_id: str, *, tag: str | None = None, branch: str | None = None,
+def push_task_vector(tv: TaskVector, repo_id: str, *, tag: str | None = None, branch: str | None = None,
                      commit_message: str | None = None, private: bool = False, create_pr: bool = False,
                      token: str | None = None, endpoint: str | None = None, parent_commit: str | None = None,
                      tag_message: str | None = None, license: str = "apache-2.0",
@@ -75,7 +75,7 @@ def push_task_vector(tv: "TaskVector", repo_id: str, *, tag: str | None = None, 
                      license=license, max_shard_size=max_shard_size)
 
 
-def _push(api, tv: "TaskVector", repo_id: str, *, target: str, tag: str | None, branch: str | None,
+def _push(api, tv: TaskVector, repo_id: str, *, target: str, tag: str | None, branch: str | None,
           commit_message: str | None, private: bool, create_pr: bool, parent_commit: str | None,
           tag_message: str | None, license: str, max_shard_size: int | str) -> PushResult:
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete
@@ -84,7 +84,8 @@ def _push(api, tv: "TaskVector", repo_id: str, *, target: str, tag: str | None, 
     from .card import render_task_vector_card
 
     try:
-        api.create_repo(repo_id, private=private, exist_ok=True)
+        # a bare name ("reviews") is created under the token's namespace; go on with the full id
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
         refs = api.list_repo_refs(repo_id)
         if tag and any(t.name == tag for t in refs.tags):
             raise HubError(f"{repo_id}: tag {tag!r} already exists; choose a new tag (tags are immutable versions).")
@@ -105,7 +106,8 @@ def _push(api, tv: "TaskVector", repo_id: str, *, target: str, tag: str | None, 
         tv.save_pretrained(folder, max_shard_size=max_shard_size)
         (folder / "README.md").write_text(render_task_vector_card(tv, repo_id=repo_id, revision=tag, license=license))
         new_files = sorted(p.name for p in folder.iterdir())
-        ops = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name)) for name in new_files]
+        ops: list[CommitOperationAdd | CommitOperationDelete] = [
+            CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name)) for name in new_files]
         stale = sorted(f for f in existing if f.startswith(_OWNED) and f not in new_files)
         ops += [CommitOperationDelete(path_in_repo=f) for f in stale]
         try:

@@ -63,7 +63,7 @@ def evict_cached(path: str | os.PathLike) -> list[Path]:
     return removed
 
 
-def verify_file(local: str | os.PathLike, remote: "RepoFile", *, where: str) -> None:
+def verify_file(local: str | os.PathLike, remote: RepoFile, *, where: str) -> None:
     """Check a downloaded file against the Hub's listing; remove it from the cache if it differs.
 
     Args:

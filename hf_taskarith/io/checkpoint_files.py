@@ -55,7 +55,7 @@ def weight_files(path: str | os.PathLike, *, prefix: str | None = None) -> list[
     if not files:
         found = sorted(p.name for p in path.iterdir())[:20]
         hint = ""
-        if any(n.endswith(".bin") or n.endswith(".pt") for n in found):
+        if any(n.endswith((".bin", ".pt")) for n in found):
             hint = (" Only safetensors are read (pickle files can run code); convert with "
                     "`model.save_pretrained(dir, safe_serialization=True)`.")
         raise CheckpointNotFoundError(f"no safetensors weights in {path} (found: {found}).{hint}")

@@ -192,7 +192,7 @@ class ShardedWriter:
             shard.close()
         self._open.clear()
 
-    def __enter__(self) -> "ShardedWriter":
+    def __enter__(self) -> ShardedWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -57,7 +57,8 @@ class _AttentionTangent(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: torch.Tensor, scale: float,
                 q_t: torch.Tensor | None, k_t: torch.Tensor | None, v_t: torch.Tensor | None) -> torch.Tensor:
-        out_shape = (q_t if q_t is not None else k_t if k_t is not None else v_t).shape[:-2] + (p.shape[-2], v.shape[-1])
+        some_t = q_t if q_t is not None else k_t if k_t is not None else v_t
+        out_shape = some_t.shape[:-2] + (p.shape[-2], v.shape[-1])
         s_t = None
         if q_t is not None:
             s_t = torch.bmm(_flat(q_t), k.transpose(1, 2))

@@ -103,7 +103,8 @@ class _Run:
     """What a checkpointed layer call needs to be replayed: the layer, its inputs' structure."""
 
     def __init__(self, layer, plain, leaves, spec, slots, names):
-        self.layer, self.plain, self.leaves, self.spec, self.slots, self.names = layer, plain, leaves, spec, slots, names
+        self.layer, self.plain, self.leaves = layer, plain, leaves
+        self.spec, self.slots, self.names = spec, slots, names
         self.out_spec = None
         self.has_out_t: list[bool] = []
 

@@ -12,8 +12,8 @@ import copy
 import functools
 import inspect
 import logging
-from collections.abc import Callable, Mapping
 import types
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -23,10 +23,16 @@ from ..io.fingerprint import fingerprint_state_dict
 from ..state import float_state_dict
 from .attention import make_attention_jvp_safe
 from .checkpointing import CheckpointingMixin, checkpointed
-from .kernels import disable_hub_kernels
 from .functional import (
-    ENGINES, Engine, LinearizedOutput, add_tangent, forward_params, linearized_call, linearized_signature,
+    ENGINES,
+    Engine,
+    LinearizedOutput,
+    add_tangent,
+    forward_params,
+    linearized_call,
+    linearized_signature,
 )
+from .kernels import disable_hub_kernels
 from .losses import get_linearized_loss, infer_loss_type
 from .persistence import auto_class_name
 from .selection import RESTS, ParameterSelector, Rest, select_parameters, selector_record
@@ -200,16 +206,16 @@ class LinearizedModel(TaskVectorIO, CheckpointingMixin, nn.Module):
         plain = type(self).forward
 
         @functools.wraps(plain)
-        def forward(module: "LinearizedModel", *args: Any, **kwargs: Any) -> Any:
+        def forward(module: LinearizedModel, *args: Any, **kwargs: Any) -> Any:
             return plain(module, *args, **kwargs)
 
         forward.__signature__ = signature.replace(parameters=[  # type: ignore[attr-defined]
             inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY), *signature.parameters.values()])
-        self.forward = types.MethodType(forward, self)
+        self.forward = types.MethodType(forward, self)  # type: ignore[method-assign]  # per-instance signature
 
     # -- construction from task vectors and saved folders ------------------------------
     # -- modes ------------------------------------------------------------------------
-    def train(self, mode: bool = True) -> "LinearizedModel":
+    def train(self, mode: bool = True) -> LinearizedModel:
         """Sets the wrapper's mode; the wrapped model stays in ``eval()`` (dropout off at theta0).
 
         The wrapped model's ``train()`` is never called, so nothing transformers does on a mode
@@ -218,7 +224,7 @@ class LinearizedModel(TaskVectorIO, CheckpointingMixin, nn.Module):
         if not isinstance(mode, bool):
             raise ValueError(f"training mode must be a bool, got {mode!r}.")
         self.training = mode
-        for name, child in self.named_children():
+        for child in self.children():
             if child is not self.model:
                 child.train(mode)
         return self

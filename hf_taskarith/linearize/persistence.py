@@ -61,10 +61,12 @@ def scaled_pairs(task_vector: TaskVectors, scaling: float | Iterable[float]) -> 
             return [(tv, float(scaling)) for tv in items]
         coefs = [_number(c, "scaling") for c in scaling]
         if len(coefs) != len(items):
-            raise ValueError(f"{len(items)} task vectors but {len(coefs)} scalings; give one per vector, or one number.")
+            raise ValueError(f"{len(items)} task vectors but {len(coefs)} scalings; give one per vector, "
+                             "or one number.")
         return list(zip(items, coefs))
     kinds = sorted({type(x).__name__ for x in items})
-    raise TypeError(f"task_vector list must hold only task vectors or only (task_vector, coefficient) pairs; got {kinds}.")
+    raise TypeError("task_vector list must hold only task vectors or only (task_vector, coefficient) pairs; "
+                    f"got {kinds}.")
 
 
 def _number(x: Any, what: str) -> float:
@@ -142,7 +144,8 @@ def auto_class_name(model: torch.nn.Module) -> str | None:
     return None
 
 
-def load_base_model(meta, override: str | os.PathLike | None, model_kwargs: Mapping[str, Any] | None) -> torch.nn.Module:
+def load_base_model(meta, override: str | os.PathLike | None,
+                    model_kwargs: Mapping[str, Any] | None) -> torch.nn.Module:
     """Load the base a saved task vector records (its Auto class, else its transformers class).
 
     Args:

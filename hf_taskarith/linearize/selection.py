@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import Literal, Union
+from typing import Literal
 
 import torch
 
 from ..errors import format_names
 
-ParameterSelector = Union[str, Sequence[str], Callable[[str, torch.Tensor], bool]]
+ParameterSelector = str | Sequence[str] | Callable[[str, torch.Tensor], bool]
 """``None`` (all), a regex, a list of regexes, or ``(name, tensor) -> bool``."""
 
 Rest = Literal["frozen", "train"]

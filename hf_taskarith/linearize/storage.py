@@ -4,8 +4,8 @@ The linearization point theta0 stays in the wrapped model as its own parameters,
 (``requires_grad=False``), so the wrapped model remains an ordinary transformers model:
 ``.device``, ``.dtype``, ``num_parameters()``, ``save_pretrained`` and the code transformers
 runs on ``.train()`` keep working (parameters turned into buffers, as earlier versions did, break
-every transformers method that reads ``next(model.parameters())``). Optimizers built from ``requires_grad`` parameters, as
-``Trainer`` builds them, never see theta0. The trainable ``theta - theta0`` lives in a
+every transformers method that reads ``next(model.parameters())``). Optimizers built from
+``requires_grad`` parameters, as ``Trainer`` builds them, never see theta0. The trainable ``theta - theta0`` lives in a
 :class:`DeltaTree` at the wrapped model's own dotted names.
 """
 

@@ -155,7 +155,7 @@ class TaskVectorIO:
                 "nonlinear_parameters": len(self._nonlinear), "model_class": self._model_class,
                 "auto_class": self._auto_class}
 
-    def task_vector(self, *, dtype: torch.dtype = torch.float32, **extra: Any) -> "TaskVector":
+    def task_vector(self, *, dtype: torch.dtype = torch.float32, **extra: Any) -> TaskVector:
         """``theta - theta0`` as a :class:`~hf_taskarith.TaskVector` over the wrapped model's names.
 
         ``delta`` for linearized parameters, ``theta - theta0`` for parameters trained

@@ -14,9 +14,9 @@ import torch
 from ..errors import MergeArgumentTypeError, MergeConfigError
 from ..io.atomic import check_output_not_input
 from ..io.writer import ShardedWriter, atomic_output_dir
+from .config import parse_seed
 from .engine import MergePlan, MergeReport, plan_merge, run_merge
 from .output import write_side_files
-from .config import parse_seed
 from .registry import get_merge_method
 from .sources import ModelDelta, open_delta_source, open_tensor_source
 
@@ -183,7 +183,8 @@ def _merge_into_module(plan: MergePlan, base: torch.nn.Module, *, inplace: bool,
                     "resize the model's embeddings first or merge to a checkpoint folder."
                 )
             state[name].copy_(t)
-    model.hf_taskarith_merge_report = report
+    # torch types Module.__setattr__ for tensors and modules only; any value is accepted at runtime
+    model.hf_taskarith_merge_report = report  # type: ignore[assignment]
     _log_report(report)
     return model
 

@@ -78,7 +78,7 @@ class MergeConfig:
     source_text: str | None = None
 
     @classmethod
-    def from_yaml(cls, path_or_text: str | os.PathLike, *, base_dir: str | os.PathLike | None = None) -> "MergeConfig":
+    def from_yaml(cls, path_or_text: str | os.PathLike, *, base_dir: str | os.PathLike | None = None) -> MergeConfig:
         """Parse a YAML file (or YAML text). Relative model paths resolve against the file's folder.
 
         An existing path is always read as a file, whatever its name (``merge_method_ties.yml``,
@@ -114,7 +114,7 @@ class MergeConfig:
         return cfg
 
     @classmethod
-    def from_dict(cls, data: Any, *, base_dir: str | os.PathLike | None = None) -> "MergeConfig":
+    def from_dict(cls, data: Any, *, base_dir: str | os.PathLike | None = None) -> MergeConfig:
         """Validate a parsed config (:mod:`.schema`) and resolve its model references.
 
         Relative model paths resolve against ``base_dir`` when they exist there; anything else

@@ -37,8 +37,14 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import (IncompatibleBaseError, KeyMismatchError, MergeConfigError, NonFiniteError, ShapeMismatchError,
-                      format_names)
+from ..errors import (
+    IncompatibleBaseError,
+    KeyMismatchError,
+    MergeConfigError,
+    NonFiniteError,
+    ShapeMismatchError,
+    format_names,
+)
 from ..io.writer import TensorSpec
 from .blockwise import BlockKernel, BlockRunner, DeltaBlocks, RangeSink, finite, kernel_for, merge_blocks
 from .prepass import ModelPrepass
@@ -127,8 +133,8 @@ def plan_merge(base: TensorSource, inputs: list[DeltaSource], method: MergeMetho
         if src.expected_fingerprint:
             fp = fp or base.fingerprint()
             if src.expected_fingerprint != fp:
-                msg = (f"{src.label} was made from base {src.base_model!r} (fingerprint {src.expected_fingerprint}), but the base here ({base.label}) has "
-                       f"fingerprint {fp}")
+                msg = (f"{src.label} was made from base {src.base_model!r} (fingerprint {src.expected_fingerprint}), "
+                       f"but the base here ({base.label}) has fingerprint {fp}")
                 if not allow_mismatch:
                     raise IncompatibleBaseError(msg + ". Use the matching base, or pass allow_mismatch=True "
                                                 "(CLI: --allow-mismatch) to merge anyway.")
@@ -165,7 +171,8 @@ def plan_merge(base: TensorSource, inputs: list[DeltaSource], method: MergeMetho
                 continue
             shape = src.meta(name).shape
             if shape != meta.shape and not (is_vocab_tensor(name) and rows_differ_only(shape, meta.shape)):
-                msg = f"tensor {name!r}: {src.label} has shape {list(shape)}, base ({base.label}) has {list(meta.shape)}"
+                msg = (f"tensor {name!r}: {src.label} has shape {list(shape)}, "
+                       f"base ({base.label}) has {list(meta.shape)}")
                 if not allow_mismatch:
                     raise ShapeMismatchError(msg + ". Inputs must share the base's architecture.")
                 report.skipped.append(msg)
@@ -311,9 +318,9 @@ def _run_prepass(plan: MergePlan, prepass: ModelPrepass, runner: BlockRunner, *,
                 prepass.collect(job.name, job.inputs, [prepass.scan(_rows_deltas(plan, job), job.inputs)])
                 continue
             with _delta_blocks(plan, job, runner) as deltas:
-                def scan(block: tuple[int, int], deltas: DeltaBlocks = deltas) -> Any:
+                def scan(block: tuple[int, int], deltas: DeltaBlocks = deltas, inputs: list[int] = job.inputs) -> Any:
                     stack = deltas.deltas(block[0], block[1], deltas.base(block[0], block[1]))
-                    return prepass.scan(stack, job.inputs)
+                    return prepass.scan(stack, inputs)
 
                 ranges = list(deltas.ranges())
                 for at in range(0, len(ranges), _PREPASS_GROUP):

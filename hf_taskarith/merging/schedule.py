@@ -326,9 +326,8 @@ def layer_positions(names: Iterable[str]) -> dict[str, float]:
         ``t = 0`` everywhere (then a gradient takes its first value).
 
     Example:
-        >>> layer_positions(["model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight",
-        ...                  "model.layers.2.mlp.up_proj.weight"])
-        {'model.embed_tokens.weight': 0.0, 'model.layers.0.mlp.up_proj.weight': 0.0, 'model.layers.2.mlp.up_proj.weight': 1.0}
+        >>> layer_positions(["model.embed_tokens.weight", "model.layers.0.mlp.weight", "model.layers.2.mlp.weight"])
+        {'model.embed_tokens.weight': 0.0, 'model.layers.0.mlp.weight': 0.0, 'model.layers.2.mlp.weight': 1.0}
     """
     found: dict[str, tuple[str, int] | None] = {}
     top: dict[str, int] = {}

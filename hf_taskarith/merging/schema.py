@@ -35,10 +35,18 @@ from __future__ import annotations
 
 import difflib
 import re
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
-from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator, ValidationError,
-                      model_validator)
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    ValidationError,
+    model_validator,
+)
 
 from ..errors import MergeConfigError
 
@@ -51,7 +59,7 @@ UNSUPPORTED_KEYS = {"tokenizer": "tokenizer blocks are not supported; use tokeni
                     "modules": "per-module configs are not supported; merge whole models (models:) or layer ranges "
                                "(slices:)"}
 
-Scalar = Union[bool, int, float, str]
+Scalar = bool | int | float | str
 """A scalar parameter value (YAML number, true/false, or string)."""
 
 
@@ -60,11 +68,11 @@ class ConditionalValue(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     filter: str | None = Field(None, description="substring of tensor names this value applies to; none or '*': all")
-    value: Union[Scalar, list[Scalar]] = Field(description="a scalar, or a per-layer gradient (list of scalars)")
+    value: Scalar | list[Scalar] = Field(description="a scalar, or a per-layer gradient (list of scalars)")
 
 
 #: the forms a parameter value may take (used for the JSON schema; validated by _check_parameter_value)
-ParameterForms = Union[Scalar, list[Scalar], ConditionalValue, list[ConditionalValue]]
+ParameterForms = Scalar | list[Scalar] | ConditionalValue | list[ConditionalValue]
 
 _SCALAR = (bool, int, float, str)
 _PARAM_EXPECTED = ("a number, true/false, a string, a list of those (a per-layer gradient), or "
@@ -232,8 +240,8 @@ class MergeConfigSchema(BaseModel):
     merge_method: str = Field(description="a registered merge method: task_arithmetic, ties, dare_ties, slerp, ... "
                                           "(hf-taskarith methods lists them)")
     base_model: ModelRef | None = Field(None, description="the pre-trained model: local folder or Hub id")
-    models: list[Annotated[InputModel, BeforeValidator(_bare_model_entry, json_schema_input_type=Union[
-        ModelRef, InputModel])]] | None = Field(
+    models: list[Annotated[InputModel, BeforeValidator(
+        _bare_model_entry, json_schema_input_type=ModelRef | InputModel)]] | None = Field(
         None, description="the models merged: {model: ..., parameters: {...}} (or a bare path / Hub id)")
     slices: list[OutputSlice] | None = Field(
         None, description="layer ranges to merge and stack (frankenmerges); instead of models")
@@ -242,7 +250,7 @@ class MergeConfigSchema(BaseModel):
     dtype: Literal[DTYPE_NAMES] | None = Field(None, description="output dtype (maths always runs in float32)")
     out_dtype: Literal[DTYPE_NAMES] | None = Field(None, description="output dtype; wins over dtype")
     tokenizer_source: Annotated[str | None, PlainValidator(
-        _check_tokenizer_source, json_schema_input_type=Union[Literal["base", "union"], str, None])] = Field(
+        _check_tokenizer_source, json_schema_input_type=Literal["base", "union"] | str | None)] = Field(
         "base", description="whose tokenizer (and vocabulary size) the output takes: 'base', one of the models, "
                             "'union', or null")
     chat_template: Annotated[str | None, AfterValidator(_check_chat_template)] = Field(
@@ -251,11 +259,11 @@ class MergeConfigSchema(BaseModel):
     name: str | None = Field(None, description="the merged model's name (the title of its model card)")
     seed: Annotated[int, PlainValidator(_check_seed, json_schema_input_type=Annotated[int, Field(ge=0)])] = Field(
         0, description="seed of randomized methods (DARE, DELLA); hf_taskarith extension")
-    max_shard_size: Annotated[str | int, PlainValidator(_check_shard_size, json_schema_input_type=Union[str, int])] \
+    max_shard_size: Annotated[str | int, PlainValidator(_check_shard_size, json_schema_input_type=str | int)] \
         = Field("5GB", description="output shard size (5GB, 500MB, or bytes); hf_taskarith extension")
 
     @model_validator(mode="after")
-    def _models_or_slices(self) -> "MergeConfigSchema":
+    def _models_or_slices(self) -> MergeConfigSchema:
         if self.models is not None and self.slices is not None:
             raise ValueError("config has both models: and slices:; give one: models to merge whole models, "
                              "slices to merge and stack layer ranges")

@@ -141,7 +141,7 @@ def top_k_rules(n: int, ks: list[int], *, sample: torch.Tensor | None,
     lo, hi = _brackets(n, ks, sample) if sample is not None else ([-math.inf] * rows, [math.inf] * rows)
     while True:
         lo_t, hi_t = torch.tensor(lo).unsqueeze(1), torch.tensor(hi).unsqueeze(1)
-        results = scan(lambda start, block, work: _scan_block(start, block, work, lo_t, hi_t))
+        results = scan(lambda start, block, work, lo_t=lo_t, hi_t=hi_t: _scan_block(start, block, work, lo_t, hi_t))
         above = torch.stack([counts for counts, _ in results]).sum(dim=0).tolist() if results else [0] * rows
         values = [torch.cat([found[r][0] for _, found in results]) for r in range(rows)]
         index = [torch.cat([found[r][1] for _, found in results]) for r in range(rows)]

@@ -108,7 +108,8 @@ def make_head(kind: Literal["probe", "random"], encoder: nn.Module, tokenizer, t
     raise ValueError(f"unknown head kind {kind!r}; expected 'probe' or 'random'.")
 
 
-def save_heads(heads: Mapping[str, nn.Linear], label_names: Mapping[str, Sequence[str]], folder: str | os.PathLike) -> Path:
+def save_heads(heads: Mapping[str, nn.Linear], label_names: Mapping[str, Sequence[str]],
+               folder: str | os.PathLike) -> Path:
     """Write every head to ``heads.safetensors`` (keys ``<task>.weight``/``<task>.bias``) + a JSON config."""
     from safetensors.torch import save_file
 

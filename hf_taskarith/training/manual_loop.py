@@ -46,7 +46,8 @@ class FinetuneResult:
     losses: list[float] = field(default_factory=list, repr=False)
 
 
-def warmup_linear_decay(opt: torch.optim.Optimizer, steps: int, warmup_ratio: float) -> torch.optim.lr_scheduler.LambdaLR:
+def warmup_linear_decay(opt: torch.optim.Optimizer, steps: int,
+                        warmup_ratio: float) -> torch.optim.lr_scheduler.LambdaLR:
     """Learning rate rising linearly over the first ``ceil(warmup_ratio * steps)`` steps, then
     falling linearly to zero at ``steps``."""
     warmup = int(math.ceil(warmup_ratio * steps))

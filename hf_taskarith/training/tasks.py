@@ -73,7 +73,7 @@ class TaskData:
             raise ValueError(f"unknown split {name!r}; expected 'train', 'val' or 'test'.")
         return getattr(self, name)
 
-    def dataset(self, split: str) -> "datasets.Dataset":
+    def dataset(self, split: str) -> datasets.Dataset:
         """One split as a ``datasets.Dataset`` with columns ``text`` (string) and ``label``
         (a ``ClassLabel`` over :attr:`label_names`), what :mod:`hf_taskarith.training.data`
         and the Trainer take.
@@ -169,7 +169,7 @@ def _stratified_order(labels: Sequence[int], seed: int) -> list[int]:
     for i, y in enumerate(labels):
         by_class.setdefault(int(y), []).append(i)
     keyed = []
-    for y, idx in sorted(by_class.items()):
+    for _label, idx in sorted(by_class.items()):
         perm = torch.randperm(len(idx), generator=g).tolist()
         jitter = torch.rand(len(idx), generator=g).tolist()
         keyed += [((rank + jitter[rank]) / len(idx), idx[p]) for rank, p in enumerate(perm)]

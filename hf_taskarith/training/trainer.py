@@ -152,7 +152,10 @@ class LinearizedTrainer(Trainer):
     @property
     def trained_model(self) -> torch.nn.Module:
         """The model being trained, unwrapped (a :class:`LinearizedModel` in ``"linear"`` mode)."""
-        return self.accelerator.unwrap_model(self.model) if hasattr(self, "accelerator") else self.model
+        model = self.accelerator.unwrap_model(self.model) if hasattr(self, "accelerator") else self.model
+        if model is None:  # __init__ refuses model=None; only a caller clearing trainer.model gets here
+            raise ValueError("the trainer has no model (trainer.model is None).")
+        return model
 
     def _set_signature_columns_if_needed(self) -> None:
         if self.mode == "nonlinear" or self._adapter:
@@ -160,7 +163,8 @@ class LinearizedTrainer(Trainer):
         if self._signature_columns is None:
             inner = self.linearized_model.model
             columns = list(inspect.signature(inner.forward).parameters)
-            self._signature_columns = columns + list({"label", "label_ids", *self.label_names})
+            # transformers declares the attribute as None only; it holds the column list once set
+            self._signature_columns = columns + list({"label", "label_ids", *self.label_names})  # type: ignore[assignment]
 
     # -- task vectors -------------------------------------------------------------------
     def training_details(self) -> dict[str, Any]:
@@ -189,14 +193,14 @@ class LinearizedTrainer(Trainer):
                     found[k] = float(v)
         return found
 
-    def task_vector(self, **extra: Any) -> "TaskVector":
+    def task_vector(self, **extra: Any) -> TaskVector:
         """The trained task vector, with :meth:`training_details` (plus ``extra``) and :meth:`metrics`.
 
         ``"linear"`` mode: ``delta`` (see :meth:`LinearizedModel.task_vector`). ``"nonlinear"``
         mode: fine-tuned minus pre-trained weights over the same names.
         """
         details = {**self.training_details(), **extra}
-        more = {"metrics": m} if (m := self.metrics()) else {}
+        more: dict[str, Any] = {"metrics": m} if (m := self.metrics()) else {}
         if self._adapter:
             from ..adapters.convert import task_vector_from_peft
 
@@ -205,11 +209,13 @@ class LinearizedTrainer(Trainer):
             return tv
         if self.mode == "linear":
             return self.linearized_model.task_vector(training=details, **more)
+        if self._base is None:  # set by __init__ in "nonlinear" mode
+            raise ValueError(f"mode={self.mode!r} without a snapshot of the pre-trained weights.")
         return self._base.task_vector(self.trained_model, training=details, **more)
 
     # -- saving -------------------------------------------------------------------------
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        output_dir = output_dir if output_dir is not None else self._output_dir()
         if self.mode == "nonlinear" or self._adapter:  # ordinary checkpoint (a PeftModel saves its adapter)
             super()._save(output_dir, state_dict)
             if self.args.should_save:
@@ -263,12 +269,14 @@ class LinearizedTrainer(Trainer):
         repo_id = self._repo_id(None, model_name)
         text = render_task_vector_card(self.task_vector(**card_details), repo_id=repo_id,
                                        license=license or "apache-2.0")
-        os.makedirs(self.args.output_dir, exist_ok=True)
-        Path(self.args.output_dir, "README.md").write_text(text, encoding="utf-8")
+        os.makedirs(self._output_dir(), exist_ok=True)
+        Path(self._output_dir(), "README.md").write_text(text, encoding="utf-8")
 
-    def push_to_hub(self, commit_message: str | None = None, blocking: bool = True, token: str | None = None,
-                    revision: str | None = None, private: bool | None = None, *, repo_id: str | None = None,
-                    tag: str | None = None, **kwargs: Any) -> "PushResult | None":
+    # returns the task vector push's PushResult, not Trainer's CommitInfo (documented): a deliberate override
+    def push_to_hub(  # type: ignore[override]
+            self, commit_message: str | None = None, blocking: bool = True, token: str | None = None,
+            revision: str | None = None, private: bool | None = None, *, repo_id: str | None = None,
+            tag: str | None = None, **kwargs: Any) -> PushResult | None:
         """Push the task vector (not the model weights) and its card in one commit.
 
         Saves the model locally as ``Trainer.push_to_hub`` does, then calls
@@ -316,7 +324,13 @@ class LinearizedTrainer(Trainer):
 
     def _repo_id(self, repo_id: str | None, model_name: str | None) -> str:
         return (repo_id or getattr(self, "hub_model_id", None) or self.args.hub_model_id or model_name
-                or Path(self.args.output_dir).absolute().name)
+                or Path(self._output_dir()).absolute().name)
+
+    def _output_dir(self) -> str:
+        """``args.output_dir`` (transformers fills in a default; None only if a caller cleared it)."""
+        if self.args.output_dir is None:
+            raise ValueError("TrainingArguments.output_dir is None; set output_dir to the folder for checkpoints.")
+        return self.args.output_dir
 
 
 def _is_linearized_adapter(model: torch.nn.Module) -> bool:
@@ -339,7 +353,7 @@ class _BaseSnapshot:
         self.base_model = getattr(cfg, "_name_or_path", None) or None
         self.base_revision = getattr(cfg, "_commit_hash", None)
 
-    def task_vector(self, model: torch.nn.Module, **extra: Any) -> "TaskVector":
+    def task_vector(self, model: torch.nn.Module, **extra: Any) -> TaskVector:
         from ..metadata import TaskVectorMetadata
         from ..task_vector import TaskVector, _check_same_keys
 

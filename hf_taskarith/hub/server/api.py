@@ -18,8 +18,16 @@ from urllib.parse import quote, urlencode
 from .commits import Operation, create_commit, new_spool
 from .errors import HubHTTPError
 from .messages import JSONResponse, Request, field_of
-from .names import (URL_PREFIXES, repo_type_from_name, validate_new_ref_name, validate_oid, validate_path,
-                    validate_ref_name, validate_repo_id, validate_size)
+from .names import (
+    URL_PREFIXES,
+    repo_type_from_name,
+    validate_new_ref_name,
+    validate_oid,
+    validate_path,
+    validate_ref_name,
+    validate_repo_id,
+    validate_size,
+)
 from .storage import Repo, iso
 from .upload_mode import choose_upload_mode
 

@@ -123,7 +123,7 @@ def to_starlette(response: Response, *, close: bool, head: bool = False) -> Star
 class HubASGIApp:
     """ASGI entry point of a :class:`~.app.HubServer` (``http`` scopes only; lifespan is off)."""
 
-    def __init__(self, server: "HubServer") -> None:
+    def __init__(self, server: HubServer) -> None:
         self.server = server
         self.limiter = anyio.CapacityLimiter(server.config.max_workers)
 

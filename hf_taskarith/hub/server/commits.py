@@ -15,7 +15,6 @@ Note:
 from __future__ import annotations
 
 import dataclasses
-
 import logging
 import shutil
 import time
@@ -57,7 +56,7 @@ def identity_env(user: str) -> dict[str, str]:
             "GIT_COMMITTER_NAME": user, "GIT_COMMITTER_EMAIL": f"{user}@localhost", "GIT_COMMITTER_DATE": now}
 
 
-def new_spool(repo: "Repo") -> Path:
+def new_spool(repo: Repo) -> Path:
     """A fresh scratch folder in the repo's git dir (removed by the caller; a crash leaves it to
     :meth:`~.storage.RepoStore.clean_leftovers` at the next start)."""
     spool = Path(repo.git_dir) / f"hub-spool-{uuid.uuid4().hex}"
@@ -65,7 +64,7 @@ def new_spool(repo: "Repo") -> Path:
     return spool
 
 
-def write_blobs(repo: "Repo", contents: list[bytes | Path]) -> list[str]:
+def write_blobs(repo: Repo, contents: list[bytes | Path]) -> list[str]:
     """Write blobs (bytes, or files already on disk) into the object store (one ``hash-object``)."""
     if not contents:
         return []
@@ -84,7 +83,7 @@ def write_blobs(repo: "Repo", contents: list[bytes | Path]) -> list[str]:
         shutil.rmtree(spool, ignore_errors=True)
 
 
-def tree_files(repo: "Repo", sha: str | None) -> dict[str, tuple[str, str]]:
+def tree_files(repo: Repo, sha: str | None) -> dict[str, tuple[str, str]]:
     """``path -> (mode, blob id)`` of every file of commit ``sha``."""
     if sha is None:
         return {}
@@ -97,7 +96,7 @@ def tree_files(repo: "Repo", sha: str | None) -> dict[str, tuple[str, str]]:
     return files
 
 
-def write_tree(repo: "Repo", files: dict[str, tuple[str, str]]) -> str:
+def write_tree(repo: Repo, files: dict[str, tuple[str, str]]) -> str:
     """A tree object holding ``files``, built in a temporary index file."""
     index = repo.git_dir / f"hub-index-{uuid.uuid4().hex}"
     try:
@@ -113,7 +112,7 @@ def write_tree(repo: "Repo", files: dict[str, tuple[str, str]]) -> str:
         index.with_name(index.name + ".lock").unlink(missing_ok=True)
 
 
-def apply_operations(repo: "Repo", files: dict[str, tuple[str, str]], ops: list[Operation],
+def apply_operations(repo: Repo, files: dict[str, tuple[str, str]], ops: list[Operation],
                      blob_ids: dict[int, str], revision: str, head: str) -> None:
     """Apply ``ops`` to ``files`` in place; refuses deleting what is missing and file/folder clashes."""
     for i, op in enumerate(ops):
@@ -138,7 +137,7 @@ def apply_operations(repo: "Repo", files: dict[str, tuple[str, str]], ops: list[
                                 f"delete one of them in the same commit.")
 
 
-def _with_stored_size(repo: "Repo", op: Operation) -> Operation:
+def _with_stored_size(repo: Repo, op: Operation) -> Operation:
     """An LFS line without a size (``CommitOperationCopy`` sends only the oid) takes the size of the
     object already stored; an unknown object is refused."""
     size = repo.lfs.size(op.oid)
@@ -148,7 +147,7 @@ def _with_stored_size(repo: "Repo", op: Operation) -> Operation:
     return dataclasses.replace(op, size=size)
 
 
-def create_commit(repo: "Repo", branch: str, ops: list[Operation], *, summary: str, description: str = "",
+def create_commit(repo: Repo, branch: str, ops: list[Operation], *, summary: str, description: str = "",
                   parent_commit: str | None = None, pull_request: bool = False) -> tuple[str, int | None]:
     """Apply ``ops`` on top of ``branch`` as one commit; returns its sha and, with ``pull_request``,
     the number of the new ``refs/pr/N`` that holds it (see :func:`_create_commit`).
@@ -165,7 +164,7 @@ def create_commit(repo: "Repo", branch: str, ops: list[Operation], *, summary: s
         raise
 
 
-def _create_commit(repo: "Repo", branch: str, ops: list[Operation], *, summary: str, description: str = "",
+def _create_commit(repo: Repo, branch: str, ops: list[Operation], *, summary: str, description: str = "",
                    parent_commit: str | None = None, pull_request: bool = False) -> tuple[str, int | None]:
     """Apply ``ops`` on top of ``branch`` as one commit; returns its sha (and the pull request's number).
 

@@ -51,7 +51,7 @@ def has_body(headers) -> bool:
     return bool(headers.get("Transfer-Encoding")) or (headers.get("Content-Length") or "0") != "0"
 
 
-def handle(server: "HubServer", req: Request) -> Response:
+def handle(server: HubServer, req: Request) -> Response:
     """The response to ``req`` (routed here; ``req.params`` and ``req.caller`` are filled in).
 
     Raises:
@@ -101,7 +101,7 @@ def _browser_credential(req: Request) -> str | None:
     return f"Bearer {morsel.value}" if morsel is not None and morsel.value else None
 
 
-def _vanished_repo(server: "HubServer", req: Request, error: Exception) -> Response:
+def _vanished_repo(server: HubServer, req: Request, error: Exception) -> Response:
     """A repo deleted while a request on it ran: 404 ``RepoNotFound`` (the answer the request gets
     a moment later), not a server error. Any other such failure is one, and is logged."""
     repo_type, repo_id = req.params.get("repo_type"), req.params.get("repo_id")
@@ -111,7 +111,7 @@ def _vanished_repo(server: "HubServer", req: Request, error: Exception) -> Respo
     return internal_error()
 
 
-def new_request(server: "HubServer", method: str, path: str, query: dict[str, list[str]], headers,
+def new_request(server: HubServer, method: str, path: str, query: dict[str, list[str]], headers,
                 chunks) -> Request:
     """A request not yet routed, with no credentials checked."""
     return Request(method, path, query, headers, chunks, server, Caller(authenticated=False, anonymous_reader=False))

@@ -26,8 +26,8 @@ from pathlib import Path
 from urllib.parse import urlencode
 
 from .errors import HubHTTPError
-from .limits import TruncatedBody
 from .guard import check_write_body
+from .limits import TruncatedBody
 from .messages import FileResponse, JSONResponse, Request
 from .names import URL_PREFIXES, validate_oid, validate_size
 

@@ -26,8 +26,8 @@ class Request:
     query: dict[str, list[str]]
     headers: Any  # case-insensitive .get() (starlette.datastructures.Headers)
     chunks: Any  # the body's bytes as they arrive (see .asgi.BodyChannel)
-    server: "HubServer"
-    caller: "Caller"
+    server: HubServer
+    caller: Caller
     params: dict[str, str] = field(default_factory=dict)
     body_consumed: bool = False
 

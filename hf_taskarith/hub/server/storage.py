@@ -19,7 +19,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
@@ -38,7 +38,7 @@ META_FILE = "hf-hub.json"
 
 def iso(ts: float) -> str:
     """Unix time -> the Hub's date format (``2024-01-02T03:04:05.000Z``)."""
-    return datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+    return datetime.fromtimestamp(ts, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.000Z")
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ class CommitInfo:
 class Repo:
     """One repository (open it through :class:`RepoStore`)."""
 
-    def __init__(self, store: "RepoStore", repo_type: RepoType, repo_id: str, path: Path) -> None:
+    def __init__(self, store: RepoStore, repo_type: RepoType, repo_id: str, path: Path) -> None:
         self.store = store
         self.repo_type = repo_type
         self.repo_id = repo_id
@@ -207,7 +207,7 @@ class Repo:
             if parsed:  # an LFS file even when its object is missing: downloads then fail loudly, never
                 pointers[oid] = (parsed, len(data))  # serving the pointer text as the file's content
         entries = []
-        for mode, kind, oid, size, path in rows:
+        for _mode, kind, oid, size, path in rows:
             if kind == "tree":
                 entries.append(Entry(path, "directory", oid, 0))
             elif kind == "blob":
@@ -395,7 +395,8 @@ class RepoStore:
         """
         final = self.root / f"{repo_type}s" / repo_id
         if self.find(repo_type, repo_id) is not None or final.exists():
-            raise HubHTTPError(409, f"You already created this {repo_type} repo: {self._existing_id(repo_type, repo_id)}")
+            raise HubHTTPError(
+                409, f"You already created this {repo_type} repo: {self._existing_id(repo_type, repo_id)}")
         self._tmp.mkdir(parents=True, exist_ok=True)
         staging = self._tmp / f"create-{uuid.uuid4().hex}"
         try:

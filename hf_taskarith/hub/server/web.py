@@ -37,7 +37,8 @@ def _templates():
 def _page(template: str, **context) -> TextResponse:
     html = _templates().get_template(template).render(**context)
     return TextResponse(200, {"Cache-Control": "no-store", "X-Frame-Options": "DENY",
-                              "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; img-src 'self'"},
+                              "Content-Security-Policy":
+                                  "default-src 'none'; style-src 'unsafe-inline'; img-src 'self'"},
                         text=html, content_type="text/html; charset=utf-8")
 
 

@@ -39,7 +39,8 @@ def passthrough_merge(weights: list[torch.Tensor], p: dict[str, Any], gen: torch
 
 register_merge_method(MergeMethod(
     name="passthrough", fn=passthrough_merge,
-    params=(ParamSpec("scale", None, per_model=True, help="multiply the model's weights by this (default: unchanged)"),),
+    params=(ParamSpec("scale", None, per_model=True,
+                      help="multiply the model's weights by this (default: unchanged)"),),
     description="One model's weights, unchanged or scaled.",
     reference="https://github.com/arcee-ai/mergekit", needs_base=False, on_weights=True, min_models=1, max_models=1,
 ))

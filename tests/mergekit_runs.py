@@ -1,0 +1,58 @@
+"""Running one YAML config through mergekit and through us, for the parity tests.
+
+Shared by ``tests/test_parity_mergekit*.py``, ``test_slices.py`` and ``test_tokenizer_union.py``;
+mergekit is imported only when :func:`run_mergekit` runs (those modules skip without it).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from hf_taskarith import merge_from_config
+
+
+def mergekit_options(**overrides: Any) -> Any:
+    """mergekit's options for a quiet run without a tokenizer copy or a card (``overrides`` win)."""
+    from mergekit.options import MergeOptions
+
+    return MergeOptions(**{"copy_tokenizer": False, "lazy_unpickle": True, "quiet": True,
+                           "write_model_card": False, **overrides})
+
+
+def state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the safetensors files in ``folder``."""
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def run_mergekit(text: str, out: Path, options: Any = None) -> dict[str, torch.Tensor]:
+    """mergekit's ``run_merge`` on YAML ``text`` into ``out``; its tensors."""
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+
+    run_merge(MergeConfiguration.model_validate(yaml.safe_load(text)), str(out),
+              options=options if options is not None else mergekit_options())
+    return state_dict(out)
+
+
+def run_ours(text: str, tmp_path: Path, out: Path) -> dict[str, torch.Tensor]:
+    """``merge_from_config`` on YAML ``text`` (written next to ``out``) into ``out``; its tensors."""
+    cfg_file = tmp_path / f"{out.name}.yml"
+    cfg_file.write_text(text)
+    return state_dict(merge_from_config(cfg_file, out, progress=False))
+
+
+def run_both(text: str, tmp_path: Path) -> tuple[dict, dict]:
+    """Ours and mergekit's results on the same YAML, checked to hold the same names and dtypes."""
+    ours, theirs = run_ours(text, tmp_path, tmp_path / "ours"), run_mergekit(text, tmp_path / "mergekit")
+    assert set(ours) == set(theirs)
+    for k in ours:
+        assert ours[k].dtype == theirs[k].dtype, k
+    return ours, theirs
