@@ -56,3 +56,30 @@ def run_both(text: str, tmp_path: Path) -> tuple[dict, dict]:
     for k in ours:
         assert ours[k].dtype == theirs[k].dtype, k
     return ours, theirs
+
+
+#: how far the engine's block path may be from mergekit for the methods it evaluates from Gram
+#: matrices (:mod:`hf_taskarith.merging.span`): float32 ulps of each tensor's largest entry
+ULPS = 16
+
+
+def run_ours_whole_tensors(text: str, tmp_path: Path, out: Path) -> dict[str, torch.Tensor]:
+    """:func:`run_ours` with every tensor on the engine's whole-tensor path (the functions that
+    repeat mergekit's float32 arithmetic step by step)."""
+    import pytest
+
+    import hf_taskarith.merging.engine as engine
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(engine, "kernel_for", lambda method, params, context: None)
+        return run_ours(text, tmp_path, out)
+
+
+def assert_close_to(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor], ulps: float = ULPS) -> None:
+    """Same names and dtypes, and every tensor within ``ulps`` float32 ulps of its largest entry."""
+    assert set(ours) == set(theirs)
+    for k in ours:
+        assert ours[k].dtype == theirs[k].dtype, k
+        scale = float(theirs[k].float().abs().max()) or 1.0
+        off = float((ours[k].float() - theirs[k].float()).abs().max()) / (scale * 2 ** -23)
+        assert off <= ulps, (k, off)

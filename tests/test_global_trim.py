@@ -145,7 +145,7 @@ def test_blocks_and_whole_tensors_agree_bit_for_bit(method, params, monkeypatch,
     kw = dict(method=method, trim_scope="global", progress=False, **params)
     got = _sd(merge(root / "base", models, output_dir=tmp_path / "blocks", **kw))
     with monkeypatch.context() as m:
-        m.setattr(engine, "kernel_for", lambda method, params: None)
+        m.setattr(engine, "kernel_for", lambda method, params, context: None)
         want = _sd(merge(root / "base", models, output_dir=tmp_path / "whole", **kw))
     assert set(got) == set(want)
     for n in got:

@@ -4,8 +4,10 @@
 processes run on CPU and ``ddp_backend="gloo"`` picks the gloo backend.)
 
 One SGD step on a global batch of 8 (4 per rank) must equal a single-process step on all 8
-examples, and both ranks must end with identical deltas. The worker is this file's
-``__main__`` block.
+examples, and both ranks must end with identical deltas, in both modes, with transformers'
+default ``average_tokens_across_devices=True`` (the ordinary mode once took a 2x step there:
+the Trainer multiplies a loss by the process count, and a sequence classifier's built-in loss is a
+plain mean). The worker is this file's ``__main__`` block.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ def _model_and_data():
     torch.manual_seed(0)
     model = BertForSequenceClassification(BertConfig(
         hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64, vocab_size=64,
-        num_labels=2)).eval()
+        num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)).eval()  # no dropout: both modes
+    # compute the same step in one process and in two
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(5, 64, (N, 8), generator=g)
     ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist(),
@@ -38,7 +41,7 @@ def _model_and_data():
     return model, ds
 
 
-def worker(out_dir: str) -> None:
+def worker(out_dir: str, mode: str) -> None:
     from transformers import TrainingArguments
 
     from hf_taskarith.training import LinearizedTrainer
@@ -48,10 +51,14 @@ def worker(out_dir: str) -> None:
                              learning_rate=LR, lr_scheduler_type="constant", weight_decay=0.0,
                              max_grad_norm=0.0, save_strategy="no", report_to=[], use_cpu=True,
                              disable_tqdm=True, ddp_backend="gloo", dataloader_num_workers=0)
-    trainer = LinearizedTrainer(model=model, args=args, train_dataset=ds)
+    assert args.average_tokens_across_devices  # transformers' default, the case that once doubled the step
+    trainer = LinearizedTrainer(model=model, args=args, train_dataset=ds, mode=mode)
     trainer.train()
     rank = trainer.args.process_index
-    deltas = {k: v.detach() for k, v in trainer.linearized_model.deltas().items()}
+    if mode == "linear":
+        deltas = {k: v.detach() for k, v in trainer.linearized_model.deltas().items()}
+    else:
+        deltas = {k: v.clone() for k, v in trainer.task_vector().items()}
     torch.save({"deltas": deltas, "world_size": trainer.args.world_size,
                 "wrapped": type(trainer.model_wrapped).__name__}, Path(out_dir) / f"rank{rank}.pt")
     # shut gloo down before interpreter exit: left to the exit handlers, its threads were
@@ -69,13 +76,14 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_ddp_two_gloo_processes_match_single_process(tmp_path):
+@pytest.mark.parametrize("mode", ["linear", "nonlinear"])
+def test_ddp_two_gloo_processes_match_single_process(mode, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(_free_port()),
-           __file__, str(tmp_path)]
+           __file__, str(tmp_path), mode]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)  # slow on a loaded 2-core box
     assert proc.returncode == 0, proc.stderr[-4000:]
     r0, r1 = (torch.load(tmp_path / f"rank{i}.pt") for i in (0, 1))
@@ -87,12 +95,23 @@ def test_ddp_two_gloo_processes_match_single_process(tmp_path):
     from hf_taskarith.linearize import LinearizedModel
 
     model, ds = _model_and_data()
-    lin = LinearizedModel(model)
-    lin(**{k: torch.tensor(ds[k]) for k in ("input_ids", "attention_mask", "labels")}).loss.backward()
-    for name, d in r0["deltas"].items():
-        assert d.abs().sum() > 0, name
-        torch.testing.assert_close(d, -LR * lin.deltas()[name].grad, rtol=1e-4, atol=1e-7, msg=name)
+    batch = {k: torch.tensor(ds[k]) for k in ("input_ids", "attention_mask", "labels")}
+    if mode == "linear":
+        lin = LinearizedModel(model)
+        lin(**batch).loss.backward()
+        grads = {name: p.grad for name, p in lin.deltas().items()}
+    else:  # the ordinary step on all 8: the model's own (mean) loss
+        model.train()  # as the Trainer trains (no dropout: train and eval agree)
+        model(**batch).loss.backward()
+        grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    assert set(grads) <= set(r0["deltas"])
+    for name, g in grads.items():
+        d = r0["deltas"][name]
+        if g.abs().sum() == 0:
+            continue
+        torch.testing.assert_close(d, -LR * g, rtol=1e-4, atol=1e-7, msg=name)
+    assert sum(float(r0["deltas"][n].abs().sum()) for n in grads) > 0
 
 
 if __name__ == "__main__":
-    worker(sys.argv[1])
+    worker(sys.argv[1], sys.argv[2])

@@ -51,9 +51,10 @@ def merge(base: Any, models: Sequence[Any], *, method: str = "task_arithmetic",
             folders, fine-tuned checkpoint folders, Hub ids, or ``nn.Module`` s.
         method: a registered method (``hf-taskarith methods`` lists them): task_arithmetic,
             linear, ties, dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties, della,
-            della_linear, magnitude_prune, tsv, iso_c, iso_cts, and the weight-space methods
-            slerp (one model, ``t=``), model_stock (two or more models) and passthrough (one
-            model, optional ``scale=``; no base needed).
+            della_linear, magnitude_prune, tsv, iso_c, iso_cts, sce, hierarchical, and the
+            weight-space methods slerp (one model, ``t=``), nuslerp (two models), multislerp,
+            karcher, model_stock (two or more models), nearswap and arcee_fusion (one model) and
+            passthrough (one model, optional ``scale=``; no base needed).
         weights: one weight per model (or one for all). Negative weights negate tasks. Each
             may vary by tensor: a :class:`~hf_taskarith.merging.schedule.Gradient` over the
             layers or a :class:`~hf_taskarith.merging.schedule.Conditional` on tensor names

@@ -29,6 +29,7 @@ import os
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 import torch
@@ -181,10 +182,13 @@ class DeltaBlocks:
     def __len__(self) -> int:
         return len(self._inputs)
 
-    def ranges(self) -> Iterator[tuple[int, int]]:
-        """``(start, stop)`` of each block, in order."""
-        for start in range(0, self.n, BLOCK):
-            yield start, min(start + BLOCK, self.n)
+    def ranges(self, align: int = 1) -> Iterator[tuple[int, int]]:
+        """``(start, stop)`` of each block, in order; with ``align``, every block but the last
+        holds a whole multiple of ``align`` entries (at least ``align``), so blocks split no row
+        of that length."""
+        step = max(align, BLOCK // align * align)
+        for start in range(0, self.n, step):
+            yield start, min(start + step, self.n)
 
     def _read(self, source: RangeSource, start: int, stop: int) -> torch.Tensor:
         raw = self._runner.scratch("raw", ((stop - start) * 8,), torch.uint8)
@@ -216,15 +220,31 @@ class DeltaBlocks:
             raise self.first_bad_input() or NonFiniteError(f"tensor {self.name!r}: an input delta is not finite.")
         return stack
 
+    def weights(self, start: int, stop: int, base: torch.Tensor) -> torch.Tensor:
+        """Every input's float32 *weights* over ``start:stop``: ``(n_inputs, stop - start)`` (this
+        thread's buffer): a model's own entries (no delta round trip), or ``base + delta`` for a
+        task vector, exactly as the whole-tensor path forms them for methods defined on weights.
+
+        Raises:
+            NonFiniteError: the block holds NaN or inf, naming the first input (in input order)
+                whose delta is not finite anywhere in the tensor.
+        """
+        stack = self._runner.scratch("deltas", (len(self._inputs), stop - start), torch.float32)
+        for row, source, is_model in zip(stack, self._inputs, self._is_model):
+            row.copy_(self._read(source, start, stop))
+            if not is_model:
+                row.add_(base)
+        if not finite(stack):
+            raise self.first_bad_input() or NonFiniteError(f"tensor {self.name!r}: an input is not finite.")
+        return stack
+
     def sample(self) -> torch.Tensor | None:
         """Every input's delta at :data:`RUNS` runs of :data:`RUN` entries spread over the
         tensor (a random run in each equal stratum; fixed seed): ``(n_inputs, RUNS * RUN)``.
         ``None`` for tensors under ``8 * RUNS * RUN`` entries, too small to be worth it."""
-        if self.n < 8 * RUNS * RUN:
+        starts = self.sample_starts()
+        if starts is None:
             return None
-        stratum = self.n // RUNS
-        gen = torch.Generator().manual_seed(0)
-        starts = (torch.arange(RUNS) * stratum + torch.randint(stratum - RUN, (RUNS,), generator=gen)).tolist()
 
         def gather(source: RangeSource) -> torch.Tensor:
             raw = torch.empty(RUNS, RUN * 8, dtype=torch.uint8)
@@ -232,6 +252,14 @@ class DeltaBlocks:
 
         base = gather(self._base)
         return torch.stack([gather(x).sub_(base) if m else gather(x) for x, m in zip(self._inputs, self._is_model)])
+
+    def sample_starts(self) -> list[int] | None:
+        """The first flat index of each run :meth:`sample` reads (``None`` where it reads none)."""
+        if self.n < 8 * RUNS * RUN:
+            return None
+        stratum = self.n // RUNS
+        gen = torch.Generator().manual_seed(0)
+        return (torch.arange(RUNS) * stratum + torch.randint(stratum - RUN, (RUNS,), generator=gen)).tolist()
 
     def first_bad_input(self) -> NonFiniteError | None:
         """The error naming the first input (in input order) whose delta holds NaN or inf
@@ -249,6 +277,22 @@ class DeltaBlocks:
         return None
 
 
+@dataclass(frozen=True)
+class KernelContext:
+    """What a kernel factory may need to know about one tensor besides the parameters.
+
+    Attributes:
+        shape: the tensor's shape (methods that work per row or per column need it).
+        base_given: False when the caller gave no base model and the first input stands in as
+            the reference (``MergeMethod.needs_base=False``).
+        is_base: per contributing input, True if it is the base checkpoint itself.
+    """
+
+    shape: tuple[int, ...]
+    base_given: bool = True
+    is_base: tuple[bool, ...] = ()
+
+
 class BlockKernel:
     """A merge method evaluated block by block.
 
@@ -256,6 +300,13 @@ class BlockKernel:
     :meth:`prepare`. One kernel serves one tensor; :meth:`merge` may run on several threads.
     """
 
+    #: blocks hold whole multiples of this many entries (a kernel that works per row sets the
+    #: row length, so no block splits a row)
+    align: int = 1
+    #: True for methods defined on weights (``MergeMethod.on_weights``): :meth:`merge` receives
+    #: the inputs' float32 weights (:meth:`DeltaBlocks.weights`) and returns the merged weights,
+    #: which are written as they are
+    on_weights: bool = False
     #: True when a non-finite input delta cannot go unnoticed without a per-block check:
     #: :meth:`prepare` checked every delta, or any NaN/inf in a delta always reaches the
     #: merged block (linear combinations), whose check then names the input.
@@ -265,11 +316,12 @@ class BlockKernel:
         """Look at the whole tensor before any block is merged (default: nothing to do)."""
 
     def merge(self, deltas: torch.Tensor, base: torch.Tensor, start: int) -> torch.Tensor:
-        """The merged delta of one block.
+        """The merged delta of one block (the merged weights, for an :attr:`on_weights` kernel).
 
         Args:
-            deltas: ``(n_inputs, m)`` float32, the inputs' deltas over entries
-                ``start:start + m``; the kernel may modify them.
+            deltas: ``(n_inputs, m)`` float32, the inputs' deltas (their weights, for an
+                :attr:`on_weights` kernel) over entries ``start:start + m``; the kernel may
+                modify them.
             base: ``(m,)`` float32, the base over the same entries; read-only.
             start: the block's first flat index.
         """
@@ -297,18 +349,35 @@ class ElementwiseKernel(BlockKernel):
         return self.fn(rows, self.params, None)
 
 
-def kernel_for(method: Any, params: dict[str, Any]) -> BlockKernel | None:
+class WeightsElementwiseKernel(BlockKernel):
+    """An elementwise method defined on weights (``nearswap``): its own function, called on
+    each block of the inputs' weights with the base's block as ``base=``."""
+
+    on_weights = True
+
+    def __init__(self, fn: Callable[..., torch.Tensor], params: dict[str, Any]):
+        self.fn, self.params = fn, params
+
+    def merge(self, deltas: torch.Tensor, base: torch.Tensor, start: int) -> torch.Tensor:
+        return self.fn(list(deltas.unbind(0)), self.params, None, base=base)
+
+
+def kernel_for(method: Any, params: dict[str, Any], context: KernelContext) -> BlockKernel | None:
     """The block kernel for a :class:`~hf_taskarith.merging.registry.MergeMethod`, if it has one.
 
-    A method with a ``block_kernel`` factory (the TIES family) supplies its own; other
-    deterministic elementwise methods run their own function on blocks; the rest return
-    ``None`` and run on whole tensors.
+    A method with a ``block_kernel`` factory (the TIES family, the spherical methods) supplies
+    its own (for a method defined on weights, a kernel that returns a merged delta is fine: the
+    base is added to it); other deterministic elementwise methods run their own function on
+    blocks (of weights, for methods defined on weights); the rest return ``None`` and run on
+    whole tensors.
     """
     if method.block_kernel is not None:
-        kernel = method.block_kernel(params)
+        kernel = method.block_kernel(params, context)
         if kernel is not None:
             return kernel
     if method.elementwise and not method.randomized:
+        if method.on_weights:
+            return WeightsElementwiseKernel(method.fn, params)
         return ElementwiseKernel(method.fn, params, takes_base=method.takes_base)
     return None
 
@@ -335,11 +404,17 @@ def merge_blocks(deltas: DeltaBlocks, kernel: BlockKernel | None, out: RangeSink
         start, stop = block
         base = deltas.base(start, stop)
         if active is not None:
-            merged = active.merge(deltas.deltas(start, stop, base, check=not active.catches_nonfinite_inputs),
-                                  base, start)
+            if active.on_weights:
+                merged = active.merge(deltas.weights(start, stop, base), base, start)
+            else:
+                merged = active.merge(deltas.deltas(start, stop, base, check=not active.catches_nonfinite_inputs),
+                                      base, start)
             if merged.shape != base.shape:
                 raise ValueError(f"block kernel returned shape {list(merged.shape)}, expected {list(base.shape)}.")
-            base.add_(merged)
+            if active.on_weights:
+                base.copy_(merged)
+            else:
+                base.add_(merged)
         if not is_finite(base):
             raise deltas.first_bad_input() or NonFiniteError(
                 f"merged tensor {deltas.name!r} is not finite ({what}). "
@@ -349,4 +424,4 @@ def merge_blocks(deltas: DeltaBlocks, kernel: BlockKernel | None, out: RangeSink
 
     if active is not None:
         active.prepare(deltas, runner)
-    runner.map(run, deltas.ranges())
+    runner.map(run, deltas.ranges(active.align if active is not None else 1))

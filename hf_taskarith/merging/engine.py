@@ -46,7 +46,16 @@ from ..errors import (
     format_names,
 )
 from ..io.writer import TensorSpec
-from .blockwise import BlockKernel, BlockRunner, DeltaBlocks, RangeSink, finite, kernel_for, merge_blocks
+from .blockwise import (
+    BlockKernel,
+    BlockRunner,
+    DeltaBlocks,
+    KernelContext,
+    RangeSink,
+    finite,
+    kernel_for,
+    merge_blocks,
+)
 from .prepass import ModelPrepass
 from .registry import MergeMethod
 from .report import MergeReport, MergeSummary
@@ -268,7 +277,8 @@ def run_merge(plan: MergePlan, sink: Callable[[str, torch.Tensor], None], *, pro
             if not job.is_float:
                 sink(job.name, plan.base.get(job.name))
                 continue
-            kernel = kernel_for(method, _job_params(plan, job)) if job.common_rows is None else None
+            kernel = (kernel_for(method, _job_params(plan, job), _context(plan, job)) if job.common_rows is None
+                      else None)
             if kernel is None:
                 sink(job.name, _merge_general(plan, job))
             elif open_output is not None:
@@ -281,6 +291,12 @@ def run_merge(plan: MergePlan, sink: Callable[[str, torch.Tensor], None], *, pro
                 sink(job.name, tensor)
             report.merged += 1
     return report
+
+
+def _context(plan: MergePlan, job: _TensorJob) -> KernelContext:
+    """What a block kernel factory needs to know about one tensor (:class:`KernelContext`)."""
+    return KernelContext(shape=job.out_shape, base_given=plan.base_given,
+                         is_base=tuple(i in plan.base_inputs for i in job.inputs))
 
 
 def _job_params(plan: MergePlan, job: _TensorJob) -> dict[str, Any]:

@@ -116,17 +116,20 @@ class MergeMethod:
         elementwise: True if each output entry depends only on the same entry of the inputs.
         takes_base: the function also receives the reference tensor as ``base=`` (float32).
         block_kernel: for methods that are not elementwise but can be evaluated block by
-            block after looking at each whole tensor (TIES trimming): ``block_kernel(params)``
+            block after looking at each whole tensor (TIES trimming; the spherical methods,
+            whose result lies in the span of the base and the deltas, :mod:`.span`):
+            ``block_kernel(params, context)`` (a :class:`~hf_taskarith.merging.blockwise.KernelContext`)
             returns a :class:`~hf_taskarith.merging.blockwise.BlockKernel` that must agree
-            with ``fn`` exactly, or ``None`` where it does not apply. Elementwise methods need
-            none: their ``fn`` is run on blocks.
+            with ``fn`` (exactly, or to float rounding where its docstring says so), or ``None``
+            where it does not apply. Elementwise methods need none: their ``fn`` is run on blocks.
         check: ``check(resolved_params)`` raises :class:`MergeConfigError` for combinations
             of parameters the per-parameter checks cannot see (``linear``: weights summing to 0).
         on_weights: the method is defined on whole weights, not task vectors (``slerp``,
             ``model_stock``, ``passthrough``): ``fn`` receives each input's float32 *weights*
             (a task vector is added to the base first) and the base's as ``base=``, and returns
             the merged *weights*. No delta round trip, so the result is exactly what the
-            formula gives on the weights. Such methods run on whole tensors.
+            formula gives on the weights. Elementwise ones (``nearswap``) run on blocks of
+            weights; others on whole tensors unless they have a ``block_kernel``.
         min_models, max_models: how many models the method takes besides the base (mergekit's
             input contract); ``max_models=None`` is no limit.
         prepass: for methods that need figures of each whole input before merging any tensor
@@ -145,7 +148,7 @@ class MergeMethod:
     needs_base: bool = True
     elementwise: bool = False
     takes_base: bool = False
-    block_kernel: Callable[[dict[str, Any]], Any] | None = None
+    block_kernel: Callable[[dict[str, Any], Any], Any] | None = None
     check: Callable[[dict[str, Any]], None] | None = None
     on_weights: bool = False
     min_models: int = 1
@@ -154,9 +157,6 @@ class MergeMethod:
     param_index: dict[str, ParamSpec] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.on_weights and (self.elementwise or self.block_kernel is not None):
-            raise ValueError(f"merge method {self.name!r}: on_weights methods run on whole tensors; "
-                             "declare them without elementwise or block_kernel.")
         object.__setattr__(self, "param_index", {p.name: p for p in self.params})
 
     def resolve_params(self, n_models: int, given: dict[str, Any]) -> dict[str, Any]:

@@ -165,6 +165,26 @@ def top_k_rules(n: int, ks: list[int], *, sample: torch.Tensor | None,
     return rules
 
 
+def order_statistics(n: int, ranks: list[int], *, sample: torch.Tensor | None,
+                     scan: Callable[[Callable[[int, torch.Tensor, torch.Tensor | None], Any]], list[Any]]
+                     ) -> list[float]:
+    """The ``rank``-th smallest (0-based) of ``n`` finite scores seen only block by block, for
+    each of ``ranks`` (``torch.kthvalue(scores, rank + 1)``, without the whole tensor).
+
+    Args:
+        n: how many scores.
+        ranks: 0-based ranks, each in ``[1, n - 1]`` (the minimum is not supported).
+        sample: ``(len(ranks), m)``: some scores, repeated once per rank, or ``None``.
+        scan: as :func:`top_k_rules`, its blocks ``(len(ranks), m)``: the scores repeated per rank.
+
+    Returns:
+        The scores of those ranks, as Python floats (exactly the float32 scores).
+    """
+    if any(not 0 < r < n for r in ranks):
+        raise ValueError(f"ranks must lie in [1, {n - 1}], got {ranks}.")
+    return [rule.threshold for rule in top_k_rules(n, [n - r for r in ranks], sample=sample, scan=scan)]
+
+
 #: a sample this large brackets the k-th largest of a big tensor; smaller tensors use ``kthvalue``
 _SAMPLE = 1 << 14
 

@@ -54,6 +54,31 @@ MODES: tuple[str, ...] = ("linear", "nonlinear")
 _CARD_DETAILS = ("dataset", "dataset_args", "tasks", "language", "finetuned_from")
 
 
+def _own_loss(model: torch.nn.Module, loss_type: str | None) -> Any:
+    """``mode="nonlinear"``: the Trainer's ``compute_loss_func`` computing ``model``'s own loss
+    from its outputs with the same function the linear mode uses (:mod:`..linearize.losses`), so
+    ``num_items_in_batch`` always reaches it; ``None`` (the model's built-in loss) for models
+    without a registered loss.
+
+    Why: a transformers model whose forward takes ``**kwargs`` makes the Trainer multiply its
+    loss by the process count under ``average_tokens_across_devices`` (the default), expecting a
+    sum over items divided by the items of *all* processes; a sequence classifier's built-in loss
+    is a plain mean that ignores ``num_items_in_batch``, so its gradient came out multiplied by
+    the number of DDP processes (2x on two, measured). The registered losses divide by
+    ``num_items_in_batch``: the step is the single-process step (``tests/test_trainer_ddp.py``)."""
+    from ..linearize.losses import get_linearized_loss, infer_loss_type
+
+    loss_type = loss_type or infer_loss_type(model)
+    if loss_type is None:
+        return None
+    loss = get_linearized_loss(loss_type)
+
+    def compute_loss(outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
+        return loss(model, outputs, labels, num_items_in_batch)
+
+    return compute_loss
+
+
 class LinearizedTrainer(Trainer):
     """Fine-tune ``delta`` of a linearized model with the ordinary Trainer loop.
 
@@ -68,7 +93,10 @@ class LinearizedTrainer(Trainer):
         linearize_kwargs: keyword arguments for :class:`LinearizedModel` when ``model`` is
             not linearized yet (``engine``, ``linearize``, ``rest``, ``loss_fn``,
             ``loss_type``, ``copy_model``). In ``"nonlinear"`` mode ``loss_fn`` becomes the
-            Trainer's ``compute_loss_func``, ``copy_model`` is honoured and the rest are ignored.
+            Trainer's ``compute_loss_func`` (default: the model's own loss through the same
+            registered function as the linear mode, by ``loss_type`` or the model's type, so
+            ``num_items_in_batch`` reaches it and DDP steps are right), ``copy_model`` is
+            honoured and the rest are ignored.
         **kwargs: everything else ``Trainer`` takes.
 
     Raises:
@@ -129,12 +157,14 @@ class LinearizedTrainer(Trainer):
                             "weights are frozen). Pass the model you wrapped instead.")
         loss_fn = lk.pop("loss_fn", None)
         copy_model = lk.pop("copy_model", True)
-        if loss_fn is not None and kwargs.get("compute_loss_func") is None:
-            kwargs["compute_loss_func"] = loss_fn
+        loss_type = lk.pop("loss_type", None)
         if lk:
             logger.info("mode='nonlinear': linearization options %s do not apply and are ignored", sorted(lk))
         self._base = _BaseSnapshot(model)
-        return copy.deepcopy(model) if copy_model else model
+        trained = copy.deepcopy(model) if copy_model else model
+        if kwargs.get("compute_loss_func") is None:
+            kwargs["compute_loss_func"] = loss_fn or _own_loss(trained, loss_type)
+        return trained
 
     @property
     def linearized_model(self) -> LinearizedModel:

@@ -14,16 +14,19 @@ Between the base ``theta_0`` and exactly one other model ``theta_1``, per tensor
    where the importance is an outlier (at or above the fence), the base's elsewhere.
 
 No parameters. The arithmetic is mergekit 0.1.5's, step by step in float32, so float32 inputs
-give mergekit's result bit for bit on tensors of at most a million entries. Above that,
+give mergekit's result bit for bit on tensors of at most a million entries. The merge engine
+runs it block by block (:class:`FusionKernel`: a pass for the rows' KL divergences, one to find
+the three order statistics exactly, one to fuse), bit-identical to :func:`arcee_fusion`. Above that,
 mergekit estimates the quartiles from 10^6 entries drawn at random (with replacement, from
 torch's global RNG, so its result changes from run to run); we always take the exact order
 statistics of all entries, so our result is reproducible and is what mergekit's estimates.
 
 Note:
-    Cost: not elementwise (row softmaxes, quartiles of the whole tensor), so it runs on whole
-    tensors: about 4 float32 tensors of its size besides the inputs, and three linear-time
-    selections (``torch.kthvalue``, each on a copy of the importances). Needs the base model
-    and exactly one other model.
+    Cost in the engine: three passes over the two inputs as stored, memory a few blocks per
+    thread plus one float per row. :func:`arcee_fusion` on whole tensors: about 4 float32
+    tensors of its size besides the inputs, and three linear-time selections
+    (``torch.kthvalue``, each on a copy of the importances). Needs the base model and exactly
+    one other model.
 
 Example:
     >>> import torch
@@ -35,19 +38,31 @@ Example:
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from ...errors import MergeConfigError
+from ..blockwise import BlockKernel, BlockRunner, DeltaBlocks, KernelContext
 from ..registry import MergeMethod, register_merge_method
+from ..sparsify import order_statistics
 
 #: added to both softmaxes, so the KL divergence is finite
 EPS = 1e-8
 #: the quartiles of the fence, and the fence's multiple of the interquartile range
 QUARTILES = (0.25, 0.5, 0.75)
 FENCE = 1.5
+
+
+def fusion_kl(model: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """Per row (along the last dimension), the KL divergence between the softmaxes of ``model``
+    and ``base`` (each plus :data:`EPS`): float32, their shape with the last dimension 1."""
+    p = F.softmax(model, dim=-1).add_(EPS)
+    q = F.softmax(base, dim=-1).add_(EPS)
+    return torch.sum(p * torch.log_(p / q), dim=-1, keepdim=True)
 
 
 def fusion_importance(model: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
@@ -59,11 +74,18 @@ def fusion_importance(model: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     Returns:
         A float32 tensor of their shape, ``>= 0`` up to rounding of the KL divergence.
     """
-    p = F.softmax(model, dim=-1).add_(EPS)
-    q = F.softmax(base, dim=-1).add_(EPS)
-    kl = torch.sum(p * torch.log_(p / q), dim=-1, keepdim=True)
-    del p, q
-    return (model - base).abs_().mul_(kl)
+    return (model - base).abs_().mul_(fusion_kl(model, base))
+
+
+def quartile_ranks(n: int) -> list[int]:
+    """The 0-based ranks ``floor(q (n - 1))`` of the fence's quartiles among ``n`` importances,
+    the product rounded in float32 as mergekit computes it."""
+    return (torch.tensor(QUARTILES, dtype=torch.float32) * (n - 1)).long().tolist()
+
+
+def fence(q1: torch.Tensor, median: torch.Tensor, q3: torch.Tensor) -> torch.Tensor:
+    """``median + 1.5 (q3 - q1)`` in float32."""
+    return median + FENCE * (q3 - q1)
 
 
 def fusion_threshold(importance: torch.Tensor) -> torch.Tensor:
@@ -80,10 +102,8 @@ def fusion_threshold(importance: torch.Tensor) -> torch.Tensor:
         tensor(10.)
     """
     flat = importance.reshape(-1)
-    # 0-based ranks floor(q (n - 1)), the product rounded in float32 as mergekit computes it
-    ranks = (torch.tensor(QUARTILES, dtype=torch.float32) * (flat.numel() - 1)).long().tolist()
-    q1, median, q3 = (torch.kthvalue(flat, r + 1).values for r in ranks)
-    return median + FENCE * (q3 - q1)
+    q1, median, q3 = (torch.kthvalue(flat, r + 1).values for r in quartile_ranks(flat.numel()))
+    return fence(q1, median, q3)
 
 
 def arcee_fusion(model: torch.Tensor, base: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
@@ -120,8 +140,73 @@ def arcee_fusion_merge(weights: list[torch.Tensor], p: dict[str, Any], gen: torc
     return arcee_fusion(weights[0], base, inplace=True)
 
 
+#: tensors smaller than this run on the whole-tensor path (three passes would not pay)
+MIN_BLOCKWISE = 1 << 16
+
+
+class FusionKernel(BlockKernel):
+    """:func:`arcee_fusion` block by block, bit-identical: :meth:`prepare` computes every row's
+    KL divergence (one pass, blocks aligned to rows) and the three quartiles exactly
+    (:func:`~..sparsify.order_statistics`: a sampled bracket, one counting pass, ``kthvalue`` on
+    the few importances inside it); :meth:`merge` then fuses each block."""
+
+    on_weights = True
+    catches_nonfinite_inputs = True
+
+    def __init__(self, shape: tuple[int, ...]):
+        self.row = shape[-1] if shape else 1
+        self.align = self.row
+        self.kl = torch.empty(0)
+        self.threshold = torch.tensor(0.0)
+
+    def _importance(self, model: torch.Tensor, base: torch.Tensor, start: int) -> torch.Tensor:
+        first = start // self.row
+        rows = (model - base).abs_().view(-1, self.row)
+        return rows.mul_(self.kl[first:first + rows.shape[0]]).view(-1)
+
+    def prepare(self, deltas: DeltaBlocks, runner: BlockRunner) -> None:
+        def kl(block: tuple[int, int]) -> torch.Tensor:
+            start, stop = block
+            base = deltas.base(start, stop)
+            model = deltas.weights(start, stop, base)[0]
+            return fusion_kl(model.view(-1, self.row), base.view(-1, self.row))
+
+        self.kl = torch.cat(runner.map(kl, deltas.ranges(self.row)))
+        ranks = quartile_ranks(deltas.n)
+        sample = deltas.sample()
+        starts = deltas.sample_starts()
+        if sample is not None and starts is not None:  # |delta| times its row's KL at the sampled runs
+            at = (torch.tensor(starts)[:, None] + torch.arange(sample.shape[1] // len(starts))).reshape(-1)
+            sample = (sample[0].abs() * self.kl[at // self.row, 0]).expand(len(ranks), -1)
+
+        def scan(fn: Callable[[int, torch.Tensor, torch.Tensor], Any]) -> list[Any]:
+            def one(block: tuple[int, int]) -> Any:
+                start, stop = block
+                base = deltas.base(start, stop)
+                scores = self._importance(deltas.weights(start, stop, base)[0], base, start)
+                work = runner.scratch("scan", (2, len(ranks), stop - start), torch.float32)
+                return fn(start, scores.expand(len(ranks), -1), work)
+            return runner.map(one, deltas.ranges(self.row))
+
+        q1, median, q3 = (torch.tensor(v, dtype=torch.float32)
+                          for v in order_statistics(deltas.n, ranks, sample=sample, scan=scan))
+        self.threshold = fence(q1, median, q3)
+
+    def merge(self, deltas: torch.Tensor, base: torch.Tensor, start: int) -> torch.Tensor:
+        model = deltas[0]
+        keep = self._importance(model, base, start) >= self.threshold
+        return model.sub_(base).mul_(keep).add_(base)
+
+
+def fusion_kernel(p: dict[str, Any], context: KernelContext) -> FusionKernel | None:
+    """The engine's block kernel for tensors of at least :data:`MIN_BLOCKWISE` entries with one model."""
+    if len(context.is_base) != 1 or math.prod(context.shape) < MIN_BLOCKWISE:
+        return None
+    return FusionKernel(context.shape)
+
+
 register_merge_method(MergeMethod(
-    name="arcee_fusion", fn=arcee_fusion_merge, params=(),
+    name="arcee_fusion", fn=arcee_fusion_merge, params=(), block_kernel=fusion_kernel,
     description="The base, with the other model's values where their importance (change times the row's KL "
                 "divergence) is at or above median + 1.5 IQR.",
     reference="https://arcee.ai", on_weights=True, min_models=1, max_models=1,

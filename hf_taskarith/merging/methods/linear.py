@@ -49,7 +49,7 @@ def check_linear(p: dict[str, Any]) -> None:
                                "weighted sum.")
 
 
-def _block_kernel(p: dict[str, Any]):
+def _block_kernel(p: dict[str, Any], context: Any = None):
     from ..blockwise import ElementwiseKernel
 
     return ElementwiseKernel(linear_merge, p, takes_base=True, linear=True)

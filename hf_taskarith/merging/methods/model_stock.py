@@ -15,12 +15,15 @@ finite ratio and the base is kept. A cosine's norm product is clamped to at leas
 ``filter_wise: true`` computes one angle, and one ``t``, per row (per slice along the last
 dimension, as mergekit does; a 1-D tensor is one row) instead of one per tensor.
 
-The arithmetic is mergekit 0.1.5's, step by step in float32, so float32 inputs give
-mergekit's result bit for bit.
+:func:`model_stock_merge` is mergekit 0.1.5's arithmetic, step by step in float32, so on
+float32 inputs it gives mergekit's result bit for bit. The merge engine computes the same
+ratio from each tensor's (or row's) Gram matrix and writes ``w_0 + t mean_i(tau_i)`` block by
+block (:func:`model_stock_ratio`, :mod:`..span`): equal to it to float32 rounding.
 
 Note:
-    Cost: ``N (N - 1) / 2`` dot products per tensor; memory about ``N + 3`` float32 tensors
-    of its size (mergekit's kernel about ``2N + 2``). Needs the base model.
+    Cost in the engine: two passes over the inputs as stored, memory a few blocks per thread.
+    :func:`model_stock_merge` on whole tensors: ``N (N - 1) / 2`` dot products, memory about
+    ``N + 3`` float32 tensors of its size (mergekit's kernel about ``2N + 2``). Needs the base model.
 
 Example:
     >>> import torch
@@ -37,7 +40,9 @@ from typing import Any
 import torch
 
 from ...errors import MergeConfigError
+from ..blockwise import KernelContext
 from ..registry import MergeMethod, ParamSpec, register_merge_method
+from ..span import SpanKernel, input_vectors, on_basis, vectors_gram
 
 
 def model_stock_merge(weights: list[torch.Tensor], p: dict[str, Any], gen: torch.Generator | None, *,
@@ -73,8 +78,35 @@ def model_stock_merge(weights: list[torch.Tensor], p: dict[str, Any], gen: torch
     return merged.reshape(base.shape)
 
 
+def model_stock_ratio(gram: torch.Tensor) -> torch.Tensor:
+    """The interpolation ratio ``t`` of each group, from the task vectors' Gram matrices
+    ``(groups, N, N)`` (float64): as :func:`model_stock_merge` computes it. ``(groups,)``."""
+    n = gram.shape[-1]
+    norms = gram.diagonal(dim1=1, dim2=2).clamp(min=0).sqrt()
+    pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+    cos = torch.stack([(gram[:, i, j] / (norms[:, i] * norms[:, j]).clamp(min=1e-6)).clamp(-1, 1)
+                       for i, j in pairs]).mean(dim=0)
+    denominator = 1 + (n - 1) * cos
+    singular = denominator.abs() < 1e-6
+    return torch.where(singular, 0, (n * cos) / torch.where(singular, 1, denominator))
+
+
+def model_stock_kernel(p: dict[str, Any], context: KernelContext) -> SpanKernel | None:
+    """The engine's block kernel: ``base + t mean_i(tau_i)`` with :func:`model_stock_ratio`."""
+    n = len(context.is_base)
+    if n < 2:
+        return None  # the whole-tensor path refuses
+    deltas = input_vectors(n, list(range(n)), weights=False)
+
+    def solve(gram: torch.Tensor) -> torch.Tensor:
+        t = model_stock_ratio(vectors_gram(gram, deltas))
+        return on_basis((t / n)[:, None].expand(-1, n), deltas, plus_base=True)
+
+    return SpanKernel(solve, shape=context.shape, grouping="rows" if p["filter_wise"] else "tensor")
+
+
 register_merge_method(MergeMethod(
-    name="model_stock", fn=model_stock_merge,
+    name="model_stock", fn=model_stock_merge, block_kernel=model_stock_kernel,
     params=(ParamSpec("filter_wise", False, kind=bool,
                       help="one interpolation ratio per row (last dimension) instead of one per tensor"),),
     description="Average of fine-tuned models, pulled towards the base by the angle between their task vectors.",

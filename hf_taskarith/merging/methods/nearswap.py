@@ -14,9 +14,9 @@ The arithmetic is mergekit 0.1.5's, step by step in float32 (``t / x`` computed 
 mergekit's result bit for bit.
 
 Note:
-    Cost: elementwise, a few float32 temporaries of the tensor's size. It needs the base
-    model and exactly one other model. Like every method defined on weights it runs on whole
-    tensors, not block by block.
+    Cost: elementwise, so the merge engine runs it on blocks of the weights (a few blocks per
+    thread in memory, bit-identical to whole tensors). It needs the base model and exactly one
+    other model.
 
 Example:
     >>> import torch
@@ -47,8 +47,17 @@ def nearswap(t: float, base: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     Returns:
         A new tensor, ``base``'s shape.
     """
-    weight = (t / (base - other).abs().clamp(min=MIN_DISTANCE)).clamp(min=0, max=1)
-    return weight * other + (1 - weight) * base
+    return _nearswap_into(t, base, other.clone())
+
+
+def _nearswap_into(t: float, base: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """:func:`nearswap`, written into ``other``: the same float32 operations as
+    ``w = clamp(t / clamp(|base - other|)); w * other + (1 - w) * base``, in place on one temporary."""
+    x = torch.sub(base, other)
+    x.abs_().clamp_(min=MIN_DISTANCE).reciprocal_().mul_(t).clamp_(min=0, max=1)  # t / x is t * (1 / x) in torch
+    other.mul_(x)
+    x.neg_().add_(1).mul_(base)  # (1 - w) * base
+    return other.add_(x)
 
 
 def nearswap_merge(weights: list[torch.Tensor], p: dict[str, Any], gen: torch.Generator | None, *,
@@ -61,7 +70,8 @@ def nearswap_merge(weights: list[torch.Tensor], p: dict[str, Any], gen: torch.Ge
     if len(weights) != 1:
         raise MergeConfigError(f"nearswap compares the base with one model; got {len(weights)} models for this "
                                "tensor. List exactly one model besides base_model.")
-    return nearswap(p["t"], base, weights[0])
+    other = weights[0] if weights[0] is not base else base.clone()  # the engine's float32 weights are ours to consume
+    return _nearswap_into(p["t"], base, other)
 
 
 register_merge_method(MergeMethod(
@@ -71,6 +81,7 @@ register_merge_method(MergeMethod(
                            "the fraction t / |base - model| of the way"),),
     description="Entry by entry, the other model's weight where it is within t of the base's, else pulled "
                 "towards the base.",
-    reference="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001", on_weights=True, min_models=1,
+    reference="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001", on_weights=True, elementwise=True,
+    min_models=1,
     max_models=1,
 ))

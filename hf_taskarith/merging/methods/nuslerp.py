@@ -19,12 +19,15 @@ A ``base_model`` also listed under ``models`` is the base, not one of the two mo
 mergekit), so such a config needs two more models; with them it is three entries under
 ``models``, which ours refuses (``exactly 2 models``): list the base only as ``base_model``.
 
-The arithmetic is mergekit 0.1.5's, step by step in float32, so float32 inputs give
-mergekit's result bit for bit.
+:func:`nuslerp` is mergekit 0.1.5's arithmetic, step by step in float32, so on float32 inputs
+it gives mergekit's result bit for bit. The merge engine runs the same formula block by block
+(:func:`nuslerp_coefficients` on the tensor's Gram matrices, :mod:`..span`): equal to
+:func:`nuslerp` to float32 rounding, with no float32 copy of the tensor.
 
 Note:
-    Cost: a few float32 temporaries of the tensor's size (the task vectors, the normalized
-    vectors, the result); one reduction per vector. Exactly two models.
+    Cost in the engine: two passes over the inputs as stored (inner products, then the
+    result), memory a few blocks per thread. :func:`nuslerp` on whole tensors: a few float32
+    temporaries of the tensor's size. Exactly two models.
 
 Example:
     >>> import torch
@@ -39,7 +42,9 @@ from typing import Any
 import torch
 
 from ...errors import MergeConfigError
+from ..blockwise import KernelContext
 from ..registry import MergeMethod, ParamSpec, register_merge_method
+from ..span import SpanKernel, input_vectors, on_basis, vectors_gram
 
 #: norms are clamped to at least this before normalizing
 NORM_FLOOR = 1e-7
@@ -80,6 +85,30 @@ def nuslerp(t: float, v0: torch.Tensor, v1: torch.Tensor, *, flatten: bool = Tru
     return out.reshape(shape)
 
 
+def nuslerp_coefficients(gram: torch.Tensor, t: float) -> torch.Tensor:
+    """:func:`nuslerp`'s result as ``c_0 v_0 + c_1 v_1``, from the vectors' Gram matrices.
+
+    Args:
+        gram: ``(groups, 2, 2)`` float64 Gram matrices of ``(v_0, v_1)``, one per vector pair.
+        t: the interpolation factor.
+
+    Returns:
+        ``(groups, 2)`` float64 coefficients.
+
+    Example:
+        >>> nuslerp_coefficients(torch.eye(2, dtype=torch.float64)[None], 0.5)  # 90 degrees
+        tensor([[0.7071, 0.7071]], dtype=torch.float64)
+    """
+    norms = gram.diagonal(dim1=1, dim2=2).clamp(min=0).sqrt().clamp(min=NORM_FLOOR)
+    cos = (gram[:, 0, 1] / (norms[:, 0] * norms[:, 1])).clamp(-1, 1)
+    colinear = (1 - cos.square()) <= COLINEAR_EPS ** 2
+    theta = torch.acos(torch.where(colinear, 0, cos))
+    sin = torch.sin(theta)
+    c0 = torch.where(colinear, 1 - t, torch.sin((1 - t) * theta) / sin)
+    c1 = torch.where(colinear, t, torch.sin(t * theta) / sin)
+    return torch.stack([c0, c1], dim=1)
+
+
 def interpolation_factor(weights: list[float]) -> float:
     """``t = w_1 / (w_0 + w_1)``, or ``0.5`` where the weights (nearly) cancel."""
     total = sum(weights)
@@ -105,8 +134,24 @@ def nuslerp_merge(weights: list[torch.Tensor], p: dict[str, Any], gen: torch.Gen
     return base + nuslerp(t, a - base, b - base, **how)
 
 
+def nuslerp_kernel(p: dict[str, Any], context: KernelContext) -> SpanKernel | None:
+    """The engine's block kernel: :func:`nuslerp_merge` on the span of the inputs (``None``
+    unless there are exactly two models besides the base: the whole-tensor path then refuses)."""
+    models = [i for i, is_base in enumerate(context.is_base) if not is_base]
+    if len(models) != 2:
+        return None
+    t = interpolation_factor([p["weight"][i] for i in models])
+    vectors = input_vectors(len(context.is_base), models, weights=not context.base_given)
+
+    def solve(gram: torch.Tensor) -> torch.Tensor:
+        return on_basis(nuslerp_coefficients(vectors_gram(gram, vectors), t), vectors, plus_base=context.base_given)
+
+    grouping = "tensor" if p["nuslerp_flatten"] else "columns" if p["nuslerp_row_wise"] else "rows"
+    return SpanKernel(solve, shape=context.shape, grouping=grouping)
+
+
 register_merge_method(MergeMethod(
-    name="nuslerp", fn=nuslerp_merge,
+    name="nuslerp", fn=nuslerp_merge, block_kernel=nuslerp_kernel,
     params=(ParamSpec("weight", 1.0, per_model=True,
                       help="relative weight of each of the two models: t = w_1 / (w_0 + w_1)"),
             ParamSpec("nuslerp_flatten", True, kind=bool, help="each tensor is one vector (else one per row)"),

@@ -60,7 +60,7 @@ class Pipeline:
 
         return generalized.combine(self, deltas, p)
 
-    def block_kernel(self, p: dict[str, Any]) -> BlockKernel | None:
+    def block_kernel(self, p: dict[str, Any], context: Any = None) -> BlockKernel | None:
         """Blockwise evaluation (see :mod:`..blockwise`): the weighted sum (task_arithmetic),
         or magnitude trimming without rescale (ties, magnitude_prune) after a prepare pass;
         ``None`` for the randomized and outlier-dropping configurations."""

@@ -16,11 +16,17 @@ The arithmetic is mergekit 0.1.5's, step by step in float32 (norms taken over ch
 entries and combined as the norm of the chunk norms; the dot product of the normalized
 vectors summed chunk by chunk), so float32 inputs give mergekit's result bit for bit.
 
+The merge engine runs the same formula block by block (:func:`slerp_coefficients` on the
+tensor's Gram matrix, :mod:`..span`): equal to :func:`slerp` to float32 rounding (on the rare
+tensor whose ``|cos theta|`` lies within float32 rounding of ``0.9995`` the two may pick
+different branches, which differ by ``O(theta^2)``).
+
 Note:
-    Cost: three passes over the two tensors (norms, dot product, result), the result written
-    into the model's tensor; extra memory a few chunks (4 MB each). ``t`` may vary by tensor as in
-    mergekit (``t: [0, 0.5, 1]`` over the layers, ``filter`` lists; :mod:`..schedule`): this
-    function receives each tensor's own ``t``.
+    Cost in the engine: two passes over the two inputs as stored, memory a few blocks per
+    thread. :func:`slerp` on whole tensors: three passes over the two tensors (norms, dot
+    product, result), the result written into the model's tensor; extra memory a few chunks
+    (4 MB each). ``t`` may vary by tensor as in mergekit (``t: [0, 0.5, 1]`` over the layers,
+    ``filter`` lists; :mod:`..schedule`): this function receives each tensor's own ``t``.
 
 Example:
     >>> import torch
@@ -36,7 +42,9 @@ from typing import Any
 import torch
 
 from ...errors import MergeConfigError
+from ..blockwise import KernelContext
 from ..registry import REQUIRED, MergeMethod, ParamSpec, register_merge_method
+from ..span import SpanKernel, input_vectors, on_basis, vectors_gram
 
 #: entries per chunk of the norm and dot-product reductions (mergekit's, so sums round alike)
 CHUNK = 1 << 20
@@ -87,6 +95,40 @@ def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, *, dot_threshold: float 
     return out
 
 
+def slerp_coefficients(gram: torch.Tensor, t: float, *, dot_threshold: float = DOT_THRESHOLD,
+                       eps: float = EPS) -> torch.Tensor:
+    """:func:`slerp`'s result as ``c_0 v_0 + c_1 v_1``, from the Gram matrices ``(groups, 2, 2)``
+    (float64) of ``(v_0, v_1)``: ``(groups, 2)`` float64 coefficients.
+
+    Example:
+        >>> slerp_coefficients(torch.eye(2, dtype=torch.float64)[None], 0.5)  # 90 degrees
+        tensor([[0.7071, 0.7071]], dtype=torch.float64)
+    """
+    norms = gram.diagonal(dim1=1, dim2=2).clamp(min=0).sqrt()
+    norms = torch.where(norms > eps, norms, 1)
+    dot = (gram[:, 0, 1] / (norms[:, 0] * norms[:, 1])).clamp(-1, 1)
+    linear = dot.abs() > dot_threshold
+    theta = torch.acos(torch.where(linear, 0, dot))
+    sin = torch.sin(theta)
+    c0 = torch.where(linear, 1 - t, torch.sin((1 - t) * theta) / sin)
+    c1 = torch.where(linear, t, torch.sin(t * theta) / sin)
+    return torch.stack([c0, c1], dim=1)
+
+
+def slerp_kernel(p: dict[str, Any], context: KernelContext) -> SpanKernel | None:
+    """The engine's block kernel: :func:`slerp` of the base's and the model's weights on their span."""
+    models = [i for i, is_base in enumerate(context.is_base) if not is_base]
+    if len(models) != 1 or not context.base_given:
+        return None  # the whole-tensor path refuses
+    n = len(context.is_base)
+    ends = torch.cat([input_vectors(n, [], weights=True, base=True), input_vectors(n, models, weights=True)])
+
+    def solve(gram: torch.Tensor) -> torch.Tensor:
+        return on_basis(slerp_coefficients(vectors_gram(gram, ends), p["t"]), ends, plus_base=False)
+
+    return SpanKernel(solve, shape=context.shape)
+
+
 def slerp_merge(weights: list[torch.Tensor], p: dict[str, Any], gen: torch.Generator | None, *,
                 base: torch.Tensor) -> torch.Tensor:
     """The registered function: the base's and one model's weights -> the interpolated weights."""
@@ -97,7 +139,7 @@ def slerp_merge(weights: list[torch.Tensor], p: dict[str, Any], gen: torch.Gener
 
 
 register_merge_method(MergeMethod(
-    name="slerp", fn=slerp_merge,
+    name="slerp", fn=slerp_merge, block_kernel=slerp_kernel,
     params=(ParamSpec("t", REQUIRED, help="interpolation factor: 0 gives the base model, 1 the other model "
                                           "(a gradient over the layers and filters accepted)"),),
     description="Spherical linear interpolation between the base model and one other model.",
