@@ -58,3 +58,18 @@ def llama_checkpoints(tmp_path_factory, llama_models):
     fts[1].save_pretrained(root / "ft2")
     fts[2].save_pretrained(root / "ft3", max_shard_size="30KB")
     return root
+
+
+@pytest.fixture(scope="session")
+def llama_dtype_checkpoints(tmp_path_factory, llama_models):
+    """``float32/`` and ``bfloat16/`` folders, each with base, ft1, ft2, ft3 of the session's
+    tiny Llamas saved in that dtype (single files)."""
+    import copy
+
+    root = tmp_path_factory.mktemp("dtype_ckpts")
+    base, fts = llama_models
+    for dtype in (torch.float32, torch.bfloat16):
+        for name, model in [("base", base)] + [(f"ft{i + 1}", m) for i, m in enumerate(fts)]:
+            copy.deepcopy(model).to(dtype).save_pretrained(root / str(dtype).split(".")[1] / name)
+    return root
+

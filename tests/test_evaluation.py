@@ -165,8 +165,12 @@ def test_tangent_editor_sums_in_the_tangent_space_and_restores(setup):
     torch.testing.assert_close(both, ref)
     torch.testing.assert_close(both - f0, 0.7 * singles[0] - 0.4 * singles[1], rtol=1e-4, atol=1e-5)  # exactly linear
     assert not torch.allclose(both, f0)
-    with pytest.raises(TypeError, match="per-layer"):
-        editor.set({"a": {"trunk.0.weight": 1.0}})
+    # per-tensor coefficients (learned per layer): only the named tensor of "a" moves, by its coefficient
+    deltas = editor.set({"a": {"trunk.0.weight": 0.5}}).deltas()
+    for n, d in deltas.items():
+        want = 0.5 * tvs["a"][n] if n == "trunk.0.weight" else torch.zeros_like(d)
+        torch.testing.assert_close(d.detach(), want.to(d.dtype))
+    editor.reset()
     with pytest.raises(KeyError, match="no task vector"):
         editor.set({"c": 1.0})
     with pytest.raises(TypeError, match="LinearizedModel"):

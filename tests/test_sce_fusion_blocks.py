@@ -8,11 +8,9 @@ many blocks and the sampled brackets are used.
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 import hf_taskarith.merging.blockwise as blockwise
 import hf_taskarith.merging.engine as engine
@@ -20,6 +18,12 @@ import hf_taskarith.merging.methods.arcee_fusion as fusion
 from hf_taskarith import merge
 from hf_taskarith.errors import NonFiniteError
 from hf_taskarith.merging.sparsify import order_statistics
+from tests.mergekit_runs import state_dict as _sd
+
+
+@pytest.fixture
+def folders(llama_dtype_checkpoints):
+    return llama_dtype_checkpoints
 
 
 @pytest.fixture
@@ -30,21 +34,8 @@ def small_blocks(monkeypatch):
     monkeypatch.setattr(fusion, "MIN_BLOCKWISE", 64)
 
 
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory, llama_models):
-    root = tmp_path_factory.mktemp("sce_fusion")
-    base, fts = llama_models
-    for dtype in (torch.float32, torch.bfloat16):
-        for name, model in [("base", base)] + [(f"ft{i + 1}", m) for i, m in enumerate(fts)]:
-            copy.deepcopy(model).to(dtype).save_pretrained(root / str(dtype).split(".")[1] / name)
-    return root
 
 
-def _sd(folder) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
 
 
 def _both(root, method, models, params, tmp_path, monkeypatch):

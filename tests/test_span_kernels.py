@@ -11,13 +11,12 @@ bit-identical. Blocks are shrunk so the tiny models cross many of them.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 import hf_taskarith.merging.blockwise as blockwise
 import hf_taskarith.merging.engine as engine
@@ -27,6 +26,7 @@ from hf_taskarith.merging.methods.karcher import karcher
 from hf_taskarith.merging.methods.multislerp import multislerp
 from hf_taskarith.merging.methods.nuslerp import nuslerp, nuslerp_coefficients
 from hf_taskarith.merging.span import block_gram, group_size, n_groups
+from tests.mergekit_runs import state_dict as _sd
 
 FT = ("ft1", "ft2", "ft3")
 CASES = [
@@ -49,26 +49,17 @@ CASES = [
 
 
 @pytest.fixture
+def folders(llama_dtype_checkpoints):
+    return llama_dtype_checkpoints
+
+
+@pytest.fixture
 def small_blocks(monkeypatch):
     monkeypatch.setattr(blockwise, "BLOCK", 1000)
 
 
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory, llama_models):
-    """``float32/`` and ``bfloat16/``: base, ft1..ft3 of the session's tiny Llamas."""
-    root = tmp_path_factory.mktemp("span")
-    base, fts = llama_models
-    for dtype in (torch.float32, torch.bfloat16):
-        for name, model in [("base", base)] + [(f"ft{i + 1}", m) for i, m in enumerate(fts)]:
-            copy.deepcopy(model).to(dtype).save_pretrained(root / str(dtype).split(".")[1] / name)
-    return root
 
 
-def _sd(folder) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
 
 
 def _run(root, method, models, base, params, out, *, whole, monkeypatch):

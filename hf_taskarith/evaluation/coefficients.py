@@ -5,6 +5,13 @@ descent on a few validation batches, with the model's weights ``theta0 + sum_t l
 tau_t[n]`` substituted through ``torch.func.functional_call`` (the model itself is never
 modified). The objective is the prediction entropy (unlabelled data, as in AdaMerging) or the
 cross-entropy (labelled data).
+
+For a :class:`~hf_taskarith.LinearizedModel` the coefficients are learned in the tangent
+space, where linearized task vectors were trained and are meant to be combined: the model's
+``delta`` is replaced by ``sum_t lambda[t, g(n)] tau_t[n]`` and the forward is
+``f_lin(x; theta0 + delta)`` (exactly linear in the coefficients). Weight-space coefficients
+for a linearized vector (an ordinary model given) remain possible, and are a first-order
+approximation of what was trained.
 """
 
 from __future__ import annotations
@@ -57,7 +64,12 @@ def learn_coefficients(model: torch.nn.Module, task_vectors: Mapping[str, TaskVe
         objective: ``"entropy"`` (no labels needed) or ``"cross_entropy"`` (needs ``labels(batch)``).
 
     Returns:
-        ``{task: {tensor name: coefficient}}``, usable with :class:`ModelEditor.set`.
+        ``{task: {tensor name: coefficient}}``, usable with :class:`ModelEditor.set` (for a
+        ``LinearizedModel``: learned in the tangent space, see the module docstring).
+
+    Raises:
+        KeyMismatchError: a ``LinearizedModel`` given, and a task vector holds tensors that are
+            not among its linearized parameters.
 
     Note:
         Cost per step: one forward and backward per task through the model, plus building the
@@ -66,8 +78,13 @@ def learn_coefficients(model: torch.nn.Module, task_vectors: Mapping[str, TaskVe
     if objective == "cross_entropy" and labels is None:
         raise ValueError("objective='cross_entropy' needs labels=lambda batch: tensor_of_labels.")
     tasks = list(task_vectors)
-    base = {k: v.detach() for k, v in float_state_dict(model).items()}
     names = sorted({n for tv in task_vectors.values() for n in tv.keys()})
+    tangent = hasattr(model, "load_task_vector") and hasattr(model, "deltas")  # a LinearizedModel
+    if tangent:
+        base, target = _tangent_targets(model, names)
+    else:
+        base = {k: v.detach() for k, v in float_state_dict(model).items()}
+        target = {n: n for n in names}
     group = {n: ("all" if granularity == "task" else layer_of(n) if granularity == "layer" else n) for n in names}
     groups = sorted(set(group.values()))
     gi = {g: i for i, g in enumerate(groups)}
@@ -84,7 +101,7 @@ def learn_coefficients(model: torch.nn.Module, task_vectors: Mapping[str, TaskVe
             for ti, t in enumerate(tasks):
                 if n in deltas[t]:
                     w = w + lam[ti, gi[group[n]]] * deltas[t][n]
-            params[f"model.{n}"] = w.to(base[n].dtype)
+            params[f"model.{target[n]}"] = w.to(base[n].dtype)
         loss = 0.0
         for t in tasks:
             batch = batches[t][step % len(batches[t])]
@@ -102,3 +119,19 @@ def learn_coefficients(model: torch.nn.Module, task_vectors: Mapping[str, TaskVe
     model.train(was_training)
     out = lam.detach()
     return {t: {n: float(out[ti, gi[group[n]]]) for n in names if n in deltas[t]} for ti, t in enumerate(tasks)}
+
+
+def _tangent_targets(model: torch.nn.Module, names: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """For a LinearizedModel: ``delta`` at 0 as the base of every name, and each task-vector
+    name's ``delta`` parameter path inside the model (what ``functional_call`` replaces)."""
+    from ..errors import KeyMismatchError, format_names
+
+    deltas = model.deltas()
+    missing = [n for n in names if n not in deltas]
+    if missing:
+        raise KeyMismatchError(f"the task vectors hold {len(missing)} tensors that are not linearized parameters of "
+                               f"this LinearizedModel: {format_names(missing)}. Learn coefficients for vectors "
+                               "trained on this model, or pass the plain model to learn them in weight space.")
+    path = {id(p): k for k, p in model.named_parameters(remove_duplicate=False)}
+    base = {n: torch.zeros_like(deltas[n].detach()) for n in names}
+    return base, {n: path[id(deltas[n])] for n in names}

@@ -9,6 +9,7 @@ the model each time.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -88,7 +89,8 @@ class TangentEditor:
 
     Each edit sets the linearized model to ``f_lin(x; theta0 + sum_t coef_t * tau_t)``, how
     tangent-space task vectors are meant to be combined (exactly linear in the coefficients).
-    Only one coefficient per task is supported (no per-layer mappings).
+    A task's coefficient is one number, or ``{tensor name: coefficient}`` (what
+    :func:`~hf_taskarith.evaluation.coefficients.learn_coefficients` returns; names left out get 0).
 
     Example:
         >>> editor = TangentEditor(LinearizedModel(model), {"spam": tv_spam, "movies": tv_movies})
@@ -111,11 +113,19 @@ class TangentEditor:
         unknown = sorted(set(coefficients) - set(self.task_vectors))
         if unknown:
             raise KeyMismatchError(f"no task vector for {unknown}; known: {sorted(self.task_vectors)}.")
-        layered = [t for t, c in coefficients.items() if isinstance(c, Mapping)]
-        if layered:
-            raise TypeError(f"TangentEditor takes one coefficient per task; got per-layer mappings for {layered}.")
         # every vector takes part (coefficient 0 when absent), so every delta is rewritten
-        pairs = [(tv, float(coefficients.get(t, 0.0))) for t, tv in self.task_vectors.items()]
+        pairs: list[tuple[Any, float]] = []
+        for t, tv in self.task_vectors.items():
+            c = coefficients.get(t, 0.0)
+            if not isinstance(c, Mapping):
+                pairs.append((tv, float(c)))
+                continue
+            stray = sorted(set(c) - set(tv.keys()))
+            if stray:
+                raise KeyMismatchError(f"coefficients for task {t!r} name tensors its task vector does not hold: "
+                                       f"{format_names(stray)}.")
+            # per tensor (learned per layer): delta gets c[name] * tau[name]; names without one get 0
+            pairs.append(({n: tv[n] * float(c.get(n, 0.0)) for n in tv.keys()}, 1.0))
         return self.model.load_task_vectors(pairs)
 
     def reset(self) -> torch.nn.Module:

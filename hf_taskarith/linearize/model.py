@@ -194,11 +194,11 @@ class LinearizedModel(TaskVectorIO, CheckpointingMixin, nn.Module):
     # the registered parameter objects (sharded DTensors at rest, unsharded ones in forward).
     @property
     def _delta_params(self) -> dict[str, nn.Parameter]:
-        return {n: self.delta.get_parameter(n) for n in self._trainable}
+        return {n: _tensor_at(self.delta, n) for n in self._trainable}
 
     @property
     def _nonlinear_params(self) -> dict[str, nn.Parameter]:
-        return {n: self.nonlinear.get_parameter(n) for n in self._nonlinear}
+        return {n: _tensor_at(self.nonlinear, n) for n in self._nonlinear}
 
     def _present_signature(self) -> None:
         """Give this instance's ``forward`` the wrapped model's signature (see :func:`linearized_signature`)."""
@@ -342,3 +342,12 @@ class LinearizedModel(TaskVectorIO, CheckpointingMixin, nn.Module):
         if self._nonlinear:
             s += f", rest='train', nonlinear_parameters={len(self._nonlinear)}"
         return s
+
+
+def _tensor_at(root: nn.Module, name: str) -> Any:
+    """The parameter ``name`` of ``root`` (``get_parameter`` without its type check), so the
+    lookup also works while ``torch.func.functional_call`` has put plain tensors in its place
+    (learned coefficients substitute ``delta`` that way)."""
+    module, _, leaf = name.rpartition(".")
+    return getattr(root.get_submodule(module) if module else root, leaf)
+
