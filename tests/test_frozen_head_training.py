@@ -177,3 +177,25 @@ def test_pre_tokenized_data_trains_without_a_tokenizer(tiny_dir):
     assert any(not torch.equal(v, before[k]) for k, v in float_state_dict(encoder).items())
     with pytest.raises(DatasetError, match="no column 'labels'"):
         train_encoder(encoder, _head(), None, data.rename_column("labels", "y"), steps=1)
+
+
+def test_dropout_false_trains_as_an_encoder_without_dropout(tiny_dir, task):
+    """``dropout=False`` keeps the encoder in eval(): the run equals one on a copy whose dropout is 0."""
+    tok = load_tokenizer(tiny_dir)
+    off = train_encoder(load_encoder(tiny_dir), _head(), tok, task.dataset("train"), mode="nonlinear", steps=4,
+                        batch_size=16, learning_rate=1e-3, max_length=16, progress=False, dropout=False)
+    zero = load_encoder(tiny_dir)
+    for m in zero.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    ref = train_encoder(zero, _head(), tok, task.dataset("train"), mode="nonlinear", steps=4, batch_size=16,
+                        learning_rate=1e-3, max_length=16, progress=False)
+    on = train_encoder(load_encoder(tiny_dir), _head(), tok, task.dataset("train"), mode="nonlinear", steps=4,
+                       batch_size=16, learning_rate=1e-3, max_length=16, progress=False)
+    assert off.losses == ref.losses
+    assert on.losses != ref.losses  # the default keeps the config's dropout (0.1) in nonlinear mode
+    model = FrozenHeadClassifier(load_encoder(tiny_dir), _head(), encoder_dropout=False).train()
+    assert model.training and not model.encoder.training and not model.head.training
+    with pytest.raises(ValueError, match="dropout=True is not available in linear mode"):
+        train_encoder(load_encoder(tiny_dir), _head(), tok, task.dataset("train"), mode="linear", steps=1,
+                      dropout=True)

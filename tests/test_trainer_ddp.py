@@ -17,6 +17,7 @@ import os
 import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -80,11 +81,18 @@ def _free_port() -> int:
 def test_ddp_two_gloo_processes_match_single_process(mode, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()),
-           __file__, str(tmp_path), mode]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)  # slow on a loaded 2-core box
+    for attempt in (1, 2):
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(_free_port()),
+               __file__, str(tmp_path), mode]
+        try:  # ~10 s alone; once, on a saturated 2-core CI box, the gloo pair hung past 600 s (cause not found)
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+            break
+        except subprocess.TimeoutExpired:
+            if attempt == 2:
+                raise
+            warnings.warn(f"accelerate launch ({mode}) hung for 300 s; retrying once on a fresh port", stacklevel=1)
     assert proc.returncode == 0, proc.stderr[-4000:]
     r0, r1 = (torch.load(tmp_path / f"rank{i}.pt") for i in (0, 1))
     assert r0["world_size"] == 2 and r0["wrapped"] == "DistributedDataParallel", json.dumps(

@@ -59,20 +59,25 @@ class FrozenHeadClassifier(nn.Module):
         encoder: a transformers encoder returning ``last_hidden_state``.
         head: the task's head; frozen here (``requires_grad=False``, eval mode) so only the
             encoder trains.
+        encoder_dropout: keep the encoder's dropout in training mode (``False``: the encoder
+            stays in ``eval()`` whatever ``train()`` is called, as a linearized model does).
 
     Note:
         Its parameter names are the encoder's prefixed with ``encoder.`` (and ``head.*``);
         :func:`encoder_task_vector` maps a task vector of this model back to the encoder's names.
     """
 
-    def __init__(self, encoder: nn.Module, head: nn.Module):
+    def __init__(self, encoder: nn.Module, head: nn.Module, *, encoder_dropout: bool = True):
         super().__init__()
         self.encoder = encoder
         self.head = freeze(head)
+        self.encoder_dropout = encoder_dropout
 
     def train(self, mode: bool = True) -> FrozenHeadClassifier:
         super().train(mode)
         self.head.eval()
+        if not self.encoder_dropout:
+            self.encoder.eval()
         return self
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -158,7 +163,7 @@ def train_encoder(encoder: nn.Module, head: nn.Module, tokenizer: Any | None, tr
                   learning_rate: float = 5e-5, weight_decay: float = 0.0, warmup_ratio: float = 0.1,
                   max_length: int = 64, max_grad_norm: float = 1.0, seed: int = 0, progress: bool = True,
                   desc: str = "fine-tuning", output_dir: str | None = None, base_model: str | None = None,
-                  text_column: str = "text", label_column: str = "label",
+                  text_column: str = "text", label_column: str = "label", dropout: bool | None = None,
                   **training_args: Any) -> EncoderTrainingResult:
     """Fine-tune ``encoder`` on ``train`` through the frozen ``head`` with :class:`LinearizedTrainer`.
 
@@ -180,6 +185,11 @@ def train_encoder(encoder: nn.Module, head: nn.Module, tokenizer: Any | None, tr
         output_dir: the Trainer's output folder (nothing is saved there unless
             ``training_args`` asks for it); default a temporary folder.
         base_model: the base id recorded in the task vector (default the encoder's ``_name_or_path``).
+        dropout: the encoder's dropout while training. ``None`` (default): each mode's own
+            policy -- on in ``"nonlinear"`` mode, off in ``"linear"`` mode, whose Jacobian is
+            taken at ``theta0`` in ``eval()`` (a linearized model has no dropout). ``False``:
+            off in both modes, the like-for-like choice when comparing them. ``True`` is only
+            valid in ``"nonlinear"`` mode.
         **training_args: more ``TrainingArguments`` (they override the ones set here).
 
     Returns:
@@ -187,7 +197,8 @@ def train_encoder(encoder: nn.Module, head: nn.Module, tokenizer: Any | None, tr
 
     Raises:
         NonFiniteError: a training loss was NaN/inf (lower the learning rate).
-        ValueError: ``steps < 1``, an empty dataset, or an unknown ``mode``.
+        ValueError: ``steps < 1``, an empty dataset, an unknown ``mode``, or ``dropout=True``
+            in ``"linear"`` mode.
         DatasetError: the text or label column is missing.
 
     Note:
@@ -200,6 +211,10 @@ def train_encoder(encoder: nn.Module, head: nn.Module, tokenizer: Any | None, tr
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}.")
+    if dropout and mode == "linear":
+        raise ValueError("dropout=True is not available in linear mode: the linearized model's Jacobian is taken "
+                         "at theta0 in eval() mode, without dropout. Pass dropout=False (off in both modes, "
+                         "like for like) or None (each mode's own policy).")
     if len(train) == 0:
         raise ValueError("the training dataset is empty.")
     if tokenizer is None:
@@ -218,7 +233,7 @@ def train_encoder(encoder: nn.Module, head: nn.Module, tokenizer: Any | None, tr
                                                     label_column=label_column, max_length=max_length,
                                                     labels=class_labels(train, column=label_column))
         collator = DataCollatorWithPadding(tokenizer)
-    model = FrozenHeadClassifier(encoder, head)
+    model = FrozenHeadClassifier(encoder, head, encoder_dropout=dropout is not False)
     # nonlinear: train the caller's encoder in place; linear: LinearizedModel copies it (delta trains)
     linearize_kwargs = {"loss_fn": frozen_head_loss, "copy_model": mode == "linear"}
     losses: list[float] = []
