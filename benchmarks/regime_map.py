@@ -97,13 +97,23 @@ def one_cell(mode: str, lr: float, seed: int, args: argparse.Namespace, base, to
                 own[s][t.name] = evaluate(model, s, [t])[t.name]
     train_s = time.perf_counter() - t0
     editor = editor_for(vectors)
-    added = task_addition(editor, evaluate, finetuned_val=own["val"], finetuned_test=own["test"])
+    sweep = evaluate
+    if lin_base is not None and not args.direct_tangent:  # exact, one pass per vector (TangentOutputs)
+        from hf_taskarith.evaluation.task_accuracy import cached_tangent_evaluation
+
+        editor, cached = cached_tangent_evaluation(editor, heads, tok, tasks if args.no_negation else [*tasks, control])
+
+        def sweep(point, split_name: str, which=tasks) -> dict[str, float]:
+            scores = cached(point, split_name)
+            return {t.name: scores[t.name] for t in which}
+
+    added = task_addition(editor, sweep, finetuned_val=own["val"], finetuned_test=own["test"])
     with editor.edited(added.coefficients) as model:  # absolute validation accuracy: selects the lr per mode
-        added_val = evaluate(model, "val")
+        added_val = sweep(model, "val")
     negations = {}
     if not args.no_negation:
         for t in tasks:
-            res = task_negation(editor, lambda m, s, t=t: evaluate(m, s, [t, control]), t.name,
+            res = task_negation(editor, lambda m, s, t=t: sweep(m, s, [t, control]), t.name,
                                 controls=[control.name], chance=1.0 / t.num_labels)
             negations[t.name] = {"coefficient": res.coefficient, "budget_met": res.budget_met,
                                  "target_test": res.target_accuracy, "pretrained_target_test": res.pretrained_target,
@@ -112,6 +122,7 @@ def one_cell(mode: str, lr: float, seed: int, args: argparse.Namespace, base, to
                                  "chance": res.chance, "target_retained": res.target_retained,
                                  "search": res.search}
     cell = {"mode": mode, "lr": lr, "seed": seed, "train_seconds": train_s,
+            "tangent_evaluation": None if lin_base is None else ("direct" if args.direct_tangent else "cached"),
             "total_seconds": time.perf_counter() - t0, "pretrained": pretrained, "finetuned": own,
             "coefficient": added.coefficients[tasks[0].name], "added_test": added.absolute,
             "added_mean_absolute": added.mean_absolute, "added_mean_normalized": added.mean_normalized,
@@ -263,6 +274,29 @@ def write_between_markers(path: Path, block: str) -> None:
     path.write_text(pattern.sub(lambda _: f"{begin}\n{block}\n{end}", text))
 
 
+#: settings that change what a cell measures (a resumed run must share them)
+CELL_SETTINGS = ("tasks", "control", "steps", "train_size", "val_size", "test_size", "no_negation")
+
+
+def _config(args: argparse.Namespace) -> dict:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+            if k not in ("json", "render", "resume")}
+
+
+def _resumable(args: argparse.Namespace) -> list[dict]:
+    """The cells of ``--json`` that a run with ``args`` can keep (same settings, requested cells)."""
+    if not args.json.is_file():
+        return []
+    old = json.loads(args.json.read_text())
+    differ = [k for k in CELL_SETTINGS if old["config"].get(k) != _config(args)[k]]
+    if differ:
+        raise SystemExit(f"--resume: {args.json} was run with other settings ({', '.join(differ)}); "
+                         "pass the same ones or another --json.")
+    keep = [c for c in old["cells"] if c["mode"] in args.modes and c["lr"] in args.lrs and c["seed"] in args.seeds]
+    print(f"resuming: {len(keep)} cells kept from {args.json}", flush=True)
+    return keep
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", nargs="+", default=TASKS)
@@ -275,6 +309,11 @@ def main() -> None:
     ap.add_argument("--val-size", type=int, default=200)
     ap.add_argument("--test-size", type=int, default=400)
     ap.add_argument("--no-negation", action="store_true", help="addition only")
+    ap.add_argument("--direct-tangent", action="store_true",
+                    help="evaluate every coefficient of linearized vectors with a forward+JVP pass (TangentEditor) "
+                         "instead of the exact cache of one pass per vector (TangentOutputs); same results, slower")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the cells of --json run with the same settings; run only the missing ones")
     ap.add_argument("--json", type=Path, default=RESULTS)
     ap.add_argument("--render", action="store_true",
                     help="write the tables of --json into docs/regime_map.md and README.md; train nothing")
@@ -295,17 +334,18 @@ def main() -> None:
     path = minilm_path()
     tok = load_tokenizer(path)
     base = load_encoder(path).eval()
-    cells = []
+    cells = _resumable(args) if args.resume else []
     for seed in args.seeds:  # seeds outermost: a cut-short run still has whole seeds
         for lr in args.lrs:
             for mode in args.modes:
+                if any((c["mode"], c["lr"], c["seed"]) == (mode, lr, seed) for c in cells):
+                    continue
                 cells.append(one_cell(mode, lr, seed, args, base, tok))
                 args.json.parent.mkdir(parents=True, exist_ok=True)
                 tmp = args.json.with_suffix(".json.tmp")
                 tmp.write_text(json.dumps({
                     "commit": _commit(),
-                    "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                               if k not in ("json", "render")},
+                    "config": _config(args),
                     "environment": {"python": platform.python_version(), "torch": torch.__version__,
                                     "platform": platform.platform()},
                     "summary": summarize(cells), "cells": cells}, indent=1))

@@ -199,3 +199,21 @@ def test_dropout_false_trains_as_an_encoder_without_dropout(tiny_dir, task):
     with pytest.raises(ValueError, match="dropout=True is not available in linear mode"):
         train_encoder(load_encoder(tiny_dir), _head(), tok, task.dataset("train"), mode="linear", steps=1,
                       dropout=True)
+
+
+def test_cached_tangent_evaluation_scores_what_the_tangent_editor_scores(tiny_dir, task):
+    from hf_taskarith.evaluation.editing import TangentEditor
+    from hf_taskarith.evaluation.task_accuracy import cached_tangent_evaluation, evaluate_tasks
+    from hf_taskarith.linearize import LinearizedModel
+
+    encoder, tok = load_encoder(tiny_dir), load_tokenizer(tiny_dir)
+    tv = train_encoder(load_encoder(tiny_dir), _head(), tok, task.dataset("train"), mode="linear", steps=8,
+                       batch_size=16, learning_rate=1e-2, max_length=16, progress=False).task_vector
+    editor = TangentEditor(LinearizedModel(encoder), {"mood": tv})
+    heads = {"mood": _head()}
+    cache, evaluate = cached_tangent_evaluation(editor, heads, tok, [task], max_length=16)
+    for alpha in (0.0, 0.35, 1.0, -0.8):
+        with editor.edited({"mood": alpha}) as model:
+            want = evaluate_tasks(model, heads, tok, [task], "test", max_length=16)
+        with cache.edited({"mood": alpha}) as point:
+            assert evaluate(point, "test") == want, alpha

@@ -4,6 +4,8 @@ from .arithmetic import AdditionResult, NegationResult, normalized, task_additio
 from .coefficients import learn_coefficients
 from .disentanglement import DisentanglementGrid, disentanglement_error
 from .editing import ModelEditor, TangentEditor
+from .tangent_outputs import TangentOutputs, TangentPoint
 
 __all__ = ["ModelEditor", "TangentEditor", "task_addition", "task_negation", "normalized", "AdditionResult",
-           "NegationResult", "disentanglement_error", "DisentanglementGrid", "learn_coefficients"]
+           "NegationResult", "disentanglement_error", "DisentanglementGrid", "learn_coefficients",
+           "TangentOutputs", "TangentPoint"]

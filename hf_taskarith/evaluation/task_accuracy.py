@@ -19,6 +19,7 @@ from torch import nn
 from ..errors import NonFiniteError
 from ..training.encoders import encode
 from ..training.tasks import TaskData
+from .editing import TangentEditor
 from .metrics import load_metric
 
 
@@ -50,13 +51,54 @@ def task_accuracy(encoder: nn.Module, head: nn.Module, tokenizer, task: TaskData
     data = task.split(split)
     feats = encode(encoder, tokenizer, data.texts, batch_size=batch_size, max_length=max_length,
                    progress=progress, desc=f"eval {task.name}/{split}")
-    if not torch.isfinite(feats).all():
+    return features_accuracy(feats, head, task, split)
+
+
+@torch.no_grad()
+def features_accuracy(features: torch.Tensor, head: nn.Module, task: TaskData, split: str) -> float:
+    """Accuracy of ``head(features).argmax(-1)`` against ``task``'s ``split`` labels.
+
+    Raises:
+        NonFiniteError: NaN/inf features or accuracy.
+    """
+    if not torch.isfinite(features).all():
         raise NonFiniteError(f"the encoder produced NaN/inf features on {task.name}/{split}.")
-    pred = head(feats).argmax(-1)
-    acc = float(_accuracy_metric().compute(predictions=pred.tolist(), references=list(data.labels))["accuracy"])
+    pred = head(features).argmax(-1)
+    labels = list(task.split(split).labels)
+    acc = float(_accuracy_metric().compute(predictions=pred.tolist(), references=labels)["accuracy"])
     if not math.isfinite(acc):
         raise NonFiniteError(f"accuracy on {task.name}/{split} is not finite.")
     return acc
+
+
+def cached_tangent_evaluation(editor: TangentEditor, heads: Mapping[str, nn.Module], tokenizer,
+                              tasks: Sequence[TaskData], splits: Sequence[str] = ("val", "test"), *,
+                              batch_size: int = 64, max_length: int = 64, progress: bool = False):
+    """A :class:`~.tangent_outputs.TangentOutputs` of pooled features and its ``evaluate``.
+
+    The features of every task's ``splits`` are computed once at ``theta0`` and once per task
+    vector; afterwards any coefficients cost a weighted sum and a head, exactly what
+    ``editor`` would give (mean pooling is linear). Use the pair wherever a
+    :class:`~.editing.TangentEditor` and :func:`evaluate_tasks` would go::
+
+        cache, evaluate = cached_tangent_evaluation(TangentEditor(lin, vectors), heads, tok, tasks)
+        result = task_addition(cache, evaluate, finetuned_val=..., finetuned_test=...)
+
+    Returns:
+        ``(cache, evaluate)`` with ``evaluate(point, split) -> {task: accuracy}`` over ``tasks``.
+    """
+    from .tangent_outputs import TangentOutputs
+
+    def outputs(model):
+        return {(t.name, s): encode(model, tokenizer, t.split(s).texts, batch_size=batch_size, max_length=max_length,
+                                    progress=False, desc=f"{t.name}/{s}") for t in tasks for s in splits}
+
+    cache = TangentOutputs(editor, outputs, progress=progress)
+
+    def evaluate(point, split: str) -> dict[str, float]:
+        return {t.name: features_accuracy(point.output((t.name, split)), heads[t.name], t, split) for t in tasks}
+
+    return cache, evaluate
 
 
 def evaluate_tasks(encoder: nn.Module, heads: Mapping[str, nn.Module], tokenizer, tasks: Sequence[TaskData],
