@@ -83,3 +83,18 @@ def assert_close_to(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tenso
         scale = float(theirs[k].float().abs().max()) or 1.0
         off = float((ours[k].float() - theirs[k].float()).abs().max()) / (scale * 2 ** -23)
         assert off <= ulps, (k, off)
+
+
+def corrupted_copy(source: Path, folder: Path, *, value: float, min_numel: int, index: int) -> str:
+    """Copy the checkpoint ``source`` to ``folder`` with ``value`` (NaN, inf) written at flat
+    ``index`` of its first tensor of more than ``min_numel`` elements; returns that tensor's name."""
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    sd = state_dict(source)
+    name = next(k for k in sd if sd[k].numel() > min_numel)
+    sd[name].view(-1)[index] = value
+    save_file(sd, folder / "model.safetensors", metadata={"format": "pt"})
+    for f in source.glob("*.json"):
+        (folder / f.name).write_bytes(f.read_bytes())
+    return name

@@ -18,6 +18,7 @@ import hf_taskarith.merging.methods.arcee_fusion as fusion
 from hf_taskarith import merge
 from hf_taskarith.errors import NonFiniteError
 from hf_taskarith.merging.sparsify import order_statistics
+from tests.mergekit_runs import corrupted_copy
 from tests.mergekit_runs import state_dict as _sd
 
 
@@ -110,13 +111,7 @@ def test_sce_keeps_ties_at_the_cut_lowest_index_first(small_blocks, tmp_path):
 def test_a_non_finite_input_is_named_by_both(folders, small_blocks, tmp_path):
     root = folders / "float32"
     bad = tmp_path / "bad"
-    bad.mkdir()
-    sd = _sd(root / "ft1")
-    name = next(k for k in sd if sd[k].numel() > 2000)
-    sd[name].view(-1)[777] = float("inf")
-    save_file(sd, bad / "model.safetensors", metadata={"format": "pt"})
-    for f in (root / "ft1").glob("*.json"):
-        (bad / f.name).write_bytes(f.read_bytes())
+    name = corrupted_copy(root / "ft1", bad, value=float("inf"), min_numel=2000, index=777)
     for method, models in [("arcee_fusion", [bad]), ("sce", [root / "ft2", bad])]:
         with pytest.raises(NonFiniteError, match=f"bad.*{name}"):
             merge(root / "base", models, method=method, output_dir=tmp_path / method, progress=False)

@@ -26,6 +26,7 @@ from hf_taskarith.merging.methods.karcher import karcher
 from hf_taskarith.merging.methods.multislerp import multislerp
 from hf_taskarith.merging.methods.nuslerp import nuslerp, nuslerp_coefficients
 from hf_taskarith.merging.span import block_gram, group_size, n_groups
+from tests.mergekit_runs import corrupted_copy
 from tests.mergekit_runs import state_dict as _sd
 
 FT = ("ft1", "ft2", "ft3")
@@ -162,13 +163,7 @@ def test_opposite_task_vectors_average_linearly_and_three_cancelling_are_refused
 def test_a_non_finite_input_is_named(folders, small_blocks, tmp_path):
     root = folders / "float32"
     bad = tmp_path / "bad"
-    bad.mkdir()
-    sd = _sd(root / "ft2")
-    name = next(k for k in sd if sd[k].numel() > 1000)
-    sd[name].view(-1)[1234] = float("nan")
-    save_file(sd, bad / "model.safetensors", metadata={"format": "pt"})
-    for f in (root / "ft2").glob("*.json"):
-        (bad / f.name).write_bytes(f.read_bytes())
+    name = corrupted_copy(root / "ft2", bad, value=float("nan"), min_numel=1000, index=1234)
     for method in ("nuslerp", "model_stock", "karcher"):
         with pytest.raises(NonFiniteError, match=f"bad.*{name}"):
             merge(root / "base", [root / "ft1", bad], method=method, output_dir=tmp_path / method, progress=False)

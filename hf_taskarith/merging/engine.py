@@ -348,27 +348,25 @@ def _whole_weights(plan: MergePlan, job: _TensorJob) -> tuple[torch.Tensor, list
     """One tensor's float32 base weights and each contributing input's float32 weights (over
     the common rows of a vocabulary-aligned tensor); a NaN or inf stops the merge here."""
     base = plan.base.get(job.name)[:job.common_rows].to(torch.float32)
-    weights = []
-    for i in job.inputs:
-        w = _input_weights(plan.inputs[i], job.name, base, job.common_rows)
-        if not _finite(w):
-            raise NonFiniteError(f"input {plan.inputs[i].label}: tensor {job.name!r} contains NaN or inf. Fix or "
-                                 "re-export that checkpoint; merging it would spread the bad values.")
-        weights.append(w)
+    weights = [_checked_finite(plan, i, job.name, _input_weights(plan.inputs[i], job.name, base, job.common_rows))
+               for i in job.inputs]
     return base, weights
+
+
+def _checked_finite(plan: MergePlan, i: int, name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` (input ``i``'s weights or delta for ``name``); a NaN or inf stops the merge here."""
+    if not _finite(tensor):
+        raise NonFiniteError(f"input {plan.inputs[i].label}: tensor {name!r} contains NaN or inf. Fix or "
+                             "re-export that checkpoint; merging it would spread the bad values.")
+    return tensor
 
 
 def _rows_deltas(plan: MergePlan, job: _TensorJob) -> torch.Tensor:
     """The stacked, flattened float32 deltas ``(n_inputs, rows * ...)`` of a vocabulary-aligned tensor."""
     base = plan.base.get(job.name)[:job.common_rows].to(torch.float32)
-    rows = []
-    for i in job.inputs:
-        d = _input_delta(plan.inputs[i], job.name, base, job.common_rows)
-        if not _finite(d):
-            raise NonFiniteError(f"input {plan.inputs[i].label}: tensor {job.name!r} contains NaN or inf. Fix or "
-                                 "re-export that checkpoint; merging it would spread the bad values.")
-        rows.append(d.reshape(-1))
-    return torch.stack(rows)
+    return torch.stack([
+        _checked_finite(plan, i, job.name, _input_delta(plan.inputs[i], job.name, base, job.common_rows)).reshape(-1)
+        for i in job.inputs])
 
 
 def _merge_blockwise(plan: MergePlan, job: _TensorJob, kernel: BlockKernel, out: RangeSink,
