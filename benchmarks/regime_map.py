@@ -110,6 +110,10 @@ def one_cell(mode: str, lr: float, seed: int, args: argparse.Namespace, base, to
     added = task_addition(editor, sweep, finetuned_val=own["val"], finetuned_test=own["test"])
     with editor.edited(added.coefficients) as model:  # absolute validation accuracy: selects the lr per mode
         added_val = sweep(model, "val")
+    cross = _cross_space(mode, base, vectors, heads, tok, tasks, evaluate, own) if args.cross else None
+    if args.save_vectors:  # for later analyses without retraining (cosines, xi, more negation targets)
+        for name, tv in vectors.items():
+            tv.save_pretrained(args.save_vectors / f"{mode}-lr{lr:g}-seed{seed}" / name)
     negations = {}
     if not args.no_negation:
         for t in tasks:
@@ -127,7 +131,7 @@ def one_cell(mode: str, lr: float, seed: int, args: argparse.Namespace, base, to
             "coefficient": added.coefficients[tasks[0].name], "added_test": added.absolute,
             "added_mean_absolute": added.mean_absolute, "added_mean_normalized": added.mean_normalized,
             "added_val": added_val, "added_val_mean": _avg(added_val.values()),
-            "search": added.search, "negation": negations}
+            "search": added.search, "negation": negations, "cross_space": cross}
     neg = (f"; negated target {_avg(n['target_test'] for n in negations.values()):.4f}, control "
            f"{_avg(n['control_test'] for n in negations.values()):.4f}" if negations else "")
     print(f"{mode:9s} lr {lr:g} seed {seed}: fine-tuned {_avg(own['test'].values()):.4f}, pre-trained "
@@ -136,11 +140,32 @@ def one_cell(mode: str, lr: float, seed: int, args: argparse.Namespace, base, to
     return cell
 
 
+def _cross_space(mode, base, vectors, heads, tok, tasks, evaluate, own) -> dict:
+    """Addition evaluated in the *other* space, to separate training from evaluation: ordinary
+    vectors in the tangent space (post-hoc linearization, ``TangentOutputs``), linearized vectors
+    in weight space (``ModelEditor``: what shipping them as ordinary weights gives)."""
+    from hf_taskarith import LinearizedModel
+    from hf_taskarith.evaluation.arithmetic import task_addition
+    from hf_taskarith.evaluation.editing import ModelEditor, TangentEditor
+    from hf_taskarith.evaluation.task_accuracy import cached_tangent_evaluation
+
+    if mode == "nonlinear":
+        editor, sweep = cached_tangent_evaluation(TangentEditor(LinearizedModel(base), vectors), heads, tok, tasks)
+        space = "tangent"
+    else:
+        editor, sweep, space = ModelEditor(base, vectors), evaluate, "weight"
+    res = task_addition(editor, sweep, finetuned_val=own["val"], finetuned_test=own["test"])
+    return {"space": space, "coefficient": next(iter(res.coefficients.values())), "added_test": res.absolute,
+            "added_mean_absolute": res.mean_absolute}
+
+
 def _seed_means(cell: dict) -> dict[str, float]:
     """Per-seed figures of one cell, each averaged over the edited tasks."""
     tasks = list(cell["finetuned"]["test"])
     out = {"added": cell["added_mean_absolute"], "finetuned": _avg(cell["finetuned"]["test"].values()),
            "pretrained": _avg(cell["pretrained"]["test"][t] for t in tasks), "coefficient": cell["coefficient"]}
+    if cell.get("cross_space"):
+        out["cross"] = cell["cross_space"]["added_mean_absolute"]
     neg = cell.get("negation") or {}
     if neg:
         out.update(negated=_avg(n["target_test"] for n in neg.values()),
@@ -170,7 +195,8 @@ def summarize(cells: list[dict]) -> dict:
             by_mode[mode] = {c["seed"]: m for c, m in zip(group, per_seed)}
             row = {"mode": mode, "lr": lr, "seeds": [c["seed"] for c in group],
                    "coefficients": [m["coefficient"] for m in per_seed]}
-            for key in ("added", "finetuned", "pretrained", "negated", "retained", "control", "pretrained_control"):
+            for key in ("added", "finetuned", "pretrained", "negated", "retained", "control", "pretrained_control",
+                        "cross"):
                 if all(key in m for m in per_seed):
                     row[key] = interval([m[key] for m in per_seed])
                     row[key + "_per_seed"] = [m[key] for m in per_seed]
@@ -215,15 +241,21 @@ def _tuned(cells: list[dict]) -> dict:
 
 def _pct(iv, digits: int = 1) -> str:
     est, lo, hi = (100 * v for v in iv)
+    if lo == hi == est:  # one seed: no interval
+        return f"{est:.{digits}f}"
     return f"{est:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
 
 
 def _signed(iv) -> str:
     est, lo, hi = (100 * v for v in iv)
+    if lo == hi == est:
+        return f"{est:+.1f}"
     return f"{est:+.1f} [{lo:+.1f}, {hi:+.1f}]"
 
 
 def _reading(iv, better_when_positive: bool) -> str:
+    if iv[1] == iv[2]:
+        return "one seed, no interval"
     if iv[1] > 0:
         return "linear higher" + ("" if better_when_positive else " (worse)")
     if iv[2] < 0:
@@ -255,6 +287,12 @@ def render(results: dict) -> str:
         cols = [f"{_signed(p[k])}: {_reading(p[k], k != 'negated')}" if k in p else "-"
                 for k in ("added", "negated", "control")]
         lines.append(f"| {p['lr']:g} | " + " | ".join(cols) + " |")
+    crossed = [r for r in summary["rows"] if "cross" in r]
+    if crossed:
+        lines += ["", "The same vectors added in the other space (ordinary vectors in the tangent space, linearized "
+                  "ones in weight space), coefficient again chosen on validation:", "",
+                  "| trained | lr | added where trained | added in the other space |", "|---|---|---|---|"]
+        lines += [f"| {r['mode']} | {r['lr']:g} | {_pct(r['added'])} | {_pct(r['cross'])} |" for r in crossed]
     tuned = summary.get("tuned") or {}
     if "paired_linear_minus_nonlinear" in tuned:
         d = tuned["paired_linear_minus_nonlinear"]
@@ -275,12 +313,12 @@ def write_between_markers(path: Path, block: str) -> None:
 
 
 #: settings that change what a cell measures (a resumed run must share them)
-CELL_SETTINGS = ("tasks", "control", "steps", "train_size", "val_size", "test_size", "no_negation")
+CELL_SETTINGS = ("tasks", "control", "steps", "train_size", "val_size", "test_size", "no_negation", "cross")
 
 
 def _config(args: argparse.Namespace) -> dict:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-            if k not in ("json", "render", "resume")}
+            if k not in ("json", "render", "resume", "save_vectors")}
 
 
 def _resumable(args: argparse.Namespace) -> list[dict]:
@@ -288,7 +326,7 @@ def _resumable(args: argparse.Namespace) -> list[dict]:
     if not args.json.is_file():
         return []
     old = json.loads(args.json.read_text())
-    differ = [k for k in CELL_SETTINGS if old["config"].get(k) != _config(args)[k]]
+    differ = [k for k in CELL_SETTINGS if old["config"].get(k, False if k == "cross" else None) != _config(args)[k]]
     if differ:
         raise SystemExit(f"--resume: {args.json} was run with other settings ({', '.join(differ)}); "
                          "pass the same ones or another --json.")
@@ -312,6 +350,11 @@ def main() -> None:
     ap.add_argument("--direct-tangent", action="store_true",
                     help="evaluate every coefficient of linearized vectors with a forward+JVP pass (TangentEditor) "
                          "instead of the exact cache of one pass per vector (TangentOutputs); same results, slower")
+    ap.add_argument("--cross", action="store_true",
+                    help="also add each mode's vectors in the other space (ordinary ones in the tangent space, "
+                         "linearized ones in weight space)")
+    ap.add_argument("--save-vectors", type=Path, default=None,
+                    help="save every task vector under this folder (about 90 MB each for MiniLM)")
     ap.add_argument("--resume", action="store_true",
                     help="keep the cells of --json run with the same settings; run only the missing ones")
     ap.add_argument("--json", type=Path, default=RESULTS)
