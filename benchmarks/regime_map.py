@@ -23,7 +23,7 @@ batches). The pre-trained encoder is the reference row. Nothing is tuned on test
 Usage:
     python benchmarks/regime_map.py                        # 3 tasks x 3 lrs x 3 seeds x 2 modes (~80 min, 2 cores)
     python benchmarks/regime_map.py --lrs 2e-4 --seeds 0 --modes nonlinear   # one cell
-    python benchmarks/regime_map.py --render               # tables from the JSON into docs/ and README
+    python benchmarks/regime_map.py --render               # tables from the JSON into docs/regime_map.md
 """
 
 from __future__ import annotations
@@ -36,6 +36,9 @@ import re
 import subprocess
 import time
 from pathlib import Path
+
+from hf_taskarith.evaluation.statistics import mean_interval
+from hf_taskarith.evaluation.task_accuracy import mean
 
 ROOT = Path(__file__).resolve().parent.parent
 TASKS = ["trec", "sms_spam", "amazon_sentiment"]
@@ -50,11 +53,6 @@ def _commit() -> str | None:
                               cwd=ROOT).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
-
-
-def _avg(values) -> float:
-    values = list(values)
-    return sum(values) / len(values)
 
 
 def one_cell(mode: str, lr: float, seed: int, args: argparse.Namespace, base, tok) -> dict:
@@ -130,12 +128,12 @@ def one_cell(mode: str, lr: float, seed: int, args: argparse.Namespace, base, to
             "total_seconds": time.perf_counter() - t0, "pretrained": pretrained, "finetuned": own,
             "coefficient": added.coefficients[tasks[0].name], "added_test": added.absolute,
             "added_mean_absolute": added.mean_absolute, "added_mean_normalized": added.mean_normalized,
-            "added_val": added_val, "added_val_mean": _avg(added_val.values()),
+            "added_val": added_val, "added_val_mean": mean(added_val.values()),
             "search": added.search, "negation": negations, "cross_space": cross}
-    neg = (f"; negated target {_avg(n['target_test'] for n in negations.values()):.4f}, control "
-           f"{_avg(n['control_test'] for n in negations.values()):.4f}" if negations else "")
-    print(f"{mode:9s} lr {lr:g} seed {seed}: fine-tuned {_avg(own['test'].values()):.4f}, pre-trained "
-          f"{_avg(pretrained['test'][t.name] for t in tasks):.4f}, added {added.mean_absolute:.4f} at alpha "
+    neg = (f"; negated target {mean(n['target_test'] for n in negations.values()):.4f}, control "
+           f"{mean(n['control_test'] for n in negations.values()):.4f}" if negations else "")
+    print(f"{mode:9s} lr {lr:g} seed {seed}: fine-tuned {mean(own['test'].values()):.4f}, pre-trained "
+          f"{mean(pretrained['test'][t.name] for t in tasks):.4f}, added {added.mean_absolute:.4f} at alpha "
           f"{cell['coefficient']:g}{neg} ({cell['total_seconds']:.0f} s)", flush=True)
     return cell
 
@@ -159,31 +157,32 @@ def _cross_space(mode, base, vectors, heads, tok, tasks, evaluate, own) -> dict:
             "added_mean_absolute": res.mean_absolute}
 
 
+def _interval(values) -> list[float]:
+    """``[mean, low, high]``: the 95% t-interval over seeds, as the JSON stores it."""
+    i = mean_interval(values)
+    return [i.estimate, i.low, i.high]
+
+
 def _seed_means(cell: dict) -> dict[str, float]:
     """Per-seed figures of one cell, each averaged over the edited tasks."""
     tasks = list(cell["finetuned"]["test"])
-    out = {"added": cell["added_mean_absolute"], "finetuned": _avg(cell["finetuned"]["test"].values()),
-           "pretrained": _avg(cell["pretrained"]["test"][t] for t in tasks), "coefficient": cell["coefficient"]}
+    out = {"added": cell["added_mean_absolute"], "finetuned": mean(cell["finetuned"]["test"].values()),
+           "pretrained": mean(cell["pretrained"]["test"][t] for t in tasks), "coefficient": cell["coefficient"]}
     if cell.get("cross_space"):
         out["cross"] = cell["cross_space"]["added_mean_absolute"]
     neg = cell.get("negation") or {}
     if neg:
-        out.update(negated=_avg(n["target_test"] for n in neg.values()),
-                   retained=_avg(n["target_retained"] for n in neg.values()),
-                   control=_avg(n["control_test"] for n in neg.values()),
-                   pretrained_control=_avg(n["pretrained_control_test"] for n in neg.values()),
+        out.update(negated=mean(n["target_test"] for n in neg.values()),
+                   retained=mean(n["target_retained"] for n in neg.values()),
+                   control=mean(n["control_test"] for n in neg.values()),
+                   pretrained_control=mean(n["pretrained_control_test"] for n in neg.values()),
                    budget_met=sum(bool(n["budget_met"]) for n in neg.values()), targets=len(neg))
     return out
 
 
 def summarize(cells: list[dict]) -> dict:
     """Per (mode, lr): mean and 95% t-interval over seeds; per lr: paired linear - nonlinear."""
-    from hf_taskarith.evaluation.statistics import mean_interval
-
-    def interval(values):
-        i = mean_interval(values)
-        return [i.estimate, i.low, i.high]
-
+    interval = _interval
     rows, pairs = [], []
     for lr in sorted({c["lr"] for c in cells}):
         by_mode = {}
@@ -218,8 +217,6 @@ def summarize(cells: list[dict]) -> dict:
 def _tuned(cells: list[dict]) -> dict:
     """Each mode at its own learning rate, chosen per seed on the merged model's mean absolute
     *validation* accuracy; test accuracy of the chosen cell, and the paired difference."""
-    from hf_taskarith.evaluation.statistics import mean_interval
-
     chosen: dict[str, dict[int, dict]] = {}
     for mode in ("nonlinear", "linear"):
         for seed in sorted({c["seed"] for c in cells}):
@@ -228,14 +225,14 @@ def _tuned(cells: list[dict]) -> dict:
                 chosen.setdefault(mode, {})[seed] = max(group, key=lambda c: (c["added_val_mean"], -c["lr"]))
     out: dict = {}
     for mode, by_seed in chosen.items():
-        i = mean_interval([c["added_mean_absolute"] for c in by_seed.values()])
-        out[mode] = {"lrs": [c["lr"] for c in by_seed.values()], "added": [i.estimate, i.low, i.high]}
+        out[mode] = {"lrs": [c["lr"] for c in by_seed.values()],
+                     "added": _interval([c["added_mean_absolute"] for c in by_seed.values()])}
     if len(chosen) == 2:
         common = sorted(set(chosen["linear"]) & set(chosen["nonlinear"]))
         if common:
             lin, non = chosen["linear"], chosen["nonlinear"]
-            i = mean_interval([lin[s]["added_mean_absolute"] - non[s]["added_mean_absolute"] for s in common])
-            out["paired_linear_minus_nonlinear"] = [i.estimate, i.low, i.high]
+            diffs = [lin[s]["added_mean_absolute"] - non[s]["added_mean_absolute"] for s in common]
+            out["paired_linear_minus_nonlinear"] = _interval(diffs)
     return out
 
 
@@ -359,12 +356,11 @@ def main() -> None:
                     help="keep the cells of --json run with the same settings; run only the missing ones")
     ap.add_argument("--json", type=Path, default=RESULTS)
     ap.add_argument("--render", action="store_true",
-                    help="write the tables of --json into docs/regime_map.md and README.md; train nothing")
+                    help="write the tables of --json into docs/regime_map.md; train nothing")
     args = ap.parse_args()
     if args.render:
         block = render(json.loads(args.json.read_text()))
-        for doc in (ROOT / "docs" / "regime_map.md", ROOT / "README.md"):
-            write_between_markers(doc, block)
+        write_between_markers(ROOT / "docs" / "regime_map.md", block)
         print(block)
         return
 

@@ -1,7 +1,7 @@
 """README and docs tables that are generated from committed results stay what the results say.
 
 ``benchmarks/regime_map.py --render`` writes the regime map's tables between markers in
-README.md and docs/regime_map.md; this test re-renders them from the committed JSON (and
+docs/regime_map.md; this test re-renders them from the committed JSON (and
 re-derives its summary from the per-cell records), so an edited figure or a stale table fails.
 """
 
@@ -47,8 +47,8 @@ def test_regime_map_tables_are_rendered_from_the_committed_results(regime_map):
     results = json.loads(regime_map.RESULTS.read_text())
     assert _close(json.loads(json.dumps(regime_map.summarize(results["cells"]))), results["summary"])
     table = regime_map.render(results)
-    for doc in (ROOT / "README.md", ROOT / "docs" / "regime_map.md"):
-        assert _block(doc, regime_map.MARKERS) == table, f"{doc.name} is stale: run benchmarks/regime_map.py --render"
+    doc = ROOT / "docs" / "regime_map.md"
+    assert _block(doc, regime_map.MARKERS) == table, f"{doc.name} is stale: run benchmarks/regime_map.py --render"
 
 
 def _cell(mode, lr, seed, val, test):

@@ -149,7 +149,9 @@ class SpanKernel(BlockKernel):
         self.base_coef = shift.to(torch.float32) if bool((shift != 0).any()) else None
 
     def merge(self, deltas: torch.Tensor, base: torch.Tensor, start: int) -> torch.Tensor:
-        assert self.coef is not None, "prepare() first"
+        if self.coef is None:
+            raise RuntimeError(f"{type(self).__name__}.merge() was called before prepare(): prepare() computes the "
+                               "tensor's coefficients from its Gram matrix; call it once per tensor first.")
         if self.grouping == "tensor":
             out = self.coef[0] @ deltas
             if self.base_coef is not None:
