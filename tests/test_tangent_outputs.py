@@ -3,6 +3,7 @@ equal to what TangentEditor computes (exact in float64), and usable by task_addi
 
 from __future__ import annotations
 
+import copy
 import random
 
 import pytest
@@ -113,3 +114,32 @@ def test_refusals_are_clear(setup):
 
     with pytest.raises(ValueError, match="other keys or shapes"):
         TangentOutputs(TangentEditor(lin, {"a": tvs["a"]}), shifty)
+
+
+def test_restricted_views_add_a_subset_and_refuse_vectors_outside_it(setup):
+    from hf_taskarith.evaluation.editing import restrict
+
+    encoder, lin, tvs, batches = setup
+    cache = TangentOutputs(TangentEditor(lin, tvs), _outputs(batches))
+    view = restrict(cache, ["a", "c"])
+    assert sorted(view.task_vectors) == ["a", "c"]
+    with view.edited({"a": 0.3, "c": -0.7}) as point, cache.edited({"a": 0.3, "c": -0.7}) as direct:
+        assert torch.equal(point.output("val"), direct.output("val"))
+    with pytest.raises(KeyMismatchError, match="in this view"):
+        view.set({"b": 1.0})
+    with pytest.raises(KeyMismatchError, match="no task vector for"):
+        restrict(cache, ["a", "zzz"])
+    with pytest.raises(ValueError, match="twice"):
+        restrict(cache, ["a", "a"])
+    # task_addition over the view searches only the subset's coefficients; weight space too
+    editor = ModelEditor(copy.deepcopy(encoder), tvs)
+    sub = restrict(editor, ["b"])
+    name = next(k for k in tvs["b"].keys() if k in editor.params)
+    target = editor.base[name] + 0.4 * tvs["b"][name]
+
+    def evaluate(model, split):  # best where the weights are theta0 + 0.4 tau_b
+        return {"b": 1.0 - float((editor.params[name] - target).abs().max())}
+
+    res = task_addition(sub, evaluate, finetuned_val={"b": 1.0}, finetuned_test={"b": 1.0})
+    assert list(res.coefficients) == ["b"] and res.coefficients["b"] == pytest.approx(0.4)
+    assert torch.equal(editor.params[name], editor.base[name])  # restored

@@ -132,3 +132,48 @@ class TangentEditor:
         return self.set({})
 
     edited = ModelEditor.edited  # edit, yield the model, restore delta = 0 afterwards
+
+
+class EditorView:
+    """An editor restricted to some of its task vectors (what :func:`restrict` returns).
+
+    Edits go to the underlying editor, so nothing is copied: sweeping subsets of one set of
+    vectors (accuracy vs number of tasks) shares one base copy, one linearized model or one
+    :class:`~.tangent_outputs.TangentOutputs` cache. Coefficients for a vector outside the view
+    are an error, as they are for an unknown task.
+    """
+
+    def __init__(self, editor: Any, tasks: list[str]):
+        self.editor = editor
+        self.task_vectors = {t: editor.task_vectors[t] for t in tasks}
+
+    def set(self, coefficients: Coefficients) -> Any:
+        outside = sorted(set(coefficients) - set(self.task_vectors))
+        if outside:
+            raise KeyMismatchError(f"no task vector for {outside} in this view; it holds {sorted(self.task_vectors)}.")
+        return self.editor.set(coefficients)
+
+    def reset(self) -> Any:
+        return self.editor.reset()
+
+    edited = ModelEditor.edited  # edit, yield what the underlying editor yields, restore afterwards
+
+
+def restrict(editor: Any, tasks: Any) -> EditorView:
+    """A view of ``editor`` (:class:`ModelEditor`, :class:`TangentEditor`, a
+    :class:`~.tangent_outputs.TangentOutputs` or another view) holding only ``tasks``' vectors,
+    for :func:`~.arithmetic.task_addition` over a subset.
+
+    Raises:
+        KeyMismatchError: a task without a vector in ``editor``.
+        ValueError: no task, or a task named twice.
+    """
+    tasks = list(tasks)
+    if not tasks:
+        raise ValueError("restrict() needs at least one task.")
+    if len(set(tasks)) != len(tasks):
+        raise ValueError(f"restrict(): a task is named twice in {tasks}.")
+    unknown = sorted(set(tasks) - set(editor.task_vectors))
+    if unknown:
+        raise KeyMismatchError(f"no task vector for {unknown}; known: {sorted(editor.task_vectors)}.")
+    return EditorView(editor, tasks)
