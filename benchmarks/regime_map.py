@@ -297,6 +297,8 @@ def _number_of_tasks(cells: list[dict]) -> list[dict]:
                 if got:
                     row[mode] = {key: _interval([g[key] for g in got]) for key in
                                  ("added_mean_absolute", "added_mean_normalized", "pretrained_mean", "finetuned_mean")}
+                    row[mode]["gain_over_pretrained"] = _interval([g["added_mean_absolute"] - g["pretrained_mean"]
+                                                                   for g in got])
                     row[mode]["seeds"] = len(got)
             common = sorted(s for s in per_mode["linear"] if s in per_mode["nonlinear"]
                             and k in per_mode["linear"][s] and k in per_mode["nonlinear"][s])
@@ -435,6 +437,57 @@ def render(results: dict) -> str:
     return "\n".join(lines)
 
 
+def plot(results: dict, path: Path) -> Path:
+    """The map as a figure: merged accuracy vs learning rate per mode (and the fine-tuned
+    accuracy), and, when the run has subsets, merged accuracy vs number of tasks per mode and
+    learning rate; bars are the 95% intervals over seeds, dashed lines the pre-trained encoder."""
+    from hf_taskarith.evaluation.plots import plot_interval_curves
+
+    summary = results["summary"]
+    n = len(results["config"]["tasks"])
+
+    def pts(rows, x, key):
+        return [(r[x], *(100 * v for v in r[key])) for r in rows]
+
+    by_lr: dict = {}
+    colour = {"nonlinear": "tab:blue", "linear": "tab:orange"}
+    styles: dict = {}
+    for mode in ("nonlinear", "linear"):
+        rows = [r for r in summary["rows"] if r["mode"] == mode]
+        if rows:
+            by_lr[f"{mode}, merged"] = pts(rows, "lr", "added")
+            by_lr[f"{mode}, fine-tuned alone"] = pts(rows, "lr", "finetuned")
+            styles[f"{mode}, merged"] = {"color": colour[mode]}
+            styles[f"{mode}, fine-tuned alone"] = {"color": colour[mode], "linestyle": ":", "marker": "s"}
+    title = f"all {n} tasks added, vs learning rate"
+    panels = {title: by_lr}
+    reference = {title: [(r["lr"], 100 * r["pretrained"][0]) for r in summary["rows"]]}
+    xlabel, logx = {title: "learning rate"}, {title: True}
+    if summary.get("number_of_tasks"):
+        title = "gain over pre-trained vs number of tasks"
+        rows = summary["number_of_tasks"]
+        lrs = sorted({r["lr"] for r in rows})
+        panels[title] = {}
+        for i, lr in enumerate(lrs):
+            for mode in ("nonlinear", "linear"):
+                got = [(r["k"], *(100 * v for v in r[mode]["gain_over_pretrained"]))
+                       for r in rows if r["lr"] == lr and mode in r]
+                if got:
+                    label = f"{mode}, lr {lr:g}"
+                    panels[title][label] = got
+                    styles[label] = {"color": colour[mode], "linestyle": ("-", "--", ":", "-.")[i % 4]}
+        reference[title] = [(r["k"], 0.0) for r in rows if r["lr"] == lrs[0]]
+        xlabel[title] = "tasks added (a random subset per seed)"
+    ylabel = {t: ("merged - pre-trained (points)" if t.startswith("gain") else "mean test accuracy (%)")
+              for t in panels}
+    return plot_interval_curves(panels, path, xlabel=xlabel, logx=logx, reference=reference, styles=styles,
+                                ylabel=ylabel, dodge=0.02)
+
+
+def plot_path(results_json: Path) -> Path:
+    return ROOT / "docs" / f"{results_json.stem}.png"
+
+
 def write_between_markers(path: Path, block: str, markers: tuple[str, str] = MARKERS) -> None:
     text = path.read_text()
     begin, end = markers
@@ -534,12 +587,15 @@ def main() -> None:
                     help="combine the cells of these results files (run with the same settings) into --json; "
                          "train nothing")
     ap.add_argument("--render", action="store_true",
-                    help="write the tables of --json into docs/regime_map.md; train nothing")
+                    help="write the tables of --json into docs/regime_map.md and its figure to "
+                         "docs/<json name>.png; train nothing")
     args = ap.parse_args()
     if args.render:
         block = render(json.loads(args.json.read_text()))
+        results = json.loads(args.json.read_text())
         write_between_markers(ROOT / "docs" / "regime_map.md", block, markers_for(args.json))
         print(block)
+        print(f"figure written to {plot(results, plot_path(args.json))}")
         return
 
     if args.merge:

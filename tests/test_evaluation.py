@@ -230,3 +230,18 @@ def test_negation_on_a_separate_control_task_and_inverted_classifiers():
         task_negation(_ScriptedEditor(), _scripted(table), "target", objective="chance_distance")
     with pytest.raises(KeyError, match="control tasks"):
         task_negation(_ScriptedEditor(), _scripted(table), "target", controls=["nope"])
+
+
+def test_interval_curves_plot_and_refuse_empty_panels(tmp_path):
+    from hf_taskarith.evaluation.plots import plot_interval_curves
+
+    panels = {"vs lr": {"linear": [(1e-3, 80, 78, 82), (2e-4, 81, 80, 83)], "nonlinear": [(2e-4, 83, 81, 85)]},
+              "vs tasks": {"linear": [(2, 85, 84, 86), (8, 80, 79, 81)]}}
+    png = plot_interval_curves(panels, tmp_path / "curves.png", logx={"vs lr": True},
+                               reference={"vs tasks": [(2, 75.0), (8, 74.0)]})
+    assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 1000
+    with pytest.raises(ValueError, match="each with a curve"):
+        plot_interval_curves({"empty": {}}, tmp_path / "x.png")
+    with pytest.raises(ValueError, match="at least one panel"):
+        plot_interval_curves({}, tmp_path / "x.png")
+    assert not (tmp_path / "x.png").exists()

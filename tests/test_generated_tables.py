@@ -43,12 +43,19 @@ def _close(a, b):
     return a == b
 
 
-def test_regime_map_tables_are_rendered_from_the_committed_results(regime_map):
-    results = json.loads(regime_map.RESULTS.read_text())
+RUNS = sorted((ROOT / "benchmarks" / "results").glob("regime_map*.json"))
+
+
+@pytest.mark.parametrize("path", RUNS, ids=[p.stem for p in RUNS])
+def test_regime_map_tables_are_rendered_from_the_committed_results(regime_map, path):
+    results = json.loads(path.read_text())
     assert _close(json.loads(json.dumps(regime_map.summarize(results["cells"]))), results["summary"])
     table = regime_map.render(results)
     doc = ROOT / "docs" / "regime_map.md"
-    assert _block(doc, regime_map.MARKERS) == table, f"{doc.name} is stale: run benchmarks/regime_map.py --render"
+    assert _block(doc, regime_map.markers_for(path)) == table, \
+        f"{doc.name} is stale: run benchmarks/regime_map.py --render --json {path.relative_to(ROOT)}"
+    figure = regime_map.plot_path(path)
+    assert figure.is_file() and f"]({figure.name})" in doc.read_text(), f"{figure.name} missing or not shown"
 
 
 def _cell(mode, lr, seed, val, test):
@@ -71,3 +78,60 @@ def test_each_mode_gets_its_learning_rate_from_validation_not_test(regime_map):
     pairs = regime_map.summarize(cells)["paired_linear_minus_nonlinear"]
     assert [p["lr"] for p in pairs] == [1e-4, 1e-3]
     assert pairs[0]["added"][0] == pytest.approx(0.95 - 0.89)
+
+
+def _subset_cell(mode, seed, gain):
+    """A cell over tasks a, b, c whose merges beat pre-trained (0.5) by ``gain``; a 2-task subset."""
+    cell = _cell(mode, 1e-3, seed, 0.6, 0.5 + gain)
+    cell["finetuned"]["test"] = {"a": 0.9, "b": 0.9, "c": 0.9}
+    cell["pretrained"]["test"] = {"a": 0.5, "b": 0.5, "c": 0.5}
+    cell["added_mean_normalized"] = (0.5 + gain) / 0.9
+    cell["subsets"] = [{"k": 2, "tasks": ["a", "b"], "coefficient": 0.5, "added_mean_absolute": 0.5 + 2 * gain,
+                        "added_mean_normalized": (0.5 + 2 * gain) / 0.9, "pretrained_mean": 0.5, "finetuned_mean": 0.9}]
+    cell["cosines"] = {"tasks": ["a", "b", "c"], "matrix": [[1, gain, -gain], [gain, 1, 0.0], [-gain, 0.0, 1]]}
+    return cell
+
+
+def test_number_of_tasks_rows_pair_the_modes_by_seed_and_show_the_gain_over_pre_trained(regime_map):
+    cells = [_subset_cell(m, s, g + s / 100) for s in (0, 1, 2) for m, g in (("nonlinear", 0.1), ("linear", 0.05))]
+    summary = regime_map.summarize(cells)
+    k2, k3 = summary["number_of_tasks"]
+    assert (k2["k"], k3["k"]) == (2, 3)
+    assert k2["nonlinear"]["gain_over_pretrained"][0] == pytest.approx(2 * 0.11)
+    assert k3["linear"]["gain_over_pretrained"][0] == pytest.approx(0.06)
+    # paired by seed: the seed-to-seed spread cancels, so the interval is a point
+    assert k2["paired_linear_minus_nonlinear"] == pytest.approx([-0.1, -0.1, -0.1])
+    cos = {r["mode"]: r["mean_abs_off_diagonal"][0] for r in summary["cosines"]}
+    assert cos["nonlinear"] == pytest.approx(2 * 0.11 / 3) and cos["linear"] == pytest.approx(2 * 0.06 / 3)
+    assert "| 0.001 | 2 | 50.0 |" in regime_map.render({"summary": summary, "cells": cells, "config": {
+        "tasks": ["a", "b", "c"], "control": "z", "steps": 1, "test_size": 1}})
+
+
+def test_subsets_are_drawn_by_seed_alone_and_must_be_proper(regime_map):
+    tasks = [f"t{i}" for i in range(8)]
+    assert regime_map.subset_of(tasks, 4, 1) == regime_map.subset_of(list(reversed(tasks)), 4, 1)
+    assert regime_map.subset_of(tasks, 4, 1) != regime_map.subset_of(tasks, 4, 2)
+    for bad in (1, 8):
+        with pytest.raises(SystemExit, match="between 2 and 7"):
+            regime_map.subset_of(tasks, bad, 0)
+
+
+def test_merge_joins_side_by_side_runs_and_refuses_clashes(regime_map, tmp_path):
+    config = {"tasks": ["a", "b"], "control": "z", "steps": 1, "train_size": 1, "val_size": 1, "test_size": 1,
+              "no_negation": True, "cross": False, "subsets": [], "modes": ["nonlinear", "linear"], "seeds": [0]}
+    runs = []
+    for lr in (1e-4, 1e-3):
+        cells = [_cell(m, lr, 0, 0.5, 0.6) for m in ("nonlinear", "linear")]
+        runs.append(tmp_path / f"{lr:g}.json")
+        runs[-1].write_text(json.dumps({"commit": "abc", "config": dict(config, lrs=[lr]), "cells": cells}))
+    regime_map.merge(runs, tmp_path / "all.json")
+    merged = json.loads((tmp_path / "all.json").read_text())
+    assert merged["config"]["lrs"] == [1e-4, 1e-3] and len(merged["cells"]) == 4
+    assert [p["lr"] for p in merged["summary"]["paired_linear_minus_nonlinear"]] == [1e-4, 1e-3]
+    with pytest.raises(SystemExit, match="more than one file"):
+        regime_map.merge([runs[0], runs[0]], tmp_path / "twice.json")
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"config": dict(config, steps=2, lrs=[0.1]), "cells": []}))
+    with pytest.raises(SystemExit, match="other settings.*steps"):
+        regime_map.merge([runs[0], other], tmp_path / "bad.json")
+    assert not (tmp_path / "twice.json").exists() and not (tmp_path / "bad.json").exists()

@@ -74,3 +74,56 @@ def plot_disentanglement(grid: DisentanglementGrid, path: str | os.PathLike, *, 
     fig.colorbar(im, ax=ax, label="disentanglement error xi")
     ax.set_title(title or f"xi: {grid.tasks[0]} + {grid.tasks[1]}")
     return _save(plt, fig, path)
+
+
+#: one point of a curve: ``(x, estimate, low, high)`` (an interval, e.g. 95% over seeds)
+Point = tuple[float, float, float, float]
+
+
+def plot_interval_curves(panels: Mapping[str, Mapping[str, list[Point]]], path: str | os.PathLike, *,
+                         xlabel: Mapping[str, str] | None = None, ylabel: str | Mapping[str, str] = "accuracy (%)",
+                         logx: Mapping[str, bool] | None = None,
+                         reference: Mapping[str, list[tuple[float, float]]] | None = None,
+                         styles: Mapping[str, Mapping] | None = None, dodge: float = 0.0) -> Path:
+    """Side-by-side panels of curves with interval bars (e.g. merged accuracy vs learning rate
+    per training mode, and vs number of tasks).
+
+    Args:
+        panels: ``{panel title: {curve label: [(x, estimate, low, high), ...]}}``.
+        xlabel, logx: per panel title (default: ``"x"``, linear axis).
+        reference: per panel title, ``[(x, y), ...]`` drawn dashed and labelled "pre-trained".
+        ylabel: one label, or one per panel title.
+        styles: per curve label, keyword arguments for matplotlib's ``errorbar`` (colour, line style).
+        dodge: spread the curves of a panel sideways by this much (in decades on a log axis), so
+            their interval bars do not hide each other; the points' x values are unchanged.
+
+    Raises:
+        ValueError: no panel, or a panel without a curve.
+    """
+    if not panels or any(not curves for curves in panels.values()):
+        raise ValueError(f"plot_interval_curves needs at least one panel, each with a curve; got "
+                         f"{ {k: len(v) for k, v in panels.items()} }.")
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.6), squeeze=False)
+    for ax, (title, curves) in zip(axes[0], panels.items()):
+        log = bool((logx or {}).get(title))
+        for i, (label, points) in enumerate(curves.items()):
+            xs, est, lo, hi = (list(v) for v in zip(*sorted(points)))
+            shift = dodge * (i - (len(curves) - 1) / 2)
+            xs = [x * 10 ** shift if log else x + shift for x in xs]
+            style = {"marker": "o", "capsize": 3, **(styles or {}).get(label, {})}
+            ax.errorbar(xs, est, yerr=[[e - low for e, low in zip(est, lo)], [h - e for e, h in zip(est, hi)]],
+                        label=label, **style)
+        if reference and reference.get(title):
+            rx, ry = zip(*sorted(reference[title]))
+            ax.plot(rx, ry, "k--", marker="x", label="pre-trained")
+        if log:
+            ax.set_xscale("log")
+            ax.minorticks_off()
+        ticks = sorted({p[0] for points in curves.values() for p in points})  # the measured x values
+        ax.set_xticks(ticks, [f"{x:g}" for x in ticks])
+        ax.set_xlabel((xlabel or {}).get(title, "x"))
+        ax.set_ylabel(ylabel if isinstance(ylabel, str) else ylabel.get(title, ""))
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+    return _save(plt, fig, path)
