@@ -217,3 +217,35 @@ def test_cached_tangent_evaluation_scores_what_the_tangent_editor_scores(tiny_di
             want = evaluate_tasks(model, heads, tok, [task], "test", max_length=16)
         with cache.edited({"mood": alpha}) as point:
             assert evaluate(point, "test") == want, alpha
+
+
+@pytest.mark.parametrize("mode", ["nonlinear", "linear"])
+def test_best_on_validation_keeps_the_vector_of_the_best_step(tiny_dir, task, mode):
+    from hf_taskarith.linearize import LinearizedModel
+
+    encoder, tok = load_encoder(tiny_dir), load_tokenizer(tiny_dir)
+    base = load_encoder(tiny_dir)
+    # validation with the labels swapped: the better training goes, the worse it scores, so the
+    # best check comes before the last and the kept vector is not the final one
+    swapped = task.dataset("val").map(lambda row: {"label": 1 - row["label"]})
+    result = train_encoder(encoder, _head(), tok, task.dataset("train"), mode=mode, steps=9, batch_size=16,
+                           learning_rate=3e-3, max_length=16, progress=False, validation=swapped, eval_every=4)
+    steps = [s for s, _ in result.validation_curve]
+    assert steps == [4, 8, 9]  # every 4 steps and after the last
+    accs = [a for _, a in result.validation_curve]
+    assert result.best_step == steps[accs.index(max(accs))]  # the earliest best
+    # the kept vector scores what was recorded for its step; the final one what the last check said
+    assert result.best_step < 9 and accs[-1] < max(accs)
+    for tv, expected in ((result.best_task_vector, max(accs)), (result.task_vector, accs[-1])):
+        model = LinearizedModel(base).load_task_vector(tv) if mode == "linear" else tv.apply_to(base)
+        assert 1 - task_accuracy(model, _head(), tok, task, "val", max_length=16) == pytest.approx(expected)
+
+
+def test_best_on_validation_needs_both_arguments(tiny_dir, task):
+    encoder, tok = load_encoder(tiny_dir), load_tokenizer(tiny_dir)
+    for kwargs in ({"eval_every": 2}, {"validation": task.dataset("val")},
+                   {"validation": task.dataset("val"), "eval_every": 0}):
+        with pytest.raises(ValueError, match="needs both validation= .* and eval_every="):
+            train_encoder(encoder, _head(), tok, task.dataset("train"), steps=2, progress=False, **kwargs)
+    no_check = train_encoder(encoder, _head(), tok, task.dataset("train"), steps=2, progress=False, max_length=16)
+    assert no_check.best_task_vector is None and no_check.best_step is None and no_check.validation_curve == []

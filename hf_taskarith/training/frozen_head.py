@@ -141,6 +141,9 @@ class EncoderTrainingResult:
             ``"linear"`` mode (the encoder is not modified).
         steps, seconds: optimizer steps and training wall time.
         losses: the training loss of every step.
+        best_task_vector, best_step: with ``validation=``, the task vector of the step with the
+            highest validation accuracy (the earliest on a tie) and that step; else ``None``.
+        validation_curve: ``[(step, validation accuracy), ...]`` at each check.
     """
 
     task_vector: TaskVector
@@ -148,6 +151,9 @@ class EncoderTrainingResult:
     steps: int
     seconds: float
     losses: list[float] = field(default_factory=list, repr=False)
+    best_task_vector: TaskVector | None = field(default=None, repr=False)
+    best_step: int | None = None
+    validation_curve: list[tuple[int, float]] = field(default_factory=list, repr=False)
 
     @property
     def first_loss(self) -> float:
@@ -164,6 +170,7 @@ def train_encoder(encoder: nn.Module, head: nn.Module, tokenizer: Any | None, tr
                   max_length: int = 64, max_grad_norm: float = 1.0, seed: int = 0, progress: bool = True,
                   desc: str = "fine-tuning", output_dir: str | None = None, base_model: str | None = None,
                   text_column: str = "text", label_column: str = "label", dropout: bool | None = None,
+                  validation: datasets.Dataset | None = None, eval_every: int | None = None,
                   **training_args: Any) -> EncoderTrainingResult:
     """Fine-tune ``encoder`` on ``train`` through the frozen ``head`` with :class:`LinearizedTrainer`.
 
@@ -190,15 +197,23 @@ def train_encoder(encoder: nn.Module, head: nn.Module, tokenizer: Any | None, tr
             taken at ``theta0`` in ``eval()`` (a linearized model has no dropout). ``False``:
             off in both modes, the like-for-like choice when comparing them. ``True`` is only
             valid in ``"nonlinear"`` mode.
+        validation, eval_every: best-on-validation checkpointing. Every ``eval_every`` steps
+            (and after the last) the model being trained -- the tangent-space model in
+            ``"linear"`` mode -- is scored on ``validation`` (same columns as ``train``) through
+            the head, and the task vector of the best step (the earliest on a tie) is kept as
+            ``best_task_vector``; ``task_vector`` stays the final one. Each check costs a forward
+            pass over ``validation`` (a forward+JVP pass in ``"linear"`` mode).
         **training_args: more ``TrainingArguments`` (they override the ones set here).
 
     Returns:
-        An :class:`EncoderTrainingResult` (task vector over the encoder's names, per-step losses).
+        An :class:`EncoderTrainingResult` (task vector over the encoder's names, per-step losses,
+        and with ``validation``: the best-on-validation vector, its step and the accuracy curve).
 
     Raises:
         NonFiniteError: a training loss was NaN/inf (lower the learning rate).
-        ValueError: ``steps < 1``, an empty dataset, an unknown ``mode``, or ``dropout=True``
-            in ``"linear"`` mode.
+        ValueError: ``steps < 1``, an empty dataset, an unknown ``mode``, ``dropout=True``
+            in ``"linear"`` mode, or ``validation`` and ``eval_every`` not given together
+            (``eval_every`` must be >= 1).
         DatasetError: the text or label column is missing.
 
     Note:
@@ -217,6 +232,12 @@ def train_encoder(encoder: nn.Module, head: nn.Module, tokenizer: Any | None, tr
                          "like for like) or None (each mode's own policy).")
     if len(train) == 0:
         raise ValueError("the training dataset is empty.")
+    if (validation is None) != (eval_every is None) or (eval_every is not None and eval_every < 1):
+        given = "a dataset" if validation is not None else None
+        raise ValueError(f"best-on-validation checkpointing needs both validation= (a dataset) and eval_every= "
+                         f"(steps between checks, >= 1); got validation={given}, eval_every={eval_every!r}.")
+    if validation is not None and len(validation) == 0:
+        raise ValueError("the validation dataset is empty.")
     if tokenizer is None:
         check_columns(train, {"input_ids": "input_ids", "labels": "labels"}, source="the training dataset "
                       "(tokenizer=None: pass a tokenizer to train on texts)")
@@ -225,13 +246,16 @@ def train_encoder(encoder: nn.Module, head: nn.Module, tokenizer: Any | None, tr
                       source="the training dataset")
     base_fingerprint = fingerprint_state_dict(float_state_dict(encoder))
     base_model = base_model or getattr(getattr(encoder, "config", None), "_name_or_path", None) or None
+    val_tokenized = None
     if tokenizer is None:
-        tokenized, collator = train, default_data_collator
+        tokenized, collator, val_tokenized = train, default_data_collator, validation
     else:
+        labels = class_labels(train, column=label_column)
         with _datasets_bars(progress):
-            tokenized = tokenize_for_classification(train, tokenizer, text_column=text_column,
-                                                    label_column=label_column, max_length=max_length,
-                                                    labels=class_labels(train, column=label_column))
+            tokenized, val_tokenized = (
+                tokenize_for_classification(ds, tokenizer, text_column=text_column, label_column=label_column,
+                                            max_length=max_length, labels=labels) if ds is not None else None
+                for ds in (train, validation))
         collator = DataCollatorWithPadding(tokenizer)
     model = FrozenHeadClassifier(encoder, head, encoder_dropout=dropout is not False)
     # nonlinear: train the caller's encoder in place; linear: LinearizedModel copies it (delta trains)
@@ -255,6 +279,10 @@ def train_encoder(encoder: nn.Module, head: nn.Module, tokenizer: Any | None, tr
         if not progress_disabled(progress):
             trainer.add_callback(_QuietProgress(desc))
         trainer.add_callback(_LossRecorder(losses))
+        best = None
+        if val_tokenized is not None and eval_every is not None:
+            best = _BestOnValidation(val_tokenized, collator, eval_every, trainer.task_vector, batch_size=batch_size)
+            trainer.add_callback(best)
         start = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - start
@@ -263,6 +291,11 @@ def train_encoder(encoder: nn.Module, head: nn.Module, tokenizer: Any | None, tr
             raise NonFiniteError(f"{desc}: the training loss is {losses[bad[0]]} at step {bad[0] + 1}; "
                                  "lower the learning rate.")
         tv = encoder_task_vector(trainer.task_vector(), base_fingerprint=base_fingerprint, base_model=base_model)
+        checkpoint: dict[str, Any] = {}
+        if best is not None and best.vector is not None:
+            checkpoint = {"best_task_vector": encoder_task_vector(best.vector, base_fingerprint=base_fingerprint,
+                                                                  base_model=base_model),
+                          "best_step": best.step, "validation_curve": best.curve}
     if mode == "linear":
         from ..linearize import LinearizedModel
 
@@ -270,7 +303,7 @@ def train_encoder(encoder: nn.Module, head: nn.Module, tokenizer: Any | None, tr
     else:
         trained = encoder.eval()
     logger.info("%s: %d steps in %.1fs, loss %.3f -> %.3f", desc, steps, seconds, losses[0], losses[-1])
-    return EncoderTrainingResult(tv, trained, steps, seconds, losses)
+    return EncoderTrainingResult(tv, trained, steps, seconds, losses, **checkpoint)
 
 
 @contextlib.contextmanager
@@ -314,3 +347,49 @@ class _QuietProgress(ProgressCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.training_bar is not None and logs and "loss" in logs:
             self.training_bar.set_postfix(loss=f"{logs['loss']:.3f}")
+
+
+class _BestOnValidation(TrainerCallback):
+    """Scores the model being trained on tokenized validation data every ``every`` steps and
+    after the last; keeps a snapshot (``snapshot()``, the trainer's task vector) of the best.
+
+    The accuracy is computed here rather than with ``Trainer.evaluate`` so that it is the same
+    frozen-head argmax in both modes and costs no evaluation loop state or logging."""
+
+    def __init__(self, data: Any, collator: Any, every: int, snapshot: Any, *, batch_size: int):
+        self.data, self.collator, self.every, self.snapshot = data, collator, every, snapshot
+        self.batch_size = batch_size
+        self.curve: list[tuple[int, float]] = []
+        self.vector: TaskVector | None = None
+        self.step: int | None = None
+
+    @torch.no_grad()
+    def _accuracy(self, model: nn.Module) -> float:
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        keep = ("input_ids", "attention_mask", "token_type_ids", "labels")
+        columns = [c for c in self.data.column_names if c in keep]
+        correct = 0
+        try:
+            for start in range(0, len(self.data), self.batch_size):
+                rows = self.data.select(range(start, min(start + self.batch_size, len(self.data))))
+                batch = self.collator([{c: r[c] for c in columns} for r in rows])
+                labels = batch.pop("labels").to(device)
+                logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
+                correct += int((logits.argmax(-1) == labels).sum())
+        finally:
+            model.train(was_training)
+        return correct / len(self.data)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.every and state.global_step != state.max_steps:
+            return
+        if self.curve and self.curve[-1][0] == state.global_step:
+            return
+        accuracy = self._accuracy(model)
+        if not math.isfinite(accuracy):
+            raise NonFiniteError(f"validation accuracy is {accuracy} at step {state.global_step}.")
+        if not self.curve or accuracy > max(a for _, a in self.curve):
+            self.vector, self.step = self.snapshot(), state.global_step
+        self.curve.append((state.global_step, accuracy))
