@@ -94,66 +94,78 @@ def one_cell(mode: str, lr: float, seed: int, args: argparse.Namespace, base, to
         return evaluate_tasks(model, heads, tok, which, split_name)
 
     pretrained = {s: evaluate(base, s, [*tasks, control]) for s in ("val", "test")}
-    vectors, own = {}, {"val": {}, "test": {}}
     cached_tangent = lin_base is not None and not args.direct_tangent
+
+    def analyse(vectors: dict) -> dict:
+        """Own accuracies, addition (all tasks, subsets), cross-space and negation of ``vectors``."""
+        own: dict[str, dict[str, float]] = {"val": {}, "test": {}}
+        editor, sweep = editor_for(vectors), evaluate
+        if cached_tangent:  # exact, one pass per vector (TangentOutputs)
+            from hf_taskarith.evaluation.task_accuracy import cached_tangent_evaluation
+
+            editor, cached = cached_tangent_evaluation(editor, heads, tok,
+                                                       tasks if args.no_negation else [*tasks, control])
+
+            def sweep(point, split_name: str, which=tasks) -> dict[str, float]:
+                scores = cached(point, split_name)
+                return {t.name: scores[t.name] for t in which}
+
+        for t in tasks:  # each vector alone at coefficient 1: the task's own fine-tuned accuracy (normalizer)
+            with editor.edited({t.name: 1.0}) as model:
+                for s in ("val", "test"):
+                    own[s][t.name] = sweep(model, s, [t])[t.name]
+        added = task_addition(editor, sweep, finetuned_val=own["val"], finetuned_test=own["test"])
+        with editor.edited(added.coefficients) as model:  # absolute validation accuracy: selects the lr per mode
+            added_val = sweep(model, "val")
+        subsets = [_subset_addition(k, seed, editor, sweep, tasks, own, pretrained) for k in args.subsets]
+        cross = _cross_space(mode, base, vectors, heads, tok, tasks, evaluate, own) if args.cross else None
+        negations = {}
+        if not args.no_negation:
+            for t in tasks:
+                res = task_negation(editor, lambda m, s, t=t: sweep(m, s, [t, control]), t.name,
+                                    controls=[control.name], chance=1.0 / t.num_labels)
+                negations[t.name] = {"coefficient": res.coefficient, "budget_met": res.budget_met,
+                                     "target_test": res.target_accuracy,
+                                     "pretrained_target_test": res.pretrained_target,
+                                     "control_test": res.control_accuracy[control.name],
+                                     "pretrained_control_test": res.pretrained_control[control.name],
+                                     "chance": res.chance, "target_retained": res.target_retained,
+                                     "search": res.search}
+        return {"finetuned": own, "coefficient": added.coefficients[tasks[0].name], "added_test": added.absolute,
+                "added_mean_absolute": added.mean_absolute, "added_mean_normalized": added.mean_normalized,
+                "added_val": added_val, "added_val_mean": mean(added_val.values()), "search": added.search,
+                "negation": negations, "cross_space": cross, "subsets": subsets, "cosines": _cosines(vectors)}
+
+    final, best, checks = {}, {}, {}
     t0 = time.perf_counter()
     for t in tasks:
+        checkpointing = {"validation": t.dataset("val"), "eval_every": args.eval_every} if args.eval_every else {}
         fit = train_encoder(copy.deepcopy(base), heads[t.name], tok, t.dataset("train"), mode=mode, steps=args.steps,
-                            learning_rate=lr, seed=seed, progress=False, desc=f"{mode} {t.name}", dropout=False)
-        vectors[t.name] = fit.task_vector
-        if not cached_tangent:  # (with the cache, read off it below at no cost)
-            with editor_for({t.name: fit.task_vector}).edited({t.name: 1.0}) as model:
-                for s in ("val", "test"):  # the task's own fine-tuned accuracy: the normalizer
-                    own[s][t.name] = evaluate(model, s, [t])[t.name]
+                            learning_rate=lr, seed=seed, progress=False, desc=f"{mode} {t.name}", dropout=False,
+                            **checkpointing)
+        final[t.name] = fit.task_vector
+        if args.eval_every:
+            best[t.name] = fit.best_task_vector
+            checks[t.name] = {"best_step": fit.best_step, "curve": fit.validation_curve}
     train_s = time.perf_counter() - t0
-    editor = editor_for(vectors)
-    sweep = evaluate
-    if cached_tangent:  # exact, one pass per vector (TangentOutputs)
-        from hf_taskarith.evaluation.task_accuracy import cached_tangent_evaluation
-
-        editor, cached = cached_tangent_evaluation(editor, heads, tok, tasks if args.no_negation else [*tasks, control])
-
-        def sweep(point, split_name: str, which=tasks) -> dict[str, float]:
-            scores = cached(point, split_name)
-            return {t.name: scores[t.name] for t in which}
-
-        for t in tasks:  # each vector alone at coefficient 1: the task's own fine-tuned accuracy
-            with editor.edited({t.name: 1.0}) as point:
-                for s in ("val", "test"):
-                    own[s][t.name] = sweep(point, s, [t])[t.name]
-
-    added = task_addition(editor, sweep, finetuned_val=own["val"], finetuned_test=own["test"])
-    with editor.edited(added.coefficients) as model:  # absolute validation accuracy: selects the lr per mode
-        added_val = sweep(model, "val")
-    subsets = [_subset_addition(k, seed, editor, sweep, tasks, own, pretrained) for k in args.subsets]
-    cross = _cross_space(mode, base, vectors, heads, tok, tasks, evaluate, own) if args.cross else None
     if args.save_vectors:  # for later analyses without retraining (cosines, xi, more negation targets)
-        for name, tv in vectors.items():
-            tv.save_pretrained(args.save_vectors / f"{mode}-lr{lr:g}-seed{seed}" / name)
-    negations = {}
-    if not args.no_negation:
-        for t in tasks:
-            res = task_negation(editor, lambda m, s, t=t: sweep(m, s, [t, control]), t.name,
-                                controls=[control.name], chance=1.0 / t.num_labels)
-            negations[t.name] = {"coefficient": res.coefficient, "budget_met": res.budget_met,
-                                 "target_test": res.target_accuracy, "pretrained_target_test": res.pretrained_target,
-                                 "control_test": res.control_accuracy[control.name],
-                                 "pretrained_control_test": res.pretrained_control[control.name],
-                                 "chance": res.chance, "target_retained": res.target_retained,
-                                 "search": res.search}
+        for kind, vectors in (("", final), ("-best", best)):
+            for name, tv in vectors.items():
+                tv.save_pretrained(args.save_vectors / f"{mode}-lr{lr:g}-seed{seed}{kind}" / name)
     cell = {"mode": mode, "lr": lr, "seed": seed, "train_seconds": train_s,
             "tangent_evaluation": None if lin_base is None else ("direct" if args.direct_tangent else "cached"),
-            "total_seconds": time.perf_counter() - t0, "pretrained": pretrained, "finetuned": own,
-            "coefficient": added.coefficients[tasks[0].name], "added_test": added.absolute,
-            "added_mean_absolute": added.mean_absolute, "added_mean_normalized": added.mean_normalized,
-            "added_val": added_val, "added_val_mean": mean(added_val.values()),
-            "search": added.search, "negation": negations, "cross_space": cross, "subsets": subsets,
-            "cosines": _cosines(vectors)}
+            "pretrained": pretrained, **analyse(final)}
+    if best:
+        cell["best_on_validation"] = {"checks": checks, **analyse(best)}
+    cell["total_seconds"] = time.perf_counter() - t0
+    own, negations = cell["finetuned"], cell["negation"]
     neg = (f"; negated target {mean(n['target_test'] for n in negations.values()):.4f}, control "
            f"{mean(n['control_test'] for n in negations.values()):.4f}" if negations else "")
+    bov = (f"; best-on-validation: fine-tuned {mean(cell['best_on_validation']['finetuned']['test'].values()):.4f}, "
+           f"added {cell['best_on_validation']['added_mean_absolute']:.4f}" if best else "")
     print(f"{mode:9s} lr {lr:g} seed {seed}: fine-tuned {mean(own['test'].values()):.4f}, pre-trained "
-          f"{mean(pretrained['test'][t.name] for t in tasks):.4f}, added {added.mean_absolute:.4f} at alpha "
-          f"{cell['coefficient']:g}{neg} ({cell['total_seconds']:.0f} s)", flush=True)
+          f"{mean(pretrained['test'][t.name] for t in tasks):.4f}, added {cell['added_mean_absolute']:.4f} at alpha "
+          f"{cell['coefficient']:g}{neg}{bov} ({cell['total_seconds']:.0f} s)", flush=True)
     return cell
 
 
@@ -268,6 +280,10 @@ def summarize(cells: list[dict]) -> dict:
         out["number_of_tasks"] = _number_of_tasks(cells)
     if any(c.get("cosines") for c in cells):
         out["cosines"] = _cosine_summary(cells)
+    best = [{**{k: v for k, v in c.items() if k != "best_on_validation"}, **c["best_on_validation"]}
+            for c in cells if c.get("best_on_validation")]
+    if best:  # the same summary over the best-on-validation vectors (their cells hold no further level)
+        out["best_on_validation"] = summarize(best)
     return out
 
 
@@ -389,7 +405,16 @@ def render(results: dict) -> str:
     lines = [f"MiniLM-L6, tasks {', '.join(cfg['tasks'])} (negation control: {cfg['control']}), "
              f"{cfg['steps']} steps, test {cfg['test_size']} per task, seeds {seeds}; commit "
              f"`{(results.get('commit') or 'unknown')[:7]}`. Accuracy in %, mean [95% t-interval] over seeds.", "",
-             "| mode | lr | fine-tuned | added (merged) | alpha | negated target | retained | control (pre-trained) "
+             *_tables(summary)]
+    if summary.get("best_on_validation"):
+        lines += ["", f"**Best-on-validation checkpoints** (each fine-tuning checked every {cfg.get('eval_every')} "
+                  "steps and after the last; the earliest best kept), analysed the same way:", "",
+                  *_tables(summary["best_on_validation"])]
+    return "\n".join(lines)
+
+
+def _tables(summary: dict) -> list[str]:
+    lines = ["| mode | lr | fine-tuned | added (merged) | alpha | negated target | retained | control (pre-trained) "
              "| budget met |", "|---|---|---|---|---|---|---|---|---|"]
     for r in summary["rows"]:
         neg = (f"{_pct(r['negated'])} | {_pct(r['retained'], 0)} | {100 * r['control'][0]:.1f} "
@@ -434,7 +459,7 @@ def render(results: dict) -> str:
                   + "; ".join(f"{m} {_pct(tuned[m]['added'])} (lr {', '.join(f'{x:g}' for x in tuned[m]['lrs'])})"
                               for m in ("nonlinear", "linear"))
                   + f"; linear - nonlinear {_signed(d)}: {_reading(d, True)}."]
-    return "\n".join(lines)
+    return lines
 
 
 def plot(results: dict, path: Path) -> Path:
@@ -498,7 +523,8 @@ def write_between_markers(path: Path, block: str, markers: tuple[str, str] = MAR
 
 
 #: settings that change what a cell measures (a resumed run must share them)
-CELL_SETTINGS = ("tasks", "control", "steps", "train_size", "val_size", "test_size", "no_negation", "cross", "subsets")
+CELL_SETTINGS = ("tasks", "control", "steps", "train_size", "val_size", "test_size", "no_negation", "cross", "subsets",
+                 "eval_every")
 
 
 def _config(args: argparse.Namespace) -> dict:
@@ -511,7 +537,7 @@ def _resumable(args: argparse.Namespace) -> list[dict]:
     if not args.json.is_file():
         return []
     old = json.loads(args.json.read_text())
-    defaults = {"cross": False, "subsets": []}  # settings older results files do not record
+    defaults = {"cross": False, "subsets": []}  # settings older results files do not record (None otherwise)
     differ = [k for k in CELL_SETTINGS if old["config"].get(k, defaults.get(k)) != _config(args)[k]]
     if differ:
         raise SystemExit(f"--resume: {args.json} was run with other settings ({', '.join(differ)}); "
@@ -569,6 +595,9 @@ def main() -> None:
     ap.add_argument("--subsets", nargs="*", type=int, default=[], metavar="K",
                     help="also add a seeded random subset of K tasks for each K (accuracy vs number of tasks; "
                          "the same subset in both modes at a seed)")
+    ap.add_argument("--eval-every", type=int, default=None, metavar="N",
+                    help="also keep each fine-tuning's best-on-validation checkpoint (checked every N steps and "
+                         "after the last) and analyse those vectors too (reported beside the final ones)")
     ap.add_argument("--direct-tangent", action="store_true",
                     help="evaluate every coefficient of linearized vectors with a forward+JVP pass (TangentEditor) "
                          "instead of the exact cache of one pass per vector (TangentOutputs); same results, slower")
