@@ -249,3 +249,49 @@ def test_best_on_validation_needs_both_arguments(tiny_dir, task):
             train_encoder(encoder, _head(), tok, task.dataset("train"), steps=2, progress=False, **kwargs)
     no_check = train_encoder(encoder, _head(), tok, task.dataset("train"), steps=2, progress=False, max_length=16)
     assert no_check.best_task_vector is None and no_check.best_step is None and no_check.validation_curve == []
+
+
+def _adapter(kind: str):
+    import peft
+
+    from hf_taskarith.adapters import LinearizedLoraConfig
+
+    if kind == "lora":
+        return peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["query", "value"])
+    return LinearizedLoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], init_seed=0)
+
+
+@pytest.mark.parametrize("kind,mode", [("lora", "nonlinear"), ("llora", "linear")])
+def test_adapters_train_on_a_copy_and_their_dense_vector_reproduces_the_trained_model(tiny_dir, task, kind, mode):
+    from hf_taskarith.linearize import LinearizedModel
+
+    encoder, tok = load_encoder(tiny_dir), load_tokenizer(tiny_dir)
+    before = {k: v.clone() for k, v in float_state_dict(encoder).items()}
+    result = train_encoder(encoder, _head(), tok, task.dataset("train"), mode=mode, steps=12, batch_size=16,
+                           learning_rate=5e-3, max_length=16, progress=False, adapter=_adapter(kind),
+                           validation=task.dataset("val"), eval_every=6)
+    for k, v in float_state_dict(encoder).items():
+        assert torch.equal(v, before[k]), k  # the adapter went on a copy
+    tv = result.task_vector
+    assert set(tv.keys()) == set(before)  # every encoder tensor, by the encoder's own names
+    moved = {k for k in tv.keys() if tv[k].count_nonzero()}
+    assert moved and all(".query." in k or ".value." in k for k in moved)
+    assert tv.metadata.base_fingerprint == fingerprint_state_dict(before)
+    assert tv.metadata.extra["training"]["max_steps"] == 12
+    assert result.last_loss < result.first_loss and result.best_task_vector is not None
+    # LoRA: the dense vector in weight space is the trained model; L-LoRA: in the tangent space
+    texts = list(task.test.texts[:8])
+    base = load_encoder(tiny_dir)
+    rebuilt = tv.apply_to(base) if kind == "lora" else LinearizedModel(base).load_task_vector(tv)
+    torch.testing.assert_close(encode(rebuilt.eval(), tok, texts), encode(result.model, tok, texts),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_adapters_must_fit_the_mode(tiny_dir, task):
+    encoder, tok = load_encoder(tiny_dir), load_tokenizer(tiny_dir)
+    for kind, mode in (("lora", "linear"), ("llora", "nonlinear")):
+        with pytest.raises(ValueError, match="trains in mode="):
+            train_encoder(encoder, _head(), tok, task.dataset("train"), mode=mode, steps=1, progress=False,
+                          adapter=_adapter(kind))
+    with pytest.raises(ValueError, match="adapter must be a peft.LoraConfig"):
+        train_encoder(encoder, _head(), tok, task.dataset("train"), steps=1, progress=False, adapter=object())

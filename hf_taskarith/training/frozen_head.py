@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 import tempfile
@@ -171,7 +172,7 @@ def train_encoder(encoder: nn.Module, head: nn.Module, tokenizer: Any | None, tr
                   desc: str = "fine-tuning", output_dir: str | None = None, base_model: str | None = None,
                   text_column: str = "text", label_column: str = "label", dropout: bool | None = None,
                   validation: datasets.Dataset | None = None, eval_every: int | None = None,
-                  **training_args: Any) -> EncoderTrainingResult:
+                  adapter: Any | None = None, **training_args: Any) -> EncoderTrainingResult:
     """Fine-tune ``encoder`` on ``train`` through the frozen ``head`` with :class:`LinearizedTrainer`.
 
     Args:
@@ -203,6 +204,13 @@ def train_encoder(encoder: nn.Module, head: nn.Module, tokenizer: Any | None, tr
             the head, and the task vector of the best step (the earliest on a tie) is kept as
             ``best_task_vector``; ``task_vector`` stays the final one. Each check costs a forward
             pass over ``validation`` (a forward+JVP pass in ``"linear"`` mode).
+        adapter: a peft config to train instead of the full encoder: ``peft.LoraConfig`` in
+            ``"nonlinear"`` mode (LoRA) or :class:`~hf_taskarith.adapters.LinearizedLoraConfig`
+            in ``"linear"`` mode (L-LoRA). The adapter is put on a copy (the encoder is not
+            modified) and the task vector is its dense update over the encoder's names
+            (:func:`~hf_taskarith.adapters.task_vector_from_peft`, every tensor present): apply
+            LoRA vectors in weight space, L-LoRA ones in the tangent space
+            (:class:`~hf_taskarith.evaluation.editing.TangentEditor`), where they are exact.
         **training_args: more ``TrainingArguments`` (they override the ones set here).
 
     Returns:
@@ -212,8 +220,8 @@ def train_encoder(encoder: nn.Module, head: nn.Module, tokenizer: Any | None, tr
     Raises:
         NonFiniteError: a training loss was NaN/inf (lower the learning rate).
         ValueError: ``steps < 1``, an empty dataset, an unknown ``mode``, ``dropout=True``
-            in ``"linear"`` mode, or ``validation`` and ``eval_every`` not given together
-            (``eval_every`` must be >= 1).
+            in ``"linear"`` mode, ``validation`` and ``eval_every`` not given together
+            (``eval_every`` must be >= 1), or an ``adapter`` that does not fit ``mode``.
         DatasetError: the text or label column is missing.
 
     Note:
@@ -232,6 +240,8 @@ def train_encoder(encoder: nn.Module, head: nn.Module, tokenizer: Any | None, tr
                          "like for like) or None (each mode's own policy).")
     if len(train) == 0:
         raise ValueError("the training dataset is empty.")
+    if adapter is not None:
+        _check_adapter(adapter, mode)
     if (validation is None) != (eval_every is None) or (eval_every is not None and eval_every < 1):
         given = "a dataset" if validation is not None else None
         raise ValueError(f"best-on-validation checkpointing needs both validation= (a dataset) and eval_every= "
@@ -257,9 +267,18 @@ def train_encoder(encoder: nn.Module, head: nn.Module, tokenizer: Any | None, tr
                                             max_length=max_length, labels=labels) if ds is not None else None
                 for ds in (train, validation))
         collator = DataCollatorWithPadding(tokenizer)
-    model = FrozenHeadClassifier(encoder, head, encoder_dropout=dropout is not False)
+    trainer_mode = mode
+    if adapter is None:
+        model = FrozenHeadClassifier(encoder, head, encoder_dropout=dropout is not False)
+    else:  # a copy with the adapter; an L-LoRA model is linearized already, so it trains "as is"
+        import peft
+
+        adapted = peft.get_peft_model(copy.deepcopy(encoder), copy.deepcopy(adapter))
+        model = FrozenHeadClassifier(adapted, head, encoder_dropout=bool(dropout) or (dropout is None and
+                                                                                      mode == "nonlinear"))
+        trainer_mode = "nonlinear"
     # nonlinear: train the caller's encoder in place; linear: LinearizedModel copies it (delta trains)
-    linearize_kwargs = {"loss_fn": frozen_head_loss, "copy_model": mode == "linear"}
+    linearize_kwargs = {"loss_fn": frozen_head_loss, "copy_model": trainer_mode == "linear"}
     losses: list[float] = []
     with contextlib.ExitStack() as stack:
         folder = output_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="hf-taskarith-train-"))
@@ -271,7 +290,7 @@ def train_encoder(encoder: nn.Module, head: nn.Module, tokenizer: Any | None, tr
             remove_unused_columns=True, dataloader_pin_memory=torch.cuda.is_available())
         kwargs.update(training_args)
         with quiet_transformers():
-            trainer = LinearizedTrainer(model=model, args=TrainingArguments(**kwargs), mode=mode,
+            trainer = LinearizedTrainer(model=model, args=TrainingArguments(**kwargs), mode=trainer_mode,
                                         linearize_kwargs=linearize_kwargs, train_dataset=tokenized,
                                         data_collator=collator)
         trainer.remove_callback(PrinterCallback)  # no log dicts on stdout; losses are collected below
@@ -279,9 +298,18 @@ def train_encoder(encoder: nn.Module, head: nn.Module, tokenizer: Any | None, tr
         if not progress_disabled(progress):
             trainer.add_callback(_QuietProgress(desc))
         trainer.add_callback(_LossRecorder(losses))
+
+        def vector_now() -> TaskVector:
+            """The task vector of the model being trained, over the encoder's names."""
+            if adapter is None:
+                return encoder_task_vector(trainer.task_vector(), base_fingerprint=base_fingerprint,
+                                           base_model=base_model)
+            return _adapter_task_vector(model.encoder, trainer.training_details(),
+                                        base_fingerprint=base_fingerprint, base_model=base_model)
+
         best = None
         if val_tokenized is not None and eval_every is not None:
-            best = _BestOnValidation(val_tokenized, collator, eval_every, trainer.task_vector, batch_size=batch_size)
+            best = _BestOnValidation(val_tokenized, collator, eval_every, vector_now, batch_size=batch_size)
             trainer.add_callback(best)
         start = time.perf_counter()
         trainer.train()
@@ -290,20 +318,47 @@ def train_encoder(encoder: nn.Module, head: nn.Module, tokenizer: Any | None, tr
         if bad:
             raise NonFiniteError(f"{desc}: the training loss is {losses[bad[0]]} at step {bad[0] + 1}; "
                                  "lower the learning rate.")
-        tv = encoder_task_vector(trainer.task_vector(), base_fingerprint=base_fingerprint, base_model=base_model)
+        tv = vector_now()
         checkpoint: dict[str, Any] = {}
         if best is not None and best.vector is not None:
-            checkpoint = {"best_task_vector": encoder_task_vector(best.vector, base_fingerprint=base_fingerprint,
-                                                                  base_model=base_model),
-                          "best_step": best.step, "validation_curve": best.curve}
-    if mode == "linear":
+            checkpoint = {"best_task_vector": best.vector, "best_step": best.step, "validation_curve": best.curve}
+    if adapter is not None:
+        trained: nn.Module = model.encoder.eval()  # the PeftModel (for L-LoRA: its linearized forward)
+    elif mode == "linear":
         from ..linearize import LinearizedModel
 
-        trained: nn.Module = LinearizedModel(encoder).load_task_vector(tv).eval()
+        trained = LinearizedModel(encoder).load_task_vector(tv).eval()
     else:
         trained = encoder.eval()
     logger.info("%s: %d steps in %.1fs, loss %.3f -> %.3f", desc, steps, seconds, losses[0], losses[-1])
     return EncoderTrainingResult(tv, trained, steps, seconds, losses, **checkpoint)
+
+
+def _check_adapter(adapter: Any, mode: str) -> None:
+    """LoRA trains in ``"nonlinear"`` mode, L-LoRA (or a tangent adapter) in ``"linear"`` mode."""
+    from ..adapters import LLORA_PEFT_TYPE, TANGENT_PEFT_TYPE
+
+    kind = str(getattr(getattr(adapter, "peft_type", None), "value", getattr(adapter, "peft_type", None)))
+    linearized = kind in (LLORA_PEFT_TYPE, TANGENT_PEFT_TYPE)
+    if kind != "LORA" and not linearized:
+        raise ValueError(f"adapter must be a peft.LoraConfig or an hf_taskarith LinearizedLoraConfig/TangentConfig; "
+                         f"got {type(adapter).__name__} (peft_type {kind}).")
+    if linearized != (mode == "linear"):
+        raise ValueError(f"a {type(adapter).__name__} trains in mode={'linear' if linearized else 'nonlinear'!r}, "
+                         f"got mode={mode!r}: LoRA is the ordinary adapter, L-LoRA its linearized form.")
+
+
+def _adapter_task_vector(adapted: nn.Module, details: dict[str, Any], *, base_fingerprint: str,
+                         base_model: str | None) -> TaskVector:
+    """The dense update of ``adapted``'s adapter over the encoder's names, every tensor present."""
+    from ..adapters import task_vector_from_peft
+
+    tv = task_vector_from_peft(adapted, complete=True)
+    tv.metadata.base_fingerprint = base_fingerprint
+    if base_model is not None:
+        tv.metadata.base_model = base_model
+    tv.metadata.extra["training"] = details
+    return tv
 
 
 @contextlib.contextmanager
