@@ -45,6 +45,16 @@ ROOT = Path(__file__).resolve().parent.parent
 TASKS = ["trec", "sms_spam", "amazon_sentiment"]
 CONTROL = "disaster_tweets"
 RESULTS = ROOT / "benchmarks" / "results" / "regime_map.json"
+#: mode -> (train_encoder mode, adapter kind or None); linearized modes are edited in the tangent space
+MODES = {"nonlinear": ("nonlinear", None), "linear": ("linear", None), "lora": ("nonlinear", "lora"),
+         "llora": ("linear", "llora")}
+TANGENT_MODES = {"linear", "llora"}
+#: paired comparisons reported when both modes ran: (a, b) -> "a - b"
+PAIRS = (("linear", "nonlinear"), ("llora", "lora"))
+
+
+def pair_key(a: str, b: str) -> str:
+    return f"paired_{a}_minus_{b}"
 
 
 def markers_for(results: Path) -> tuple[str, str]:
@@ -85,7 +95,8 @@ def one_cell(mode: str, lr: float, seed: int, args: argparse.Namespace, base, to
     control = split(args.control)
     heads = {t.name: make_head("probe", base, tok, t.train.texts, t.train.labels, t.num_labels,
                                generator=torch.Generator().manual_seed(seed)) for t in [*tasks, control]}
-    lin_base = LinearizedModel(base) if mode == "linear" else None  # a copy: base stays trainable
+    lin_base = LinearizedModel(base) if mode in TANGENT_MODES else None  # a copy: base stays trainable
+    train_mode, adapter_kind = MODES[mode]
 
     def editor_for(vectors):
         return TangentEditor(lin_base, vectors) if lin_base is not None else ModelEditor(base, vectors)
@@ -140,9 +151,10 @@ def one_cell(mode: str, lr: float, seed: int, args: argparse.Namespace, base, to
     t0 = time.perf_counter()
     for t in tasks:
         checkpointing = {"validation": t.dataset("val"), "eval_every": args.eval_every} if args.eval_every else {}
-        fit = train_encoder(copy.deepcopy(base), heads[t.name], tok, t.dataset("train"), mode=mode, steps=args.steps,
-                            learning_rate=lr, seed=seed, progress=False, desc=f"{mode} {t.name}", dropout=False,
-                            **checkpointing)
+        adapter = _adapter(adapter_kind, args, seed) if adapter_kind else None
+        fit = train_encoder(base if adapter else copy.deepcopy(base), heads[t.name], tok, t.dataset("train"),
+                            mode=train_mode, steps=args.steps, learning_rate=lr, seed=seed, progress=False,
+                            desc=f"{mode} {t.name}", dropout=False, adapter=adapter, **checkpointing)
         final[t.name] = fit.task_vector
         if args.eval_every:
             best[t.name] = fit.best_task_vector
@@ -167,6 +179,20 @@ def one_cell(mode: str, lr: float, seed: int, args: argparse.Namespace, base, to
           f"{mean(pretrained['test'][t.name] for t in tasks):.4f}, added {cell['added_mean_absolute']:.4f} at alpha "
           f"{cell['coefficient']:g}{neg}{bov} ({cell['total_seconds']:.0f} s)", flush=True)
     return cell
+
+
+def _adapter(kind: str, args: argparse.Namespace, seed: int):
+    """The peft config of an adapter mode (rank ``--rank``, alpha twice the rank, ``--adapter-targets``);
+    L-LoRA's frozen factors are drawn from the seed."""
+    if kind == "lora":
+        import peft
+
+        return peft.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0,
+                               target_modules=list(args.adapter_targets))
+    from hf_taskarith.adapters import LinearizedLoraConfig
+
+    return LinearizedLoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=list(args.adapter_targets),
+                                init_seed=seed)
 
 
 def subset_of(tasks: list[str], k: int, seed: int) -> list[str]:
@@ -211,7 +237,7 @@ def _cross_space(mode, base, vectors, heads, tok, tasks, evaluate, own) -> dict:
     from hf_taskarith.evaluation.editing import ModelEditor, TangentEditor
     from hf_taskarith.evaluation.task_accuracy import cached_tangent_evaluation
 
-    if mode == "nonlinear":
+    if mode not in TANGENT_MODES:
         editor, sweep = cached_tangent_evaluation(TangentEditor(LinearizedModel(base), vectors), heads, tok, tasks)
         space = "tangent"
     else:
@@ -247,10 +273,11 @@ def _seed_means(cell: dict) -> dict[str, float]:
 def summarize(cells: list[dict]) -> dict:
     """Per (mode, lr): mean and 95% t-interval over seeds; per lr: paired linear - nonlinear."""
     interval = _interval
-    rows, pairs = [], []
+    rows: list[dict] = []
+    pairs: dict[str, list[dict]] = {}
     for lr in sorted({c["lr"] for c in cells}):
         by_mode = {}
-        for mode in ("nonlinear", "linear"):
+        for mode in MODES:
             group = sorted((c for c in cells if c["mode"] == mode and c["lr"] == lr), key=lambda c: c["seed"])
             if not group:
                 continue
@@ -266,16 +293,19 @@ def summarize(cells: list[dict]) -> dict:
             if all("budget_met" in m for m in per_seed):
                 row["budget_met"] = [sum(m["budget_met"] for m in per_seed), sum(m["targets"] for m in per_seed)]
             rows.append(row)
-        if len(by_mode) == 2:
-            common = sorted(set(by_mode["linear"]) & set(by_mode["nonlinear"]))
+        for a, b in PAIRS:
+            if a not in by_mode or b not in by_mode:
+                continue
+            common = sorted(set(by_mode[a]) & set(by_mode[b]))
             pair = {"lr": lr, "seeds": common}
             for key in ("added", "negated", "control"):
-                diffs = [by_mode["linear"][s][key] - by_mode["nonlinear"][s][key] for s in common
-                         if key in by_mode["linear"][s] and key in by_mode["nonlinear"][s]]
+                diffs = [by_mode[a][s][key] - by_mode[b][s][key] for s in common
+                         if key in by_mode[a][s] and key in by_mode[b][s]]
                 if diffs:
                     pair[key] = interval(diffs)
-            pairs.append(pair)
-    out = {"rows": rows, "paired_linear_minus_nonlinear": pairs, "tuned": _tuned(cells)}
+            pairs.setdefault(pair_key(a, b), []).append(pair)
+    out = {"rows": rows, pair_key("linear", "nonlinear"): pairs.pop(pair_key("linear", "nonlinear"), []), **pairs,
+           "tuned": _tuned(cells)}
     if any(c.get("subsets") for c in cells):
         out["number_of_tasks"] = _number_of_tasks(cells)
     if any(c.get("cosines") for c in cells):
@@ -304,7 +334,8 @@ def _number_of_tasks(cells: list[dict]) -> list[dict]:
     rows = []
     for lr in sorted({c["lr"] for c in cells}):
         per_mode = {m: {c["seed"]: _by_k(c) for c in cells if c["mode"] == m and c["lr"] == lr}
-                    for m in ("nonlinear", "linear")}
+                    for m in MODES}
+        per_mode = {m: v for m, v in per_mode.items() if v}
         ks = sorted({k for by_seed in per_mode.values() for ks in by_seed.values() for k in ks})
         for k in ks:
             row: dict = {"lr": lr, "k": k}
@@ -316,12 +347,12 @@ def _number_of_tasks(cells: list[dict]) -> list[dict]:
                     row[mode]["gain_over_pretrained"] = _interval([g["added_mean_absolute"] - g["pretrained_mean"]
                                                                    for g in got])
                     row[mode]["seeds"] = len(got)
-            common = sorted(s for s in per_mode["linear"] if s in per_mode["nonlinear"]
-                            and k in per_mode["linear"][s] and k in per_mode["nonlinear"][s])
-            if common:
-                lin, non = per_mode["linear"], per_mode["nonlinear"]
-                row["paired_linear_minus_nonlinear"] = _interval(
-                    [lin[s][k]["added_mean_absolute"] - non[s][k]["added_mean_absolute"] for s in common])
+            for a, b in PAIRS:
+                one, other = per_mode.get(a, {}), per_mode.get(b, {})
+                common = sorted(s for s in one if s in other and k in one[s] and k in other[s])
+                if common:
+                    row[pair_key(a, b)] = _interval(
+                        [one[s][k]["added_mean_absolute"] - other[s][k]["added_mean_absolute"] for s in common])
             rows.append(row)
     return rows
 
@@ -335,7 +366,7 @@ def _cosine_summary(cells: list[dict]) -> list[dict]:
     matrix averaged over seeds."""
     rows = []
     for lr in sorted({c["lr"] for c in cells}):
-        for mode in ("nonlinear", "linear"):
+        for mode in MODES:
             group = [c["cosines"] for c in cells if c["mode"] == mode and c["lr"] == lr and c.get("cosines")]
             if not group:
                 continue
@@ -350,7 +381,7 @@ def _tuned(cells: list[dict]) -> dict:
     """Each mode at its own learning rate, chosen per seed on the merged model's mean absolute
     *validation* accuracy; test accuracy of the chosen cell, and the paired difference."""
     chosen: dict[str, dict[int, dict]] = {}
-    for mode in ("nonlinear", "linear"):
+    for mode in MODES:
         for seed in sorted({c["seed"] for c in cells}):
             group = [c for c in cells if c["mode"] == mode and c["seed"] == seed and "added_val_mean" in c]
             if group:
@@ -359,12 +390,11 @@ def _tuned(cells: list[dict]) -> dict:
     for mode, by_seed in chosen.items():
         out[mode] = {"lrs": [c["lr"] for c in by_seed.values()],
                      "added": _interval([c["added_mean_absolute"] for c in by_seed.values()])}
-    if len(chosen) == 2:
-        common = sorted(set(chosen["linear"]) & set(chosen["nonlinear"]))
+    for a, b in PAIRS:
+        common = sorted(set(chosen.get(a, {})) & set(chosen.get(b, {})))
         if common:
-            lin, non = chosen["linear"], chosen["nonlinear"]
-            diffs = [lin[s]["added_mean_absolute"] - non[s]["added_mean_absolute"] for s in common]
-            out["paired_linear_minus_nonlinear"] = _interval(diffs)
+            diffs = [chosen[a][s]["added_mean_absolute"] - chosen[b][s]["added_mean_absolute"] for s in common]
+            out[pair_key(a, b)] = _interval(diffs)
     return out
 
 
@@ -387,13 +417,13 @@ def _cos(iv) -> str:
     return f"{est:.3f}" if lo == hi == est else f"{est:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
-def _reading(iv, better_when_positive: bool) -> str:
+def _reading(iv, better_when_positive: bool, a: str = "linear", b: str = "nonlinear") -> str:
     if iv[1] == iv[2]:
         return "one seed, no interval"
     if iv[1] > 0:
-        return "linear higher" + ("" if better_when_positive else " (worse)")
+        return f"{a} higher" + ("" if better_when_positive else " (worse)")
     if iv[2] < 0:
-        return "nonlinear higher" + ("" if not better_when_positive else " (linear worse)")
+        return f"{b} higher" + ("" if not better_when_positive else f" ({a} worse)")
     return "not resolved"
 
 
@@ -423,13 +453,16 @@ def _tables(summary: dict) -> list[str]:
         alphas = ", ".join(f"{a:g}" for a in r["coefficients"])
         lines.append(f"| {r['mode']} | {r['lr']:g} | {_pct(r['finetuned'])} | {_pct(r['added'])} | {alphas} | {neg} |")
     pre = summary["rows"][0]["pretrained"][0] if summary["rows"] else float("nan")
-    lines += ["", f"Pre-trained encoder with the same heads: {100 * pre:.1f} (mean over the edited tasks).", "",
-              "Paired over seeds, linear - nonlinear (points; an interval that holds 0 is no resolved difference):",
-              "", "| lr | added | negated target (lower is better) | control |", "|---|---|---|---|"]
-    for p in summary["paired_linear_minus_nonlinear"]:
-        cols = [f"{_signed(p[k])}: {_reading(p[k], k != 'negated')}" if k in p else "-"
-                for k in ("added", "negated", "control")]
-        lines.append(f"| {p['lr']:g} | " + " | ".join(cols) + " |")
+    lines += ["", f"Pre-trained encoder with the same heads: {100 * pre:.1f} (mean over the edited tasks)."]
+    for a, b in PAIRS:
+        if not summary.get(pair_key(a, b)):
+            continue
+        lines += ["", f"Paired over seeds, {a} - {b} (points; an interval that holds 0 is no resolved difference):",
+                  "", "| lr | added | negated target (lower is better) | control |", "|---|---|---|---|"]
+        for p in summary[pair_key(a, b)]:
+            cols = [f"{_signed(p[k])}: {_reading(p[k], k != 'negated', a, b)}" if k in p else "-"
+                    for k in ("added", "negated", "control")]
+            lines.append(f"| {p['lr']:g} | " + " | ".join(cols) + " |")
     crossed = [r for r in summary["rows"] if "cross" in r]
     if crossed:
         lines += ["", "The same vectors added in the other space (ordinary vectors in the tangent space, linearized "
@@ -437,28 +470,34 @@ def _tables(summary: dict) -> list[str]:
                   "| trained | lr | added where trained | added in the other space |", "|---|---|---|---|"]
         lines += [f"| {r['mode']} | {r['lr']:g} | {_pct(r['added'])} | {_pct(r['cross'])} |" for r in crossed]
     if summary.get("number_of_tasks"):
-        lines += ["", "Accuracy vs number of tasks added (a seeded random subset per seed, the same in both modes; "
+        nt = summary["number_of_tasks"]
+        modes = [m for m in MODES if any(m in r for r in nt)]
+        pairs = [(a, b) for a, b in PAIRS if any(pair_key(a, b) in r for r in nt)]
+        lines += ["", "Accuracy vs number of tasks added (a seeded random subset per seed, the same in every mode; "
                   "coefficient chosen on the subset's validation data; mean absolute test accuracy over the subset, "
                   "normalized in parentheses; pre-trained on the same subsets):", "",
-                  "| lr | tasks | pre-trained | nonlinear | linear | linear - nonlinear |", "|---|---|---|---|---|---|"]
-        for r in summary["number_of_tasks"]:
+                  "| lr | tasks | pre-trained | " + " | ".join([*modes, *(f"{a} - {b}" for a, b in pairs)]) + " |",
+                  "|---|---|---|" + "---|" * (len(modes) + len(pairs))]
+        for r in nt:
             cols = [f"{_pct(r[m]['added_mean_absolute'])} ({_pct(r[m]['added_mean_normalized'])})" if m in r else "-"
-                    for m in ("nonlinear", "linear")]
-            some = r.get("linear") or r.get("nonlinear")
-            diff = r.get("paired_linear_minus_nonlinear")
-            lines.append(f"| {r['lr']:g} | {r['k']} | {100 * some['pretrained_mean'][0]:.1f} | " + " | ".join(cols)
-                         + f" | {f'{_signed(diff)}: {_reading(diff, True)}' if diff else '-'} |")
+                    for m in modes]
+            diffs = [f"{_signed(r[pair_key(a, b)])}: {_reading(r[pair_key(a, b)], True, a, b)}"
+                     if pair_key(a, b) in r else "-" for a, b in pairs]
+            some = next(r[m] for m in modes if m in r)
+            lines.append(f"| {r['lr']:g} | {r['k']} | {100 * some['pretrained_mean'][0]:.1f} | "
+                         + " | ".join(cols + diffs) + " |")
     if summary.get("cosines"):
         lines += ["", "Cosine similarity between task vectors (mean |cos| over distinct pairs; interval over seeds):",
                   "", "| mode | lr | mean abs. cosine |", "|---|---|---|"]
         lines += [f"| {r['mode']} | {r['lr']:g} | {_cos(r['mean_abs_off_diagonal'])} |" for r in summary["cosines"]]
     tuned = summary.get("tuned") or {}
-    if "paired_linear_minus_nonlinear" in tuned:
-        d = tuned["paired_linear_minus_nonlinear"]
-        lines += ["", "Each mode at its own learning rate, chosen per seed on the merged model's validation accuracy: "
-                  + "; ".join(f"{m} {_pct(tuned[m]['added'])} (lr {', '.join(f'{x:g}' for x in tuned[m]['lrs'])})"
-                              for m in ("nonlinear", "linear"))
-                  + f"; linear - nonlinear {_signed(d)}: {_reading(d, True)}."]
+    for a, b in PAIRS:
+        if pair_key(a, b) in tuned:
+            d = tuned[pair_key(a, b)]
+            lines += ["", "Each mode at its own learning rate, chosen per seed on the merged model's validation "
+                      "accuracy: " + "; ".join(f"{m} {_pct(tuned[m]['added'])} (lr "
+                                               f"{', '.join(f'{x:g}' for x in tuned[m]['lrs'])})" for m in (b, a))
+                      + f"; {a} - {b} {_signed(d)}: {_reading(d, True, a, b)}."]
     return lines
 
 
@@ -475,9 +514,9 @@ def plot(results: dict, path: Path) -> Path:
         return [(r[x], *(100 * v for v in r[key])) for r in rows]
 
     by_lr: dict = {}
-    colour = {"nonlinear": "tab:blue", "linear": "tab:orange"}
+    colour = {"nonlinear": "tab:blue", "linear": "tab:orange", "lora": "tab:green", "llora": "tab:red"}
     styles: dict = {}
-    for mode in ("nonlinear", "linear"):
+    for mode in MODES:
         rows = [r for r in summary["rows"] if r["mode"] == mode]
         if rows:
             by_lr[f"{mode}, merged"] = pts(rows, "lr", "added")
@@ -494,14 +533,14 @@ def plot(results: dict, path: Path) -> Path:
         lrs = sorted({r["lr"] for r in rows})
         panels[title] = {}
         for i, lr in enumerate(lrs):
-            for mode in ("nonlinear", "linear"):
+            for mode in MODES:
                 got = [(r["k"], *(100 * v for v in r[mode]["gain_over_pretrained"]))
                        for r in rows if r["lr"] == lr and mode in r]
                 if got:
                     label = f"{mode}, lr {lr:g}"
                     panels[title][label] = got
                     styles[label] = {"color": colour[mode], "linestyle": ("-", "--", ":", "-.")[i % 4]}
-        reference[title] = [(r["k"], 0.0) for r in rows if r["lr"] == lrs[0]]
+        reference[title] = sorted({(r["k"], 0.0) for r in rows})
         xlabel[title] = "tasks added (a random subset per seed)"
     ylabel = {t: ("merged - pre-trained (points)" if t.startswith("gain") else "mean test accuracy (%)")
               for t in panels}
@@ -524,7 +563,7 @@ def write_between_markers(path: Path, block: str, markers: tuple[str, str] = MAR
 
 #: settings that change what a cell measures (a resumed run must share them)
 CELL_SETTINGS = ("tasks", "control", "steps", "train_size", "val_size", "test_size", "no_negation", "cross", "subsets",
-                 "eval_every")
+                 "eval_every", "rank", "adapter_targets")
 
 
 def _config(args: argparse.Namespace) -> dict:
@@ -537,7 +576,8 @@ def _resumable(args: argparse.Namespace) -> list[dict]:
     if not args.json.is_file():
         return []
     old = json.loads(args.json.read_text())
-    defaults = {"cross": False, "subsets": []}  # settings older results files do not record (None otherwise)
+    # settings older results files do not record (None otherwise)
+    defaults = {"cross": False, "subsets": [], "rank": 8, "adapter_targets": ["query", "key", "value", "dense"]}
     differ = [k for k in CELL_SETTINGS if old["config"].get(k, defaults.get(k)) != _config(args)[k]]
     if differ:
         raise SystemExit(f"--resume: {args.json} was run with other settings ({', '.join(differ)}); "
@@ -584,7 +624,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", nargs="+", default=TASKS)
     ap.add_argument("--control", default=CONTROL, help="separate, unedited control task for negation")
-    ap.add_argument("--modes", nargs="+", default=["nonlinear", "linear"], choices=["nonlinear", "linear"])
+    ap.add_argument("--modes", nargs="+", default=["nonlinear", "linear"], choices=list(MODES),
+                    help="nonlinear (ordinary fine-tuning), linear (tangent space), lora, llora (L-LoRA; edited in "
+                         "the tangent space)")
+    ap.add_argument("--rank", type=int, default=8, help="lora / llora rank (alpha = 2 x rank)")
+    ap.add_argument("--adapter-targets", nargs="+", default=["query", "key", "value", "dense"],
+                    help="modules lora / llora adapt")
     ap.add_argument("--lrs", nargs="+", type=float, default=[2e-4, 5e-4, 1e-3])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=60)
