@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import platform
 import random
 import re
@@ -149,7 +150,7 @@ def one_cell(mode: str, lr: float, seed: int, args: argparse.Namespace, base, to
 
     final, best, checks = {}, {}, {}
     t0 = time.perf_counter()
-    for t in tasks:
+    for t in tasks if not args.from_vectors else []:
         checkpointing = {"validation": t.dataset("val"), "eval_every": args.eval_every} if args.eval_every else {}
         adapter = _adapter(adapter_kind, args, seed) if adapter_kind else None
         fit = train_encoder(base if adapter else copy.deepcopy(base), heads[t.name], tok, t.dataset("train"),
@@ -159,11 +160,16 @@ def one_cell(mode: str, lr: float, seed: int, args: argparse.Namespace, base, to
         if args.eval_every:
             best[t.name] = fit.best_task_vector
             checks[t.name] = {"best_step": fit.best_step, "curve": fit.validation_curve}
-    train_s = time.perf_counter() - t0
+    train_s: float | None = time.perf_counter() - t0
+    if args.from_vectors:  # analyse vectors a training run saved: nothing is trained
+        final, best, checks = load_vectors(args.from_vectors, mode, lr, seed, [t.name for t in tasks], args.steps)
+        train_s = None
     if args.save_vectors:  # for later analyses without retraining (cosines, xi, more negation targets)
         for kind, vectors in (("", final), ("-best", best)):
             for name, tv in vectors.items():
                 tv.save_pretrained(args.save_vectors / f"{mode}-lr{lr:g}-seed{seed}{kind}" / name)
+        if checks:
+            (args.save_vectors / f"{mode}-lr{lr:g}-seed{seed}-best" / "checks.json").write_text(json.dumps(checks))
     cell = {"mode": mode, "lr": lr, "seed": seed, "train_seconds": train_s,
             "tangent_evaluation": None if lin_base is None else ("direct" if args.direct_tangent else "cached"),
             "pretrained": pretrained, **analyse(final)}
@@ -179,6 +185,40 @@ def one_cell(mode: str, lr: float, seed: int, args: argparse.Namespace, base, to
           f"{mean(pretrained['test'][t.name] for t in tasks):.4f}, added {cell['added_mean_absolute']:.4f} at alpha "
           f"{cell['coefficient']:g}{neg}{bov} ({cell['total_seconds']:.0f} s)", flush=True)
     return cell
+
+
+def load_vectors(root: Path, mode: str, lr: float, seed: int, tasks: list[str], steps: int):
+    """The vectors ``--save-vectors`` kept for one cell: ``(final, best-on-validation, checks)``
+    (the last two empty when the run kept no best checkpoints).
+
+    Raises:
+        SystemExit: a missing folder or task, or vectors trained with another learning rate or
+            number of steps than this run asks for (their metadata records both).
+    """
+    from hf_taskarith import TaskVector
+
+    out = []
+    for kind in ("", "-best"):
+        folder = root / f"{mode}-lr{lr:g}-seed{seed}{kind}"
+        if not folder.is_dir():
+            if kind:
+                out.append({})
+                continue
+            raise SystemExit(f"--from-vectors: no {folder.name} under {root} (saved folders: "
+                             f"{sorted(p.name for p in root.iterdir()) if root.is_dir() else 'none'}).")
+        missing = [t for t in tasks if not (folder / t).is_dir()]
+        if missing:
+            raise SystemExit(f"--from-vectors: {folder} holds no vector for {missing}.")
+        vectors = {t: TaskVector.from_pretrained(folder / t) for t in tasks}
+        for t, tv in vectors.items():
+            trained = tv.metadata.extra.get("training", {})
+            if trained.get("max_steps", steps) != steps or not math.isclose(trained.get("learning_rate", lr), lr):
+                raise SystemExit(f"--from-vectors: {folder / t} was trained with {trained.get('max_steps')} steps at "
+                                 f"lr {trained.get('learning_rate')}; this run asks for {steps} steps at lr {lr:g}.")
+        out.append(vectors)
+    checks_file = root / f"{mode}-lr{lr:g}-seed{seed}-best" / "checks.json"
+    checks = json.loads(checks_file.read_text()) if checks_file.is_file() else {}
+    return out[0], out[1], checks
 
 
 def _adapter(kind: str, args: argparse.Namespace, seed: int):
@@ -651,6 +691,9 @@ def main() -> None:
                          "linearized ones in weight space)")
     ap.add_argument("--save-vectors", type=Path, default=None,
                     help="save every task vector under this folder (about 90 MB each for MiniLM)")
+    ap.add_argument("--from-vectors", type=Path, default=None, metavar="DIR",
+                    help="train nothing: analyse the vectors a run saved with --save-vectors DIR (same tasks, "
+                         "sizes, steps, lrs and seeds), e.g. to add negation or --cross later")
     ap.add_argument("--resume", action="store_true",
                     help="keep the cells of --json run with the same settings; run only the missing ones")
     ap.add_argument("--json", type=Path, default=RESULTS)

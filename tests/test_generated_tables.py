@@ -135,3 +135,33 @@ def test_merge_joins_side_by_side_runs_and_refuses_clashes(regime_map, tmp_path)
     with pytest.raises(SystemExit, match="other settings.*steps"):
         regime_map.merge([runs[0], other], tmp_path / "bad.json")
     assert not (tmp_path / "twice.json").exists() and not (tmp_path / "bad.json").exists()
+
+
+def test_from_vectors_loads_a_saved_cell_and_refuses_other_training(regime_map, tmp_path):
+    import torch
+
+    from hf_taskarith import TaskVector
+    from hf_taskarith.metadata import TaskVectorMetadata
+
+    def save(folder, lr):
+        for task in ("a", "b"):
+            meta = TaskVectorMetadata(base_model="tiny", extra={"training": {"max_steps": 60, "learning_rate": lr}})
+            TaskVector({"w": torch.full((2,), lr)}, meta).save_pretrained(folder / task)
+
+    save(tmp_path / "linear-lr0.0002-seed1", 2e-4)
+    final, best, checks = regime_map.load_vectors(tmp_path, "linear", 2e-4, 1, ["a", "b"], 60)
+    assert sorted(final) == ["a", "b"] and best == {} and checks == {}
+    assert torch.equal(final["a"]["w"], torch.full((2,), 2e-4))
+    save(tmp_path / "linear-lr0.0002-seed1-best", 2e-4)
+    (tmp_path / "linear-lr0.0002-seed1-best" / "checks.json").write_text(json.dumps({"a": {"best_step": 20}}))
+    _, best, checks = regime_map.load_vectors(tmp_path, "linear", 2e-4, 1, ["a", "b"], 60)
+    assert sorted(best) == ["a", "b"] and checks["a"]["best_step"] == 20
+    with pytest.raises(SystemExit, match="no nonlinear-lr0.0002-seed1 under"):
+        regime_map.load_vectors(tmp_path, "nonlinear", 2e-4, 1, ["a", "b"], 60)
+    with pytest.raises(SystemExit, match="holds no vector for \\['c'\\]"):
+        regime_map.load_vectors(tmp_path, "linear", 2e-4, 1, ["a", "c"], 60)
+    with pytest.raises(SystemExit, match="trained with 60 steps"):
+        regime_map.load_vectors(tmp_path, "linear", 2e-4, 1, ["a", "b"], 80)
+    save(tmp_path / "linear-lr0.001-seed1", 5e-4)  # a folder whose vectors say another lr
+    with pytest.raises(SystemExit, match="at lr 0.0005"):
+        regime_map.load_vectors(tmp_path, "linear", 1e-3, 1, ["a", "b"], 60)
