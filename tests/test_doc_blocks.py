@@ -210,7 +210,24 @@ def given_linearized(ns: dict) -> None:
     ids = torch.randint(5, 64, (4, 6), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     ns.update(path="bert", ds=token_dataset(num_labels=2), model=model, tv_a=tv_a, tv_b=tv_b, ids=ids, mask=mask,
-              y=torch.tensor([0, 1, 0, 1]), batch={"input_ids": ids, "attention_mask": mask})
+              y=torch.tensor([0, 1, 0, 1]), batch={"input_ids": ids, "attention_mask": mask}, **_text_encoder())
+
+
+def _text_encoder() -> dict:
+    """A tiny BERT encoder, its word-level tokenizer, a frozen head and two small text datasets
+    (train_encoder's inputs)."""
+    import datasets
+    from transformers import BertModel, BertTokenizer
+
+    words = ["good", "fine", "great", "bad", "awful", "poor", "the", "film", "was", "a"]
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words])}
+    g = torch.Generator().manual_seed(0)
+    label = [int(i) for i in torch.randint(0, 2, (48,), generator=g)]
+    text = [f"the film was {words[3 * y + int(torch.randint(0, 3, (), generator=g))]}" for y in label]
+    data = datasets.Dataset.from_dict({"text": text, "label": label})
+    return {"encoder": BertModel(tiny_bert_config(vocab_size=len(vocab)), add_pooling_layer=False),
+            "tok": BertTokenizer(vocab=vocab), "head": torch.nn.Linear(16, 2),
+            "train_ds": data.select(range(32)), "val_ds": data.select(range(32, 48))}
 
 
 def given_evaluation(ns: dict) -> None:
