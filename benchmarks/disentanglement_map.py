@@ -147,7 +147,19 @@ def main() -> None:
     path = minilm_path()
     tok, base = load_tokenizer(path), load_encoder(path).eval()
     cells = [one_folder(f, mode, lr, seed, config, args, base, tok) for f, mode, lr, seed in folders]
-    results = {"config": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+    import platform
+    import subprocess
+
+    import torch
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                                cwd=ROOT).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = None
+    results = {"commit": commit, "environment": {"python": platform.python_version(), "torch": torch.__version__,
+                                                 "platform": platform.platform()},
+               "config": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                              if k != "json"}, "tasks": config["tasks"]},
                "summary": summarize(cells), "cells": cells}
     args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,44 @@
+"""benchmarks/disentanglement_map.py's bookkeeping: pairs drawn by seed alone (the same in every
+mode), quadrant means, and the paired summary over seeds."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def xi_map():
+    spec = importlib.util.spec_from_file_location("disentanglement_map", ROOT / "benchmarks" / "disentanglement_map.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_pairs_depend_on_the_seed_only(xi_map):
+    tasks = ["d", "a", "c", "b"]
+    assert xi_map.pairs_of(tasks, 2, 5) == xi_map.pairs_of(sorted(tasks), 2, 5)
+    assert len(xi_map.pairs_of(tasks, 0, 1)) == 6 == len(xi_map.pairs_of(tasks, 99, 1))
+    assert len(set(xi_map.pairs_of(tasks, 3, 1))) == 3
+    assert any(xi_map.pairs_of(tasks, 2, s) != xi_map.pairs_of(tasks, 2, 0) for s in range(1, 6))
+
+
+def test_quadrant_mean_keeps_non_negative_coefficients(xi_map):
+    alphas = [-1.0, 0.0, 1.0]
+    xi = [[9, 9, 9], [9, 0.0, 0.2], [9, 0.4, 0.6]]
+    assert xi_map.quadrant_mean(alphas, xi, True) == pytest.approx(0.3)
+    assert xi_map.quadrant_mean(alphas, xi, False) == pytest.approx((5 * 9 + 1.2) / 9)
+
+
+def test_summary_pairs_modes_by_seed(xi_map):
+    cells = [{"mode": m, "lr": 1e-3, "seed": s, "positive": base + s / 10, "all": base}
+             for s in (0, 1, 2) for m, base in (("nonlinear", 0.5), ("linear", 0.2))]
+    summary = xi_map.summarize(cells)
+    rows = {r["mode"]: r for r in summary["rows"]}
+    assert rows["linear"]["positive"][0] == pytest.approx(0.3) and rows["linear"]["seeds"] == [0, 1, 2]
+    (pair,) = summary["paired_linear_minus_nonlinear"]
+    assert pair["positive"] == pytest.approx([-0.3, -0.3, -0.3])  # the seed effect cancels in pairs
