@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -73,3 +76,22 @@ def llama_dtype_checkpoints(tmp_path_factory, llama_models):
             copy.deepcopy(model).to(dtype).save_pretrained(root / str(dtype).split(".")[1] / name)
     return root
 
+
+
+@pytest.fixture(scope="session")
+def load_benchmark():
+    """``load_benchmark("regime_map")``: the module of ``benchmarks/<name>.py`` (scripts, not a
+    package), loaded once per session."""
+    loaded = {}
+
+    def load(name: str):
+        if name not in loaded:
+            path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+            spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
+            spec.loader.exec_module(module)
+            loaded[name] = module
+        return loaded[name]
+
+    return load

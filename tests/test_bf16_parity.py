@@ -14,8 +14,6 @@ rounded is pinned by ``test_exactly_zero_vote_follows_float32_weights_not_the_wr
 from __future__ import annotations
 
 import copy
-import importlib.util
-import sys
 import warnings
 from pathlib import Path
 
@@ -27,16 +25,11 @@ with warnings.catch_warnings():
     pytest.importorskip("mergekit")
 
 pytestmark = pytest.mark.mergekit
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bf16_parity.py"
 
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bf16_parity", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+def bench(load_benchmark):
+    return load_benchmark("bf16_parity")
 
 
 @pytest.fixture(scope="module")

@@ -3,20 +3,12 @@ mode), quadrant means, and the paired summary over seeds."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def xi_map():
-    spec = importlib.util.spec_from_file_location("disentanglement_map", ROOT / "benchmarks" / "disentanglement_map.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def xi_map(load_benchmark):
+    return load_benchmark("disentanglement_map")
 
 
 def test_pairs_depend_on_the_seed_only(xi_map):

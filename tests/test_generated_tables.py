@@ -7,7 +7,6 @@ re-derives its summary from the per-cell records), so an edited figure or a stal
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import re
@@ -19,11 +18,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def regime_map():
-    spec = importlib.util.spec_from_file_location("regime_map", ROOT / "benchmarks" / "regime_map.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def regime_map(load_benchmark):
+    return load_benchmark("regime_map")
 
 
 def _block(path: Path, markers) -> str:
