@@ -83,7 +83,7 @@ def one_cell(mode: str, lr: float, seed: int, args: argparse.Namespace, base, to
     from hf_taskarith import LinearizedModel
     from hf_taskarith.evaluation.arithmetic import task_addition, task_negation
     from hf_taskarith.evaluation.editing import ModelEditor, TangentEditor
-    from hf_taskarith.evaluation.task_accuracy import evaluate_tasks
+    from hf_taskarith.evaluation.task_accuracy import evaluate_tasks, features_correct, task_correct
     from hf_taskarith.training.frozen_head import train_encoder
     from hf_taskarith.training.heads import make_head
     from hf_taskarith.training.tasks import load_task
@@ -108,6 +108,12 @@ def one_cell(mode: str, lr: float, seed: int, args: argparse.Namespace, base, to
     pretrained = {s: evaluate(base, s, [*tasks, control]) for s in ("val", "test")}
     cached_tangent = lin_base is not None and not args.direct_tangent
 
+    def correct_on_test(model, t) -> list[int]:
+        """0/1 per test example of the merged model (a TangentPoint when the cache is used)."""
+        if cached_tangent:
+            return features_correct(model.output((t.name, "test")), heads[t.name], t, "test")
+        return task_correct(model, heads[t.name], tok, t, "test")
+
     def analyse(vectors: dict) -> dict:
         """Own accuracies, addition (all tasks, subsets), cross-space and negation of ``vectors``."""
         own: dict[str, dict[str, float]] = {"val": {}, "test": {}}
@@ -129,6 +135,7 @@ def one_cell(mode: str, lr: float, seed: int, args: argparse.Namespace, base, to
         added = task_addition(editor, sweep, finetuned_val=own["val"], finetuned_test=own["test"])
         with editor.edited(added.coefficients) as model:  # absolute validation accuracy: selects the lr per mode
             added_val = sweep(model, "val")
+            correct = {t.name: "".join(map(str, correct_on_test(model, t))) for t in tasks}  # for the bootstrap
         subsets = [_subset_addition(k, seed, editor, sweep, tasks, own, pretrained) for k in args.subsets]
         cross = _cross_space(mode, base, vectors, heads, tok, tasks, evaluate, own) if args.cross else None
         negations = {}
@@ -145,7 +152,8 @@ def one_cell(mode: str, lr: float, seed: int, args: argparse.Namespace, base, to
                                      "search": res.search}
         return {"finetuned": own, "coefficient": added.coefficients[tasks[0].name], "added_test": added.absolute,
                 "added_mean_absolute": added.mean_absolute, "added_mean_normalized": added.mean_normalized,
-                "added_val": added_val, "added_val_mean": mean(added_val.values()), "search": added.search,
+                "added_val": added_val, "added_val_mean": mean(added_val.values()), "added_correct": correct,
+                "search": added.search,
                 "negation": negations, "cross_space": cross, "subsets": subsets, "cosines": _cosines(vectors)}
 
     final, best, checks = {}, {}, {}
@@ -343,6 +351,9 @@ def summarize(cells: list[dict]) -> dict:
                          if key in by_mode[a][s] and key in by_mode[b][s]]
                 if diffs:
                     pair[key] = interval(diffs)
+            cells_ab = {(c["mode"], c["seed"]): c for c in cells if c["lr"] == lr and c["mode"] in (a, b)}
+            if common and all(cells_ab[(m, s)].get("added_correct") for m in (a, b) for s in common):
+                pair["added_bootstrap"] = _bootstrap(cells_ab, a, b, common)
             pairs.setdefault(pair_key(a, b), []).append(pair)
     out = {"rows": rows, pair_key("linear", "nonlinear"): pairs.pop(pair_key("linear", "nonlinear"), []), **pairs,
            "tuned": _tuned(cells)}
@@ -355,6 +366,19 @@ def summarize(cells: list[dict]) -> dict:
     if best:  # the same summary over the best-on-validation vectors (their cells hold no further level)
         out["best_on_validation"] = summarize(best)
     return out
+
+
+def _bootstrap(cells: dict, a: str, b: str, seeds: list[int]) -> list[float]:
+    """Paired bootstrap over test examples (10,000 resamples, each (seed, task) a stratum) of the
+    merged accuracy ``a - b``: the interval that test-set sampling alone allows, beside the
+    t-interval over seeds that training randomness allows."""
+    from hf_taskarith.evaluation.statistics import paired_bootstrap
+
+    def correct(mode):
+        return {f"{s}/{t}": [int(ch) for ch in v] for s in seeds for t, v in cells[(mode, s)]["added_correct"].items()}
+
+    i = paired_bootstrap(correct(a), correct(b))
+    return [i.estimate, i.low, i.high]
 
 
 def _by_k(cell: dict) -> dict[int, dict]:
@@ -497,11 +521,16 @@ def _tables(summary: dict) -> list[str]:
     for a, b in PAIRS:
         if not summary.get(pair_key(a, b)):
             continue
+        boot = any("added_bootstrap" in p for p in summary[pair_key(a, b)])
         lines += ["", f"Paired over seeds, {a} - {b} (points; an interval that holds 0 is no resolved difference):",
-                  "", "| lr | added | negated target (lower is better) | control |", "|---|---|---|---|"]
+                  "", "| lr | added | negated target (lower is better) | control |"
+                  + (" added, test sampling only (paired bootstrap) |" if boot else ""),
+                  "|---|---|---|---|" + ("---|" if boot else "")]
         for p in summary[pair_key(a, b)]:
             cols = [f"{_signed(p[k])}: {_reading(p[k], k != 'negated', a, b)}" if k in p else "-"
                     for k in ("added", "negated", "control")]
+            if boot:
+                cols.append(_signed(p["added_bootstrap"]) if "added_bootstrap" in p else "-")
             lines.append(f"| {p['lr']:g} | " + " | ".join(cols) + " |")
     crossed = [r for r in summary["rows"] if "cross" in r]
     if crossed:

@@ -245,3 +245,22 @@ def test_interval_curves_plot_and_refuse_empty_panels(tmp_path):
     with pytest.raises(ValueError, match="at least one panel"):
         plot_interval_curves({}, tmp_path / "x.png")
     assert not (tmp_path / "x.png").exists()
+
+
+def test_features_correct_marks_each_example():
+    from hf_taskarith.errors import NonFiniteError
+    from hf_taskarith.evaluation.task_accuracy import features_correct
+    from hf_taskarith.training.tasks import RawTask, split_task
+
+    task = split_task("toy", RawTask([f"t{i}" for i in range(12)], [i % 2 for i in range(12)], ("x", "y")),
+                      train_size=4, val_size=4, test_size=4)
+    head = torch.nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.eye(2))
+    labels = list(task.test.labels)
+    feats = torch.nn.functional.one_hot(torch.tensor([labels[0], 1 - labels[1], labels[2], labels[3]]), 2).float()
+    assert features_correct(feats, head, task, "test") == [1, 0, 1, 1]
+    with pytest.raises(ValueError, match="3 rows of features for 4 examples"):
+        features_correct(feats[:3], head, task, "test")
+    with pytest.raises(NonFiniteError):
+        features_correct(feats * float("nan"), head, task, "test")

@@ -161,3 +161,20 @@ def test_from_vectors_loads_a_saved_cell_and_refuses_other_training(regime_map, 
     save(tmp_path / "linear-lr0.001-seed1", 5e-4)  # a folder whose vectors say another lr
     with pytest.raises(SystemExit, match="at lr 0.0005"):
         regime_map.load_vectors(tmp_path, "linear", 1e-3, 1, ["a", "b"], 60)
+
+
+def test_paired_bootstrap_over_test_examples_sits_beside_the_seed_interval(regime_map):
+    cells = []
+    for seed in (0, 1, 2):
+        for mode, correct in (("nonlinear", "1100"), ("linear", "1110")):
+            cell = _cell(mode, 1e-3, seed, 0.5, correct.count("1") / 4)
+            cell["added_correct"] = {"a": correct, "b": correct}
+            cells.append(cell)
+    (pair,) = regime_map.summarize(cells)["paired_linear_minus_nonlinear"]
+    est, lo, hi = pair["added_bootstrap"]
+    assert est == pytest.approx(0.25) and lo <= est <= hi and lo < hi  # one example in four, resampled
+    table = regime_map.render({"summary": regime_map.summarize(cells), "cells": cells, "config": {
+        "tasks": ["a", "b"], "control": "z", "steps": 1, "test_size": 4}})
+    assert "test sampling only (paired bootstrap)" in table
+    del cells[0]["added_correct"]  # a cell without per-example records: no bootstrap, no column
+    assert "added_bootstrap" not in regime_map.summarize(cells)["paired_linear_minus_nonlinear"][0]

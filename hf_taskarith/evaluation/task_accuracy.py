@@ -71,6 +71,33 @@ def features_accuracy(features: torch.Tensor, head: nn.Module, task: TaskData, s
     return acc
 
 
+@torch.no_grad()
+def features_correct(features: torch.Tensor, head: nn.Module, task: TaskData, split: str) -> list[int]:
+    """Per example of ``task``'s ``split``, 1 where ``head(features).argmax(-1)`` is the label,
+    else 0 (what :func:`~.statistics.paired_bootstrap` resamples).
+
+    Raises:
+        NonFiniteError: NaN/inf features.
+        ValueError: not one row of features per example.
+    """
+    if not torch.isfinite(features).all():
+        raise NonFiniteError(f"the encoder produced NaN/inf features on {task.name}/{split}.")
+    labels = torch.as_tensor(list(task.split(split).labels))
+    if features.shape[0] != labels.numel():
+        raise ValueError(f"{task.name}/{split}: {features.shape[0]} rows of features for {labels.numel()} examples.")
+    return (head(features).argmax(-1).cpu() == labels).int().tolist()
+
+
+@torch.no_grad()
+def task_correct(encoder: nn.Module, head: nn.Module, tokenizer, task: TaskData, split: str = "test", *,
+                 batch_size: int = 64, max_length: int = 64) -> list[int]:
+    """:func:`features_correct` of ``encoder``'s features (one forward pass over the split, as
+    :func:`task_accuracy` makes)."""
+    feats = encode(encoder, tokenizer, task.split(split).texts, batch_size=batch_size, max_length=max_length,
+                   progress=False, desc=f"eval {task.name}/{split}")
+    return features_correct(feats, head, task, split)
+
+
 def cached_tangent_evaluation(editor: TangentEditor, heads: Mapping[str, nn.Module], tokenizer,
                               tasks: Sequence[TaskData], splits: Sequence[str] = ("val", "test"), *,
                               batch_size: int = 64, max_length: int = 64, progress: bool = False):
