@@ -136,6 +136,11 @@ def one_cell(mode: str, lr: float, seed: int, args: argparse.Namespace, base, to
         with editor.edited(added.coefficients) as model:  # absolute validation accuracy: selects the lr per mode
             added_val = sweep(model, "val")
             correct = {t.name: "".join(map(str, correct_on_test(model, t))) for t in tasks}  # for the bootstrap
+        per_task = None
+        if args.per_task:  # a coefficient per task by coordinate ascent from the shared one (validation)
+            res = task_addition(editor, sweep, finetuned_val=own["val"], finetuned_test=own["test"], per_task=True)
+            per_task = {"coefficients": res.coefficients, "added_test": res.absolute,
+                        "added_mean_absolute": res.mean_absolute, "added_mean_normalized": res.mean_normalized}
         subsets = [_subset_addition(k, seed, editor, sweep, tasks, own, pretrained) for k in args.subsets]
         cross = _cross_space(mode, base, vectors, heads, tok, tasks, evaluate, own) if args.cross else None
         negations = {}
@@ -153,6 +158,7 @@ def one_cell(mode: str, lr: float, seed: int, args: argparse.Namespace, base, to
         return {"finetuned": own, "coefficient": added.coefficients[tasks[0].name], "added_test": added.absolute,
                 "added_mean_absolute": added.mean_absolute, "added_mean_normalized": added.mean_normalized,
                 "added_val": added_val, "added_val_mean": mean(added_val.values()), "added_correct": correct,
+                "per_task": per_task,
                 "search": added.search,
                 "negation": negations, "cross_space": cross, "subsets": subsets, "cosines": _cosines(vectors)}
 
@@ -308,6 +314,8 @@ def _seed_means(cell: dict) -> dict[str, float]:
            "pretrained": mean(cell["pretrained"]["test"][t] for t in tasks), "coefficient": cell["coefficient"]}
     if cell.get("cross_space"):
         out["cross"] = cell["cross_space"]["added_mean_absolute"]
+    if cell.get("per_task"):
+        out["per_task"] = cell["per_task"]["added_mean_absolute"]
     neg = cell.get("negation") or {}
     if neg:
         out.update(negated=mean(n["target_test"] for n in neg.values()),
@@ -334,7 +342,7 @@ def summarize(cells: list[dict]) -> dict:
             row = {"mode": mode, "lr": lr, "seeds": [c["seed"] for c in group],
                    "coefficients": [m["coefficient"] for m in per_seed]}
             for key in ("added", "finetuned", "pretrained", "negated", "retained", "control", "pretrained_control",
-                        "cross"):
+                        "cross", "per_task"):
                 if all(key in m for m in per_seed):
                     row[key] = interval([m[key] for m in per_seed])
                     row[key + "_per_seed"] = [m[key] for m in per_seed]
@@ -532,6 +540,12 @@ def _tables(summary: dict) -> list[str]:
             if boot:
                 cols.append(_signed(p["added_bootstrap"]) if "added_bootstrap" in p else "-")
             lines.append(f"| {p['lr']:g} | " + " | ".join(cols) + " |")
+    tuned_rows = [r for r in summary["rows"] if "per_task" in r]
+    if tuned_rows:
+        lines += ["", "A coefficient per task (coordinate ascent from the shared one on normalized validation "
+                  "accuracy; linearized vectors in the tangent space):", "",
+                  "| mode | lr | shared coefficient | per-task coefficients |", "|---|---|---|---|"]
+        lines += [f"| {r['mode']} | {r['lr']:g} | {_pct(r['added'])} | {_pct(r['per_task'])} |" for r in tuned_rows]
     crossed = [r for r in summary["rows"] if "cross" in r]
     if crossed:
         lines += ["", "The same vectors added in the other space (ordinary vectors in the tangent space, linearized "
@@ -632,7 +646,16 @@ def write_between_markers(path: Path, block: str, markers: tuple[str, str] = MAR
 
 #: settings that change what a cell measures (a resumed run must share them)
 CELL_SETTINGS = ("tasks", "control", "steps", "train_size", "val_size", "test_size", "no_negation", "cross", "subsets",
-                 "eval_every", "rank", "adapter_targets")
+                 "eval_every", "rank", "adapter_targets", "per_task")
+
+
+#: what older results files, which do not record these settings, ran with
+SETTING_DEFAULTS = {"cross": False, "subsets": [], "eval_every": None, "rank": 8,
+                    "adapter_targets": ["query", "key", "value", "dense"], "per_task": False}
+
+
+def _setting(config: dict, key: str):
+    return config.get(key, SETTING_DEFAULTS.get(key))
 
 
 def _config(args: argparse.Namespace) -> dict:
@@ -645,9 +668,7 @@ def _resumable(args: argparse.Namespace) -> list[dict]:
     if not args.json.is_file():
         return []
     old = json.loads(args.json.read_text())
-    # settings older results files do not record (None otherwise)
-    defaults = {"cross": False, "subsets": [], "rank": 8, "adapter_targets": ["query", "key", "value", "dense"]}
-    differ = [k for k in CELL_SETTINGS if old["config"].get(k, defaults.get(k)) != _config(args)[k]]
+    differ = [k for k in CELL_SETTINGS if _setting(old["config"], k) != _config(args)[k]]
     if differ:
         raise SystemExit(f"--resume: {args.json} was run with other settings ({', '.join(differ)}); "
                          "pass the same ones or another --json.")
@@ -670,7 +691,7 @@ def merge(sources: list[Path], target: Path) -> None:
     runs = [json.loads(p.read_text()) for p in sources]
     first = runs[0]["config"]
     for p, r in zip(sources[1:], runs[1:]):
-        differ = [k for k in CELL_SETTINGS if r["config"].get(k) != first.get(k)]
+        differ = [k for k in CELL_SETTINGS if _setting(r["config"], k) != _setting(first, k)]
         if differ:
             raise SystemExit(f"--merge: {p} was run with other settings than {sources[0]} ({', '.join(differ)}).")
     cells, seen = [], set()
@@ -706,6 +727,9 @@ def main() -> None:
     ap.add_argument("--val-size", type=int, default=200)
     ap.add_argument("--test-size", type=int, default=400)
     ap.add_argument("--no-negation", action="store_true", help="addition only")
+    ap.add_argument("--per-task", action="store_true",
+                    help="also search a coefficient per task (2 rounds of coordinate ascent over the grid: about "
+                         "40 x tasks evaluations per ordinary cell; free for linearized cells with the cache)")
     ap.add_argument("--subsets", nargs="*", type=int, default=[], metavar="K",
                     help="also add a seeded random subset of K tasks for each K (accuracy vs number of tasks; "
                          "the same subset in both modes at a seed)")

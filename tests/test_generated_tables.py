@@ -178,3 +178,29 @@ def test_paired_bootstrap_over_test_examples_sits_beside_the_seed_interval(regim
     assert "test sampling only (paired bootstrap)" in table
     del cells[0]["added_correct"]  # a cell without per-example records: no bootstrap, no column
     assert "added_bootstrap" not in regime_map.summarize(cells)["paired_linear_minus_nonlinear"][0]
+
+
+def test_settings_older_files_do_not_record_take_their_defaults(regime_map, tmp_path):
+    config = {"tasks": ["a", "b"], "control": "z", "steps": 1, "train_size": 1, "val_size": 1, "test_size": 1,
+              "no_negation": True, "modes": ["nonlinear"], "seeds": [0]}
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"config": dict(config, lrs=[1e-4]), "cells": [_cell("nonlinear", 1e-4, 0, 0.5, 0.6)]}))
+    new = tmp_path / "new.json"
+    new.write_text(json.dumps({"config": dict(config, lrs=[1e-3], **regime_map.SETTING_DEFAULTS),
+                               "cells": [_cell("nonlinear", 1e-3, 0, 0.5, 0.6)]}))
+    regime_map.merge([old, new], tmp_path / "both.json")  # no "other settings" for what old files lack
+    assert len(json.loads((tmp_path / "both.json").read_text())["cells"]) == 2
+
+
+def test_per_task_coefficients_get_their_own_table(regime_map):
+    cells = []
+    for seed in (0, 1):
+        for mode in ("nonlinear", "linear"):
+            cell = _cell(mode, 1e-3, seed, 0.5, 0.6)
+            cell["per_task"] = {"added_mean_absolute": 0.7}
+            cells.append(cell)
+    summary = regime_map.summarize(cells)
+    assert all(r["per_task"][0] == pytest.approx(0.7) for r in summary["rows"])
+    table = regime_map.render({"summary": summary, "cells": cells, "config": {
+        "tasks": ["a", "b"], "control": "z", "steps": 1, "test_size": 1}})
+    assert "| linear | 0.001 | 60.0 | 70.0 |" in table  # identical seeds: no interval printed
