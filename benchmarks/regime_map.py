@@ -505,14 +505,20 @@ def render(results: dict) -> str:
     cfg = results["config"]
     seeds = sorted({c["seed"] for c in results["cells"]})
     lines = [f"MiniLM-L6, tasks {', '.join(cfg['tasks'])} (negation control: {cfg['control']}), "
-             f"{cfg['steps']} steps, test {cfg['test_size']} per task, seeds {seeds}; commit "
-             f"`{(results.get('commit') or 'unknown')[:7]}`. Accuracy in %, mean [95% t-interval] over seeds.", "",
+             f"{cfg['steps']} steps, test {cfg['test_size']} per task, seeds {seeds}; "
+             f"{_commits(results)}. Accuracy in %, mean [95% t-interval] over seeds.", "",
              *_tables(summary)]
     if summary.get("best_on_validation"):
         lines += ["", f"**Best-on-validation checkpoints** (each fine-tuning checked every {cfg.get('eval_every')} "
                   "steps and after the last; the earliest best kept), analysed the same way:", "",
                   *_tables(summary["best_on_validation"])]
     return "\n".join(lines)
+
+
+def _commits(results: dict) -> str:
+    """``commit `abc1234` `` (or ``commits `a`, `b` `` for a run resumed or merged across commits)."""
+    commits = results.get("commits") or [results.get("commit") or "unknown"]
+    return ("commit " if len(commits) == 1 else "commits ") + ", ".join(f"`{c[:7]}`" for c in commits)
 
 
 def _tables(summary: dict) -> list[str]:
@@ -703,7 +709,8 @@ def merge(sources: list[Path], target: Path) -> None:
             seen.add(key)
             cells.append(c)
     config = dict(first, **{k: sorted({v for r in runs for v in r["config"][k]}) for k in ("modes", "lrs", "seeds")})
-    _write(target, {"commit": runs[0].get("commit"), "commits": sorted({r.get("commit") or "unknown" for r in runs}),
+    commits = sorted({c.get("commit") or r.get("commit") or "unknown" for r in runs for c in r["cells"]})
+    _write(target, {"commit": commits[0] if len(commits) == 1 else None, "commits": commits,
                     "config": config, "environment": runs[0].get("environment"),
                     "merged_from": [str(p) for p in sources],
                     "summary": summarize(cells), "cells": cells})
@@ -783,15 +790,16 @@ def main() -> None:
     path = minilm_path()
     tok = load_tokenizer(path)
     base = load_encoder(path).eval()
+    commit = _commit()  # the code this process runs (HEAD may move while it does)
     cells = _resumable(args) if args.resume else []
     for seed in args.seeds:  # seeds outermost: a cut-short run still has whole seeds
         for lr in args.lrs:
             for mode in args.modes:
                 if any((c["mode"], c["lr"], c["seed"]) == (mode, lr, seed) for c in cells):
                     continue
-                cells.append(one_cell(mode, lr, seed, args, base, tok))
+                cells.append({**one_cell(mode, lr, seed, args, base, tok), "commit": commit})
                 _write(args.json, {
-                    "commit": _commit(),
+                    "commit": commit,
                     "config": _config(args),
                     "environment": {"python": platform.python_version(), "torch": torch.__version__,
                                     "threads": torch.get_num_threads(), "platform": platform.platform()},
