@@ -546,18 +546,17 @@ def _tables(summary: dict) -> list[str]:
             if boot:
                 cols.append(_signed(p["added_bootstrap"]) if "added_bootstrap" in p else "-")
             lines.append(f"| {p['lr']:g} | " + " | ".join(cols) + " |")
-    tuned_rows = [r for r in summary["rows"] if "per_task" in r]
-    if tuned_rows:
-        lines += ["", "A coefficient per task (coordinate ascent from the shared one on normalized validation "
-                  "accuracy; linearized vectors in the tangent space):", "",
-                  "| mode | lr | shared coefficient | per-task coefficients |", "|---|---|---|---|"]
-        lines += [f"| {r['mode']} | {r['lr']:g} | {_pct(r['added'])} | {_pct(r['per_task'])} |" for r in tuned_rows]
-    crossed = [r for r in summary["rows"] if "cross" in r]
-    if crossed:
-        lines += ["", "The same vectors added in the other space (ordinary vectors in the tangent space, linearized "
-                  "ones in weight space), coefficient again chosen on validation:", "",
-                  "| trained | lr | added where trained | added in the other space |", "|---|---|---|---|"]
-        lines += [f"| {r['mode']} | {r['lr']:g} | {_pct(r['added'])} | {_pct(r['cross'])} |" for r in crossed]
+    for key, intro, header in (
+            ("per_task", "A coefficient per task (coordinate ascent from the shared one on normalized validation "
+             "accuracy; linearized vectors in the tangent space):", "| mode | lr | shared coefficient | per-task "
+             "coefficients |"),
+            ("cross", "The same vectors added in the other space (ordinary vectors in the tangent space, linearized "
+             "ones in weight space), coefficient again chosen on validation:", "| trained | lr | added where trained "
+             "| added in the other space |")):
+        found = [r for r in summary["rows"] if key in r]
+        if found:
+            lines += ["", intro, "", header, "|---|---|---|---|"]
+            lines += [f"| {r['mode']} | {r['lr']:g} | {_pct(r['added'])} | {_pct(r[key])} |" for r in found]
     if summary.get("number_of_tasks"):
         nt = summary["number_of_tasks"]
         modes = [m for m in MODES if any(m in r for r in nt)]
