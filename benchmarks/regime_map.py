@@ -522,14 +522,16 @@ def _commits(results: dict) -> str:
 
 
 def _tables(summary: dict) -> list[str]:
-    lines = ["| mode | lr | fine-tuned | added (merged) | alpha | negated target | retained | control (pre-trained) "
-             "| budget met |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| mode | lr | seeds | fine-tuned | added (merged) | alpha | negated target | retained | control "
+             "(pre-trained) | budget met |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in summary["rows"]:
         neg = (f"{_pct(r['negated'])} | {_pct(r['retained'], 0)} | {100 * r['control'][0]:.1f} "
                f"({100 * r['pretrained_control'][0]:.1f}) | {r['budget_met'][0]}/{r['budget_met'][1]}"
                if "negated" in r else "- | - | - | -")
         alphas = ", ".join(f"{a:g}" for a in r["coefficients"])
-        lines.append(f"| {r['mode']} | {r['lr']:g} | {_pct(r['finetuned'])} | {_pct(r['added'])} | {alphas} | {neg} |")
+        seeds = ", ".join(map(str, r["seeds"]))
+        lines.append(f"| {r['mode']} | {r['lr']:g} | {seeds} | {_pct(r['finetuned'])} | {_pct(r['added'])} | {alphas} "
+                     f"| {neg} |")
     pre = summary["rows"][0]["pretrained"][0] if summary["rows"] else float("nan")
     lines += ["", f"Pre-trained encoder with the same heads: {100 * pre:.1f} (mean over the edited tasks)."]
     for a, b in PAIRS:
@@ -689,7 +691,7 @@ def _write(path: Path, results: dict) -> None:
     tmp.replace(path)  # never a half-written results file
 
 
-def merge(sources: list[Path], target: Path) -> None:
+def merge(sources: list[Path], target: Path, *, complete_seeds: bool = False) -> None:
     """One results file from runs of the same settings over different cells (e.g. one run per
     learning rate, side by side). Their configs must agree on :data:`CELL_SETTINGS`; a cell
     present twice is an error. The merged config lists the union of modes, lrs and seeds."""
@@ -707,13 +709,21 @@ def merge(sources: list[Path], target: Path) -> None:
                 raise SystemExit(f"--merge: cell {key} is in more than one file (again in {p}).")
             seen.add(key)
             cells.append(c)
+    left_out: list = []
+    if complete_seeds:  # only (lr, seed) groups that every mode finished: paired rows of one seed set
+        modes = {c["mode"] for c in cells}
+        done = {(c["lr"], c["seed"]) for c in cells
+                if {d["mode"] for d in cells if (d["lr"], d["seed"]) == (c["lr"], c["seed"])} == modes}
+        left_out = [[c["mode"], c["lr"], c["seed"]] for c in cells if (c["lr"], c["seed"]) not in done]
+        cells = [c for c in cells if (c["lr"], c["seed"]) in done]
     config = dict(first, **{k: sorted({v for r in runs for v in r["config"][k]}) for k in ("modes", "lrs", "seeds")})
     commits = sorted({c.get("commit") or r.get("commit") or "unknown" for r in runs for c in r["cells"]})
     _write(target, {"commit": commits[0] if len(commits) == 1 else None, "commits": commits,
                     "config": config, "environment": runs[0].get("environment"),
-                    "merged_from": [str(p) for p in sources],
+                    "merged_from": [str(p) for p in sources], "left_out_incomplete_seeds": left_out,
                     "summary": summarize(cells), "cells": cells})
-    print(f"{len(cells)} cells from {len(sources)} files written to {target}")
+    print(f"{len(cells)} cells from {len(sources)} files written to {target}"
+          + (f" (left out, their seed unfinished in another mode: {left_out})" if left_out else ""))
 
 
 def main() -> None:
@@ -762,6 +772,9 @@ def main() -> None:
     ap.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
                     help="combine the cells of these results files (run with the same settings) into --json; "
                          "train nothing")
+    ap.add_argument("--complete-seeds", action="store_true",
+                    help="with --merge: keep only the (lr, seed) groups every mode finished, so each row of the "
+                         "tables covers the same seeds (the others stay in the source files for --resume)")
     ap.add_argument("--render", action="store_true",
                     help="write the tables of --json into docs/regime_map.md and its figure to "
                          "docs/<json name>.png; train nothing")
@@ -775,7 +788,7 @@ def main() -> None:
         return
 
     if args.merge:
-        merge(args.merge, args.json)
+        merge(args.merge, args.json, complete_seeds=args.complete_seeds)
         return
 
     import torch

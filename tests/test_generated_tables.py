@@ -204,3 +204,15 @@ def test_per_task_coefficients_get_their_own_table(regime_map):
     table = regime_map.render({"summary": summary, "cells": cells, "config": {
         "tasks": ["a", "b"], "control": "z", "steps": 1, "test_size": 1}})
     assert "| linear | 0.001 | 60.0 | 70.0 |" in table  # identical seeds: no interval printed
+
+
+def test_merge_can_keep_only_seeds_every_mode_finished(regime_map, tmp_path):
+    config = {"tasks": ["a", "b"], "control": "z", "steps": 1, "train_size": 1, "val_size": 1, "test_size": 1,
+              "no_negation": True, "modes": ["nonlinear", "linear"], "seeds": [0, 1], "lrs": [1e-3]}
+    cells = [_cell("nonlinear", 1e-3, 0, 0.5, 0.6), _cell("linear", 1e-3, 0, 0.5, 0.6),
+             _cell("nonlinear", 1e-3, 1, 0.5, 0.6)]  # seed 1's linear cell never finished
+    (tmp_path / "run.json").write_text(json.dumps({"config": config, "cells": cells}))
+    regime_map.merge([tmp_path / "run.json"], tmp_path / "out.json", complete_seeds=True)
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert [(c["mode"], c["seed"]) for c in out["cells"]] == [("nonlinear", 0), ("linear", 0)]
+    assert out["left_out_incomplete_seeds"] == [["nonlinear", 1e-3, 1]]
