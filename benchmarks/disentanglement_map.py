@@ -30,6 +30,7 @@ import re
 import time
 from pathlib import Path
 
+from hf_taskarith.evaluation.provenance import run_record
 from hf_taskarith.evaluation.statistics import mean_interval
 from hf_taskarith.evaluation.task_accuracy import mean
 
@@ -60,14 +61,13 @@ def one_folder(folder: Path, mode: str, lr: float, seed: int, config: dict, args
     from hf_taskarith.evaluation.editing import ModelEditor, TangentEditor
     from hf_taskarith.evaluation.task_accuracy import cached_tangent_evaluation
     from hf_taskarith.training.encoders import encode
-    from hf_taskarith.training.heads import make_head
-    from hf_taskarith.training.tasks import load_task
+    from hf_taskarith.training.heads import task_heads
+    from hf_taskarith.training.tasks import load_tasks
 
-    t0 = time.perf_counter()
-    tasks = {name: load_task(name, train_size=config["train_size"], val_size=config["val_size"],
-                             test_size=config["test_size"], seed=seed) for name in config["tasks"]}
-    heads = {n: make_head("probe", base, tok, t.train.texts, t.train.labels, t.num_labels,
-                          generator=torch.Generator().manual_seed(seed)) for n, t in tasks.items()}
+    t0 = time.perf_counter()  # the splits and heads of the regime-map run (same sizes and seed)
+    tasks = {t.name: t for t in load_tasks(config["tasks"], train_size=config["train_size"],
+                                           val_size=config["val_size"], test_size=config["test_size"], seed=seed)}
+    heads = task_heads("probe", base, tok, list(tasks.values()), generator=torch.Generator().manual_seed(seed))
     pairs = pairs_of(list(tasks), args.pairs, seed)
     needed = sorted({n for p in pairs for n in p})
     vectors = {n: TaskVector.from_pretrained(folder / n) for n in needed}
@@ -144,21 +144,11 @@ def main() -> None:
     from hf_taskarith.training.assets import minilm_path
     from hf_taskarith.training.encoders import load_encoder, load_tokenizer
 
+    record = run_record(ROOT)  # taken at the start: the work tree may move while this runs
     path = minilm_path()
     tok, base = load_tokenizer(path), load_encoder(path).eval()
     cells = [one_folder(f, mode, lr, seed, config, args, base, tok) for f, mode, lr, seed in folders]
-    import platform
-    import subprocess
-
-    import torch
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                                cwd=ROOT).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = None
-    results = {"commit": commit, "environment": {"python": platform.python_version(), "torch": torch.__version__,
-                                                 "platform": platform.platform()},
+    results = {**record,
                "config": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                              if k != "json"}, "tasks": config["tasks"]},
                "summary": summarize(cells), "cells": cells}

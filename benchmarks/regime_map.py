@@ -32,13 +32,12 @@ import argparse
 import copy
 import json
 import math
-import platform
 import random
 import re
-import subprocess
 import time
 from pathlib import Path
 
+from hf_taskarith.evaluation.provenance import run_record
 from hf_taskarith.evaluation.statistics import mean_interval
 from hf_taskarith.evaluation.task_accuracy import mean
 
@@ -68,66 +67,110 @@ def markers_for(results: Path) -> tuple[str, str]:
 MARKERS = markers_for(RESULTS)
 
 
-def _commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=ROOT).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
+class Seed:
+    """What every mode shares at one seed: the splits, the frozen probe heads and the pre-trained
+    accuracies (built once per seed and process, so both modes of a paired comparison see the same)."""
+
+    def __init__(self, seed: int, args: argparse.Namespace, base, tok):
+        import torch
+
+        from hf_taskarith.evaluation.task_accuracy import evaluate_tasks
+        from hf_taskarith.training.heads import task_heads
+        from hf_taskarith.training.tasks import load_tasks
+
+        self.seed, self.base, self.tok = seed, base, tok
+        *self.tasks, self.control = load_tasks([*args.tasks, args.control], train_size=args.train_size,
+                                               val_size=args.val_size, test_size=args.test_size, seed=seed)
+        self.heads = task_heads("probe", base, tok, [*self.tasks, self.control],
+                                generator=torch.Generator().manual_seed(seed))
+        self.pretrained = {s: evaluate_tasks(base, self.heads, tok, [*self.tasks, self.control], s)
+                           for s in ("val", "test")}
 
 
-def one_cell(mode: str, lr: float, seed: int, args: argparse.Namespace, base, tok) -> dict:
-    """Fine-tune every task in one mode at one learning rate and seed; add and negate the vectors."""
-    import torch
-
-    from hf_taskarith import LinearizedModel
-    from hf_taskarith.evaluation.arithmetic import task_addition, task_negation
-    from hf_taskarith.evaluation.editing import ModelEditor, TangentEditor
-    from hf_taskarith.evaluation.task_accuracy import evaluate_tasks, features_correct, task_correct
+def train_vectors(mode: str, lr: float, setting: Seed, args: argparse.Namespace):
+    """Fine-tune every task of ``setting`` in ``mode`` at ``lr``: ``(final, best-on-validation,
+    checks)`` task vectors (the last two empty without ``--eval-every``)."""
     from hf_taskarith.training.frozen_head import train_encoder
-    from hf_taskarith.training.heads import make_head
-    from hf_taskarith.training.tasks import load_task
 
-    def split(name: str):
-        return load_task(name, train_size=args.train_size, val_size=args.val_size, test_size=args.test_size,
-                         seed=seed)
-
-    tasks = [split(t) for t in args.tasks]
-    control = split(args.control)
-    heads = {t.name: make_head("probe", base, tok, t.train.texts, t.train.labels, t.num_labels,
-                               generator=torch.Generator().manual_seed(seed)) for t in [*tasks, control]}
-    lin_base = LinearizedModel(base) if mode in TANGENT_MODES else None  # a copy: base stays trainable
     train_mode, adapter_kind = MODES[mode]
+    final, best, checks = {}, {}, {}
+    for t in setting.tasks:
+        checkpointing = {"validation": t.dataset("val"), "eval_every": args.eval_every} if args.eval_every else {}
+        adapter = _adapter(adapter_kind, args, setting.seed) if adapter_kind else None
+        base = setting.base
+        fit = train_encoder(base if adapter else copy.deepcopy(base), setting.heads[t.name], setting.tok,
+                            t.dataset("train"), mode=train_mode, steps=args.steps, learning_rate=lr,
+                            seed=setting.seed, progress=False, desc=f"{mode} {t.name}", dropout=False,
+                            adapter=adapter, **checkpointing)
+        final[t.name] = fit.task_vector
+        if args.eval_every:
+            best[t.name] = fit.best_task_vector
+            checks[t.name] = {"best_step": fit.best_step, "curve": fit.validation_curve}
+    return final, best, checks
 
-    def editor_for(vectors):
-        return TangentEditor(lin_base, vectors) if lin_base is not None else ModelEditor(base, vectors)
 
-    def evaluate(model, split_name: str, which=tasks) -> dict[str, float]:
-        return evaluate_tasks(model, heads, tok, which, split_name)
+def save_vectors(root: Path, mode: str, lr: float, seed: int, final: dict, best: dict, checks: dict) -> None:
+    """Keep a cell's vectors under ``root`` (the folders :func:`load_vectors` reads)."""
+    for kind, vectors in (("", final), ("-best", best)):
+        for name, tv in vectors.items():
+            tv.save_pretrained(root / f"{mode}-lr{lr:g}-seed{seed}{kind}" / name)
+    if checks:
+        (root / f"{mode}-lr{lr:g}-seed{seed}-best" / "checks.json").write_text(json.dumps(checks))
 
-    pretrained = {s: evaluate(base, s, [*tasks, control]) for s in ("val", "test")}
-    cached_tangent = lin_base is not None and not args.direct_tangent
 
-    def correct_on_test(model, t) -> list[int]:
+class Analysis:
+    """The protocol applied to one mode's vectors at one seed: own accuracies, addition (all tasks
+    and subsets), per-task coefficients, cross-space addition, negation and cosines.
+
+    Linearized modes are edited in the tangent space, by default through the exact cache of one
+    pass per vector (``cached_tangent_evaluation``); ordinary ones in weight space.
+    """
+
+    def __init__(self, mode: str, setting: Seed, args: argparse.Namespace):
+        from hf_taskarith import LinearizedModel
+
+        self.mode, self.s, self.args = mode, setting, args
+        self.lin_base = LinearizedModel(setting.base) if mode in TANGENT_MODES else None  # a copy
+        self.cached_tangent = self.lin_base is not None and not args.direct_tangent
+
+    def evaluate(self, model, split_name: str, which=None) -> dict[str, float]:
+        from hf_taskarith.evaluation.task_accuracy import evaluate_tasks
+
+        return evaluate_tasks(model, self.s.heads, self.s.tok, self.s.tasks if which is None else which, split_name)
+
+    def editor(self, vectors: dict):
+        """``(editor, sweep)``: the editor of ``vectors`` and the function scoring its models."""
+        from hf_taskarith.evaluation.editing import ModelEditor, TangentEditor
+        from hf_taskarith.evaluation.task_accuracy import cached_tangent_evaluation
+
+        if self.lin_base is None:
+            return ModelEditor(self.s.base, vectors), self.evaluate
+        editor = TangentEditor(self.lin_base, vectors)
+        if not self.cached_tangent:
+            return editor, self.evaluate
+        tasks = self.s.tasks if self.args.no_negation else [*self.s.tasks, self.s.control]
+        editor, cached = cached_tangent_evaluation(editor, self.s.heads, self.s.tok, tasks)  # exact, a pass per vector
+
+        def sweep(point, split_name: str, which=None) -> dict[str, float]:
+            scores = cached(point, split_name)
+            return {t.name: scores[t.name] for t in (self.s.tasks if which is None else which)}
+
+        return editor, sweep
+
+    def correct_on_test(self, model, t) -> list[int]:
         """0/1 per test example of the merged model (a TangentPoint when the cache is used)."""
-        if cached_tangent:
-            return features_correct(model.output((t.name, "test")), heads[t.name], t, "test")
-        return task_correct(model, heads[t.name], tok, t, "test")
+        from hf_taskarith.evaluation.task_accuracy import features_correct, task_correct
 
-    def analyse(vectors: dict) -> dict:
-        """Own accuracies, addition (all tasks, subsets), cross-space and negation of ``vectors``."""
+        if self.cached_tangent:
+            return features_correct(model.output((t.name, "test")), self.s.heads[t.name], t, "test")
+        return task_correct(model, self.s.heads[t.name], self.s.tok, t, "test")
+
+    def __call__(self, vectors: dict) -> dict:
+        from hf_taskarith.evaluation.arithmetic import task_addition
+
+        tasks, args = self.s.tasks, self.args
+        editor, sweep = self.editor(vectors)
         own: dict[str, dict[str, float]] = {"val": {}, "test": {}}
-        editor, sweep = editor_for(vectors), evaluate
-        if cached_tangent:  # exact, one pass per vector (TangentOutputs)
-            from hf_taskarith.evaluation.task_accuracy import cached_tangent_evaluation
-
-            editor, cached = cached_tangent_evaluation(editor, heads, tok,
-                                                       tasks if args.no_negation else [*tasks, control])
-
-            def sweep(point, split_name: str, which=tasks) -> dict[str, float]:
-                scores = cached(point, split_name)
-                return {t.name: scores[t.name] for t in which}
-
         for t in tasks:  # each vector alone at coefficient 1: the task's own fine-tuned accuracy (normalizer)
             with editor.edited({t.name: 1.0}) as model:
                 for s in ("val", "test"):
@@ -135,70 +178,78 @@ def one_cell(mode: str, lr: float, seed: int, args: argparse.Namespace, base, to
         added = task_addition(editor, sweep, finetuned_val=own["val"], finetuned_test=own["test"])
         with editor.edited(added.coefficients) as model:  # absolute validation accuracy: selects the lr per mode
             added_val = sweep(model, "val")
-            correct = {t.name: "".join(map(str, correct_on_test(model, t))) for t in tasks}  # for the bootstrap
+            correct = {t.name: "".join(map(str, self.correct_on_test(model, t))) for t in tasks}  # for the bootstrap
         per_task = None
         if args.per_task:  # a coefficient per task by coordinate ascent from the shared one (validation)
             res = task_addition(editor, sweep, finetuned_val=own["val"], finetuned_test=own["test"], per_task=True)
             per_task = {"coefficients": res.coefficients, "added_test": res.absolute,
                         "added_mean_absolute": res.mean_absolute, "added_mean_normalized": res.mean_normalized}
-        subsets = [_subset_addition(k, seed, editor, sweep, tasks, own, pretrained) for k in args.subsets]
-        cross = _cross_space(mode, base, vectors, heads, tok, tasks, evaluate, own) if args.cross else None
-        negations = {}
-        if not args.no_negation:
-            for t in tasks:
-                res = task_negation(editor, lambda m, s, t=t: sweep(m, s, [t, control]), t.name,
-                                    controls=[control.name], chance=1.0 / t.num_labels)
-                negations[t.name] = {"coefficient": res.coefficient, "budget_met": res.budget_met,
-                                     "target_test": res.target_accuracy,
-                                     "pretrained_target_test": res.pretrained_target,
-                                     "control_test": res.control_accuracy[control.name],
-                                     "pretrained_control_test": res.pretrained_control[control.name],
-                                     "chance": res.chance, "target_retained": res.target_retained,
-                                     "search": res.search}
+        subsets = [_subset_addition(k, self.s.seed, editor, sweep, tasks, own, self.s.pretrained)
+                   for k in args.subsets]
+        cross = (_cross_space(self.mode, self.s.base, vectors, self.s.heads, self.s.tok, tasks, self.evaluate, own)
+                 if args.cross else None)
         return {"finetuned": own, "coefficient": added.coefficients[tasks[0].name], "added_test": added.absolute,
                 "added_mean_absolute": added.mean_absolute, "added_mean_normalized": added.mean_normalized,
                 "added_val": added_val, "added_val_mean": mean(added_val.values()), "added_correct": correct,
-                "per_task": per_task,
-                "search": added.search,
-                "negation": negations, "cross_space": cross, "subsets": subsets, "cosines": _cosines(vectors)}
+                "per_task": per_task, "search": added.search,
+                "negation": {} if args.no_negation else self.negations(editor, sweep),
+                "cross_space": cross, "subsets": subsets, "cosines": _cosines(vectors)}
 
-    final, best, checks = {}, {}, {}
+    def negations(self, editor, sweep) -> dict:
+        """Each task negated in turn against the separate control (``task_negation``, budget recorded)."""
+        from hf_taskarith.evaluation.arithmetic import task_negation
+
+        control, out = self.s.control, {}
+        for t in self.s.tasks:
+            res = task_negation(editor, lambda m, s, t=t: sweep(m, s, [t, control]), t.name,
+                                controls=[control.name], chance=1.0 / t.num_labels)
+            out[t.name] = {"coefficient": res.coefficient, "budget_met": res.budget_met,
+                           "target_test": res.target_accuracy, "pretrained_target_test": res.pretrained_target,
+                           "control_test": res.control_accuracy[control.name],
+                           "pretrained_control_test": res.pretrained_control[control.name],
+                           "chance": res.chance, "target_retained": res.target_retained, "search": res.search}
+        return out
+
+
+def one_cell(mode: str, lr: float, seed: int, args: argparse.Namespace, base, tok,
+             setting: Seed | None = None) -> dict:
+    """Fine-tune every task in one mode at one learning rate and seed (or load the vectors
+    ``--from-vectors`` names); add and negate them (:class:`Analysis`)."""
+    setting = setting or Seed(seed, args, base, tok)
     t0 = time.perf_counter()
-    for t in tasks if not args.from_vectors else []:
-        checkpointing = {"validation": t.dataset("val"), "eval_every": args.eval_every} if args.eval_every else {}
-        adapter = _adapter(adapter_kind, args, seed) if adapter_kind else None
-        fit = train_encoder(base if adapter else copy.deepcopy(base), heads[t.name], tok, t.dataset("train"),
-                            mode=train_mode, steps=args.steps, learning_rate=lr, seed=seed, progress=False,
-                            desc=f"{mode} {t.name}", dropout=False, adapter=adapter, **checkpointing)
-        final[t.name] = fit.task_vector
-        if args.eval_every:
-            best[t.name] = fit.best_task_vector
-            checks[t.name] = {"best_step": fit.best_step, "curve": fit.validation_curve}
-    train_s: float | None = time.perf_counter() - t0
+    train_s: float | None
     if args.from_vectors:  # analyse vectors a training run saved: nothing is trained
-        final, best, checks = load_vectors(args.from_vectors, mode, lr, seed, [t.name for t in tasks], args.steps)
+        final, best, checks = load_vectors(args.from_vectors, mode, lr, seed, [t.name for t in setting.tasks],
+                                           args.steps)
         train_s = None
+    else:
+        final, best, checks = train_vectors(mode, lr, setting, args)
+        train_s = time.perf_counter() - t0
     if args.save_vectors:  # for later analyses without retraining (cosines, xi, more negation targets)
-        for kind, vectors in (("", final), ("-best", best)):
-            for name, tv in vectors.items():
-                tv.save_pretrained(args.save_vectors / f"{mode}-lr{lr:g}-seed{seed}{kind}" / name)
-        if checks:
-            (args.save_vectors / f"{mode}-lr{lr:g}-seed{seed}-best" / "checks.json").write_text(json.dumps(checks))
+        save_vectors(args.save_vectors, mode, lr, seed, final, best, checks)
+    analyse = Analysis(mode, setting, args)
     cell = {"mode": mode, "lr": lr, "seed": seed, "train_seconds": train_s,
-            "tangent_evaluation": None if lin_base is None else ("direct" if args.direct_tangent else "cached"),
-            "pretrained": pretrained, **analyse(final)}
+            "tangent_evaluation": None if analyse.lin_base is None else
+            ("cached" if analyse.cached_tangent else "direct"),
+            "pretrained": setting.pretrained, **analyse(final)}
     if best:
         cell["best_on_validation"] = {"checks": checks, **analyse(best)}
     cell["total_seconds"] = time.perf_counter() - t0
-    own, negations = cell["finetuned"], cell["negation"]
+    print(_cell_line(cell, setting), flush=True)
+    return cell
+
+
+def _cell_line(cell: dict, setting: Seed) -> str:
+    own, negations, pre = cell["finetuned"], cell["negation"], setting.pretrained
     neg = (f"; negated target {mean(n['target_test'] for n in negations.values()):.4f}, control "
            f"{mean(n['control_test'] for n in negations.values()):.4f}" if negations else "")
-    bov = (f"; best-on-validation: fine-tuned {mean(cell['best_on_validation']['finetuned']['test'].values()):.4f}, "
-           f"added {cell['best_on_validation']['added_mean_absolute']:.4f}" if best else "")
-    print(f"{mode:9s} lr {lr:g} seed {seed}: fine-tuned {mean(own['test'].values()):.4f}, pre-trained "
-          f"{mean(pretrained['test'][t.name] for t in tasks):.4f}, added {cell['added_mean_absolute']:.4f} at alpha "
-          f"{cell['coefficient']:g}{neg}{bov} ({cell['total_seconds']:.0f} s)", flush=True)
-    return cell
+    bov = cell.get("best_on_validation")
+    best = (f"; best-on-validation: fine-tuned {mean(bov['finetuned']['test'].values()):.4f}, "
+            f"added {bov['added_mean_absolute']:.4f}" if bov else "")
+    return (f"{cell['mode']:9s} lr {cell['lr']:g} seed {cell['seed']}: fine-tuned {mean(own['test'].values()):.4f}, "
+            f"pre-trained {mean(pre['test'][t.name] for t in setting.tasks):.4f}, added "
+            f"{cell['added_mean_absolute']:.4f} at alpha {cell['coefficient']:g}{neg}{best} "
+            f"({cell['total_seconds']:.0f} s)")
 
 
 def load_vectors(root: Path, mode: str, lr: float, seed: int, tasks: list[str], steps: int):
@@ -518,7 +569,12 @@ def render(results: dict) -> str:
 def _commits(results: dict) -> str:
     """``commit `abc1234` `` (or ``commits `a`, `b` `` for a run resumed or merged across commits)."""
     commits = results.get("commits") or [results.get("commit") or "unknown"]
-    return ("commit " if len(commits) == 1 else "commits ") + ", ".join(f"`{c[:7]}`" for c in commits)
+    return ("commit " if len(commits) == 1 else "commits ") + ", ".join(f"`{_short(c)}`" for c in commits)
+
+
+def _short(commit: str) -> str:
+    """``abc1234`` (``abc1234+dirty`` for a run from a work tree with uncommitted changes)."""
+    return commit[:7] + ("+dirty" if commit.endswith("+dirty") else "")
 
 
 def _tables(summary: dict) -> list[str]:
@@ -726,7 +782,8 @@ def merge(sources: list[Path], target: Path, *, complete_seeds: bool = False) ->
           + (f" (left out, their seed unfinished in another mode: {left_out})" if left_out else ""))
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
+    """The command line (tests build a run's settings from it too)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", nargs="+", default=TASKS)
     ap.add_argument("--control", default=CONTROL, help="separate, unedited control task for negation")
@@ -778,7 +835,11 @@ def main() -> None:
     ap.add_argument("--render", action="store_true",
                     help="write the tables of --json into docs/regime_map.md and its figure to "
                          "docs/<json name>.png; train nothing")
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = parser().parse_args()
     if args.render:
         block = render(json.loads(args.json.read_text()))
         results = json.loads(args.json.read_text())
@@ -802,20 +863,18 @@ def main() -> None:
     path = minilm_path()
     tok = load_tokenizer(path)
     base = load_encoder(path).eval()
-    commit = _commit()  # the code this process runs (HEAD may move while it does)
+    record = run_record(ROOT)  # the code this process runs (HEAD may move while it does) and its releases
     cells = _resumable(args) if args.resume else []
     for seed in args.seeds:  # seeds outermost: a cut-short run still has whole seeds
+        setting = None
         for lr in args.lrs:
             for mode in args.modes:
                 if any((c["mode"], c["lr"], c["seed"]) == (mode, lr, seed) for c in cells):
                     continue
-                cells.append({**one_cell(mode, lr, seed, args, base, tok), "commit": commit})
-                _write(args.json, {
-                    "commit": commit,
-                    "config": _config(args),
-                    "environment": {"python": platform.python_version(), "torch": torch.__version__,
-                                    "threads": torch.get_num_threads(), "platform": platform.platform()},
-                    "summary": summarize(cells), "cells": cells})
+                setting = setting or Seed(seed, args, base, tok)
+                cells.append({**one_cell(mode, lr, seed, args, base, tok, setting), "commit": record["commit"],
+                              "environment": record["environment"]})
+                _write(args.json, {**record, "config": _config(args), "summary": summarize(cells), "cells": cells})
     print(render(json.loads(args.json.read_text())))
     print(f"results written to {args.json}")
 

@@ -67,7 +67,7 @@ from hf_taskarith.evaluation.disentanglement import disentanglement_error
 from hf_taskarith.evaluation.plots import plot_disentanglement
 from hf_taskarith.training.assets import minilm_path
 from hf_taskarith.training.encoders import encode, load_encoder, load_tokenizer
-from hf_taskarith.training.heads import make_head
+from hf_taskarith.training.heads import task_heads
 from hf_taskarith.training.manual_loop import finetune_encoder
 from hf_taskarith.training.tasks import load_task
 
@@ -104,10 +104,8 @@ class Study:
         self.base = load_encoder(minilm_path())
         self.tasks = [load_task(t, train_size=args.train_size, val_size=args.val_size, test_size=args.test_size,
                                 seed=0) for t in args.tasks]
-        g = torch.Generator().manual_seed(0)
-        self.heads = {t.name: make_head("probe", self.base, self.tokenizer, t.train.texts, t.train.labels,
-                                        t.num_labels, generator=g, max_length=args.max_length)
-                      for t in self.tasks}
+        self.heads = task_heads("probe", self.base, self.tokenizer, self.tasks,
+                                generator=torch.Generator().manual_seed(0), max_length=args.max_length)
         self.f0 = self.all_feats(self.base)
         self.pre = {s: {t.name: self.acc(self.f0[(t.name, s)], t, s) for t in self.tasks} for s in ("val", "test")}
 

@@ -30,7 +30,7 @@ from hf_taskarith.training.encoders import (
     quiet_transformers,
 )
 from hf_taskarith.training.frozen_head import train_encoder
-from hf_taskarith.training.heads import make_head, save_heads
+from hf_taskarith.training.heads import save_heads, task_heads
 from hf_taskarith.training.tasks import RawTask, load_task, split_task
 
 HERE = Path(__file__).resolve().parent
@@ -82,9 +82,7 @@ def main() -> None:
     with quiet_transformers():  # base/ without MiniLM's unused pooler, so every checkpoint has the same keys
         base.save_pretrained(MODELS / "base")
     tok.save_pretrained(MODELS / "base")
-    g = torch.Generator().manual_seed(0)
-    heads = {t.name: make_head(head_kind, base, tok, t.train.texts, t.train.labels, t.num_labels, generator=g)
-             for t in tasks}
+    heads = task_heads(head_kind, base, tok, tasks, generator=torch.Generator().manual_seed(0))
     save_heads(heads, {t.name: t.label_names for t in tasks}, MODELS / "heads")
     for i, (t, slot) in enumerate(zip(tasks, ("a", "b"))):
         ft = copy.deepcopy(base)

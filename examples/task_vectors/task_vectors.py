@@ -37,7 +37,7 @@ from hf_taskarith.training.encoders import (
     quiet_transformers,
 )
 from hf_taskarith.training.frozen_head import train_encoder
-from hf_taskarith.training.heads import make_head
+from hf_taskarith.training.heads import task_heads
 from hf_taskarith.training.tasks import RawTask, load_task, split_task
 
 WORDS = {"mood": (("great", "lovely", "superb"), ("awful", "boring", "dreadful")),
@@ -95,10 +95,8 @@ def main() -> None:
         with quiet_transformers():
             base.save_pretrained(work / "base")
         tok.save_pretrained(work / "base")
-    g = torch.Generator().manual_seed(0)
     # closed-vocabulary setting: each task has a fixed head, only the encoder is fine-tuned
-    heads = {t.name: make_head(head_kind, base, tok, t.train.texts, t.train.labels, t.num_labels, generator=g)
-             for t in tasks}
+    heads = task_heads(head_kind, base, tok, tasks, generator=torch.Generator().manual_seed(0))
 
     def accuracies(model) -> str:
         return ", ".join(f"{k} {100 * v:.1f}%" for k, v in evaluate_tasks(model, heads, tok, tasks).items())

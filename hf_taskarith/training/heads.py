@@ -108,6 +108,30 @@ def make_head(kind: Literal["probe", "random"], encoder: nn.Module, tokenizer, t
     raise ValueError(f"unknown head kind {kind!r}; expected 'probe' or 'random'.")
 
 
+def task_heads(kind: Literal["probe", "random"], encoder: nn.Module, tokenizer, tasks: Sequence, *,
+               generator: torch.Generator, **options) -> dict[str, nn.Linear]:
+    """One frozen head per task (``task.name -> head``), each made by :func:`make_head` from its
+    training split; random heads draw from ``generator`` in task order, so they differ between tasks.
+
+    Args:
+        kind: ``"probe"`` (a linear probe on the pre-trained features) or ``"random"``.
+        encoder, tokenizer: the *pre-trained* encoder and its tokenizer.
+        tasks: :class:`~hf_taskarith.training.tasks.TaskData` objects (anything with ``name``,
+            ``train.texts``, ``train.labels`` and ``num_labels``).
+        generator: seeds random heads (probes are deterministic and ignore it).
+        options: passed to :func:`make_head` (``max_length``, ``probe_l2``, ...).
+
+    Raises:
+        ValueError: two tasks share a name (their heads would overwrite each other).
+    """
+    names = [t.name for t in tasks]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"tasks {twice} appear more than once; pass each task once.")
+    return {t.name: make_head(kind, encoder, tokenizer, t.train.texts, t.train.labels, t.num_labels,
+                              generator=generator, **options) for t in tasks}
+
+
 def save_heads(heads: Mapping[str, nn.Linear], label_names: Mapping[str, Sequence[str]],
                folder: str | os.PathLike) -> Path:
     """Write every head to ``heads.safetensors`` (keys ``<task>.weight``/``<task>.bias``) + a JSON config."""

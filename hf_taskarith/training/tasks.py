@@ -150,6 +150,19 @@ def load_task(name: str, *, train_size: int, val_size: int, test_size: int, seed
     return split_task(name, raw, train_size=train_size, val_size=val_size, test_size=test_size, seed=seed)
 
 
+def load_tasks(names: Sequence[str], *, train_size: int, val_size: int, test_size: int,
+               seed: int = 0) -> list[TaskData]:
+    """:func:`load_task` for each name, in order, with the same sizes and seed.
+
+    Raises:
+        ValueError: a name given twice, an unknown name, or too few examples (see :func:`load_task`).
+    """
+    twice = sorted({n for n in names if list(names).count(n) > 1})
+    if twice:
+        raise ValueError(f"tasks {twice} are listed more than once; list each task once.")
+    return [load_task(n, train_size=train_size, val_size=val_size, test_size=test_size, seed=seed) for n in names]
+
+
 def split_task(name: str, raw: RawTask, *, train_size: int, val_size: int, test_size: int, seed: int = 0) -> TaskData:
     """Cut ``raw`` into stratified train/val/test splits with a seeded generator."""
     n = len(raw.texts)

@@ -1,0 +1,136 @@
+"""What the studies share: task lists, one frozen head per task, the provenance of a results file,
+and one regime-map cell run end to end on a tiny BERT and synthetic tasks (the path the real
+MiniLM study takes, at a size the CPU suite can afford)."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+
+import pytest
+import torch
+
+from hf_taskarith.evaluation.provenance import git_commit, package_versions, run_record
+from hf_taskarith.training.heads import make_head, task_heads
+from hf_taskarith.training.tasks import RawTask, load_tasks, register_task
+
+WORDS = {"_smoke_colour": (["red", "blue"], ["green", "grey"]), "_smoke_animal": (["cat", "dog"], ["owl", "bee"]),
+         "_smoke_food": (["rice", "bread"], ["soup", "cake"]), "_smoke_control": (["sun", "rain"], ["snow", "wind"])}
+FILLER = ["the", "a", "it", "was", "and", "this", "one", "very"]
+
+
+def _raw(name: str) -> RawTask:
+    rng = random.Random(name)
+    texts, labels = [], []
+    for i in range(120):
+        y = i % 2
+        words = [rng.choice(FILLER) for _ in range(rng.randint(3, 6))]
+        words.insert(rng.randrange(len(words) + 1), rng.choice(WORDS[name][y]))
+        texts.append(" ".join(words))
+        labels.append(y)
+    return RawTask(texts, labels, ("no", "yes"), "synthetic")
+
+
+for _name in WORDS:
+    register_task(_name, lambda n=_name: _raw(n), description="synthetic (tests)", replace=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_bert():
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *FILLER, *(w for p, n in WORDS.values() for w in p + n)]
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64)
+    return BertModel(config, add_pooling_layer=False).eval(), BertTokenizer(vocab={w: i for i, w in enumerate(vocab)})
+
+
+def test_load_tasks_keeps_order_and_refuses_a_task_twice():
+    tasks = load_tasks(["_smoke_food", "_smoke_colour"], train_size=40, val_size=20, test_size=20, seed=1)
+    assert [t.name for t in tasks] == ["_smoke_food", "_smoke_colour"]
+    assert len(tasks[0].test.texts) == 20
+    with pytest.raises(ValueError, match=r"_smoke_food.*more than once"):
+        load_tasks(["_smoke_food", "_smoke_food"], train_size=40, val_size=20, test_size=20)
+
+
+def test_task_heads_are_the_per_task_heads_and_random_ones_differ(tiny_bert):
+    base, tok = tiny_bert
+    tasks = load_tasks(["_smoke_colour", "_smoke_animal"], train_size=40, val_size=20, test_size=20)
+    probes = task_heads("probe", base, tok, tasks, generator=torch.Generator().manual_seed(0))
+    alone = make_head("probe", base, tok, tasks[1].train.texts, tasks[1].train.labels, 2,
+                      generator=torch.Generator())
+    assert torch.equal(probes["_smoke_animal"].weight, alone.weight)
+    rand = task_heads("random", base, tok, tasks, generator=torch.Generator().manual_seed(0))
+    assert not torch.equal(rand["_smoke_colour"].weight, rand["_smoke_animal"].weight)
+    with pytest.raises(ValueError, match="more than once"):
+        task_heads("probe", base, tok, [tasks[0], tasks[0]], generator=torch.Generator())
+
+
+def _git(repo, *args):
+    subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *args], cwd=repo, check=True,
+                   capture_output=True)
+
+
+def test_provenance_names_the_commit_and_marks_uncommitted_changes(tmp_path):
+    assert git_commit(tmp_path) is None  # not a work tree
+    _git(tmp_path, "init", "-q")
+    (tmp_path / "f.txt").write_text("one")
+    _git(tmp_path, "add", "f.txt")
+    _git(tmp_path, "commit", "-qm", "one")
+    head = git_commit(tmp_path)
+    assert head is not None and len(head) == 40
+    (tmp_path / "f.txt").write_text("two")
+    assert git_commit(tmp_path) == f"{head}+dirty"
+    versions = package_versions(("torch", "surely-not-an-installed-distribution"))
+    assert versions["torch"] and versions["surely-not-an-installed-distribution"] is None
+    env = run_record(tmp_path)["environment"]
+    assert env["packages"]["transformers"] and env["python"].count(".") == 2
+
+
+@pytest.fixture(scope="module")
+def regime_cells(load_benchmark, tiny_bert, tmp_path_factory):
+    """Both modes of one regime-map cell on the tiny BERT: trained (vectors saved), then again from
+    the saved vectors, and the linear one with the direct tangent evaluation."""
+    rm = load_benchmark("regime_map")
+    base, tok = tiny_bert
+    saved = tmp_path_factory.mktemp("vectors")
+    common = ["--tasks", "_smoke_colour", "_smoke_animal", "_smoke_food", "--control", "_smoke_control",
+              "--steps", "3", "--train-size", "48", "--val-size", "24", "--test-size", "24", "--subsets", "2"]
+    args = rm.parser().parse_args([*common, "--save-vectors", str(saved), "--per-task", "--cross"])
+    setting = rm.Seed(0, args, base, tok)
+    trained = {m: rm.one_cell(m, 1e-3, 0, args, base, tok, setting) for m in ("nonlinear", "linear")}
+    again = rm.parser().parse_args([*common, "--from-vectors", str(saved), "--cross"])
+    loaded = {m: rm.one_cell(m, 1e-3, 0, again, base, tok) for m in ("nonlinear", "linear")}
+    direct = rm.one_cell("linear", 1e-3, 0, rm.parser().parse_args([*common, "--from-vectors", str(saved),
+                                                                     "--direct-tangent"]), base, tok)
+    return rm, trained, loaded, direct
+
+
+def test_regime_cell_runs_the_whole_protocol(regime_cells):
+    rm, trained, _, _ = regime_cells
+    for mode, cell in trained.items():
+        assert set(cell["negation"]) == {"_smoke_colour", "_smoke_animal", "_smoke_food"}
+        for neg in cell["negation"].values():  # a separate control, a recorded budget, a coefficient on the grid
+            assert isinstance(neg["budget_met"], bool) and 0.0 <= neg["coefficient"] <= 1.0
+            assert neg["pretrained_control_test"] == cell["pretrained"]["test"]["_smoke_control"]
+        assert 0.0 <= cell["coefficient"] <= 1.0 and 0.0 <= cell["added_mean_absolute"] <= 1.0
+        assert [s["k"] for s in cell["subsets"]] == [2] and cell["per_task"]["coefficients"]
+        assert cell["cross_space"]["space"] == ("weight" if mode == "linear" else "tangent")
+        assert all(len(bits) == 24 for bits in cell["added_correct"].values())
+    assert trained["linear"]["tangent_evaluation"] == "cached" and trained["nonlinear"]["tangent_evaluation"] is None
+    summary = rm.summarize(list(trained.values()))
+    assert summary[rm.pair_key("linear", "nonlinear")]
+
+
+def test_saved_vectors_and_the_direct_tangent_path_reproduce_the_cell(regime_cells):
+    _, trained, loaded, direct = regime_cells
+    for mode in trained:
+        for key in ("finetuned", "coefficient", "added_test", "negation", "subsets", "cross_space"):
+            assert loaded[mode][key] == trained[mode][key], (mode, key)
+        assert loaded[mode]["train_seconds"] is None
+    for split in ("val", "test"):
+        assert direct["finetuned"][split] == pytest.approx(trained["linear"]["finetuned"][split], abs=1e-9)
+    assert direct["coefficient"] == trained["linear"]["coefficient"]
+    assert direct["added_test"] == pytest.approx(trained["linear"]["added_test"], abs=1e-9)
+    assert direct["tangent_evaluation"] == "direct"
