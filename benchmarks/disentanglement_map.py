@@ -12,8 +12,9 @@ forward pass per grid point and task.
 
 Reported per mode and learning rate (mean and 95% t-interval over seeds of the per-seed mean
 over pairs): mean xi over the positive quadrant of the grid (both coefficients >= 0, where
-addition lives) and over the whole grid; and per learning rate the paired difference
-linear - nonlinear. The grid defaults to the paper's range, -3..3 step 1 (49 points).
+addition lives) and over the whole grid; and per learning rate the paired differences
+linear - nonlinear and L-LoRA - LoRA (the adapter modes' folders are read too). The grid
+defaults to the paper's range, -3..3 step 1 (49 points).
 
 Usage:
     python benchmarks/disentanglement_map.py --vectors benchmarks/_work/regime8_vectors \\
@@ -36,7 +37,11 @@ from hf_taskarith.evaluation.task_accuracy import mean
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "benchmarks" / "results" / "disentanglement_map.json"
-FOLDER = re.compile(r"^(?P<mode>nonlinear|linear)-lr(?P<lr>[0-9.e+-]+)-seed(?P<seed>\d+)$")
+FOLDER = re.compile(r"^(?P<mode>nonlinear|linear|lora|llora)-lr(?P<lr>[0-9.e+-]+)-seed(?P<seed>\d+)$")
+#: modes whose vectors live in the tangent space (regime_map.TANGENT_MODES)
+TANGENT_MODES = {"linear", "llora"}
+#: paired comparisons over seeds, reported when both modes ran: (a, b) -> "a - b" (regime_map.PAIRS)
+PAIRS = (("linear", "nonlinear"), ("llora", "lora"))
 
 
 def pairs_of(tasks: list[str], n: int, seed: int) -> list[tuple[str, str]]:
@@ -72,7 +77,7 @@ def one_folder(folder: Path, mode: str, lr: float, seed: int, config: dict, args
     needed = sorted({n for p in pairs for n in p})
     vectors = {n: TaskVector.from_pretrained(folder / n) for n in needed}
     split = args.split
-    if mode == "linear":
+    if mode in TANGENT_MODES:
         editor, _ = cached_tangent_evaluation(TangentEditor(LinearizedModel(base), vectors), heads, tok,
                                               [tasks[n] for n in needed], splits=(split,))
 
@@ -104,21 +109,23 @@ def _interval(values) -> list[float]:
 
 
 def summarize(cells: list[dict]) -> dict:
-    """Per (mode, lr): xi over seeds; per lr: the paired linear - nonlinear difference."""
-    rows, pairs = [], []
+    """Per (mode, lr): xi over seeds; per lr and pair of :data:`PAIRS`: the paired difference
+    (``paired_linear_minus_nonlinear``, ``paired_llora_minus_lora``)."""
+    rows: list[dict] = []
+    pairs: dict[str, list[dict]] = {f"paired_{a}_minus_{b}": [] for a, b in PAIRS}
+    modes = [m for m in ("nonlinear", "linear", "lora", "llora") if any(c["mode"] == m for c in cells)]
     for lr in sorted({c["lr"] for c in cells}):
-        by_mode = {m: {c["seed"]: c for c in cells if c["mode"] == m and c["lr"] == lr}
-                   for m in ("nonlinear", "linear")}
+        by_mode = {m: {c["seed"]: c for c in cells if c["mode"] == m and c["lr"] == lr} for m in modes}
         for mode, by_seed in by_mode.items():
             if by_seed:
                 rows.append({"mode": mode, "lr": lr, "seeds": sorted(by_seed),
                              **{k: _interval([c[k] for c in by_seed.values()]) for k in ("positive", "all")}})
-        common = sorted(set(by_mode["linear"]) & set(by_mode["nonlinear"]))
-        if common:
-            pairs.append({"lr": lr, "seeds": common, **{
-                k: _interval([by_mode["linear"][s][k] - by_mode["nonlinear"][s][k] for s in common])
-                for k in ("positive", "all")}})
-    return {"rows": rows, "paired_linear_minus_nonlinear": pairs}
+        for a, b in PAIRS:
+            common = sorted(set(by_mode.get(a, {})) & set(by_mode.get(b, {})))
+            if common:
+                pairs[f"paired_{a}_minus_{b}"].append({"lr": lr, "seeds": common, **{
+                    k: _interval([by_mode[a][s][k] - by_mode[b][s][k] for s in common]) for k in ("positive", "all")}})
+    return {"rows": rows, **pairs}
 
 
 def main() -> None:
@@ -128,7 +135,7 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=6, help="task pairs per folder (0: all)")
     ap.add_argument("--alphas", type=float, nargs="+", default=[-3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0])
     ap.add_argument("--split", default="val", choices=["val", "test"])
-    ap.add_argument("--modes", nargs="+", default=["nonlinear", "linear"])
+    ap.add_argument("--modes", nargs="+", default=["nonlinear", "linear", "lora", "llora"])
     ap.add_argument("--json", type=Path, default=OUT)
     args = ap.parse_args()
     config = json.loads(args.results.read_text())["config"]
@@ -159,9 +166,10 @@ def main() -> None:
     for r in results["summary"]["rows"]:
         print(f"{r['mode']:9s} lr {r['lr']:g}: xi positive {r['positive'][0]:.3f} [{r['positive'][1]:.3f}, "
               f"{r['positive'][2]:.3f}], all {r['all'][0]:.3f}")
-    for p in results["summary"]["paired_linear_minus_nonlinear"]:
-        print(f"lr {p['lr']:g}: linear - nonlinear, positive quadrant {p['positive'][0]:+.3f} "
-              f"[{p['positive'][1]:+.3f}, {p['positive'][2]:+.3f}]")
+    for a, b in PAIRS:
+        for p in results["summary"][f"paired_{a}_minus_{b}"]:
+            print(f"lr {p['lr']:g}: {a} - {b}, positive quadrant {p['positive'][0]:+.3f} "
+                  f"[{p['positive'][1]:+.3f}, {p['positive'][2]:+.3f}]")
     print(f"results written to {args.json}")
 
 

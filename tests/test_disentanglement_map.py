@@ -34,3 +34,13 @@ def test_summary_pairs_modes_by_seed(xi_map):
     assert rows["linear"]["positive"][0] == pytest.approx(0.3) and rows["linear"]["seeds"] == [0, 1, 2]
     (pair,) = summary["paired_linear_minus_nonlinear"]
     assert pair["positive"] == pytest.approx([-0.3, -0.3, -0.3])  # the seed effect cancels in pairs
+
+
+def test_adapter_modes_are_paired_among_themselves(xi_map):
+    cells = [{"mode": m, "lr": 1e-3, "seed": s, "positive": base, "all": base}
+             for s in (0, 1) for m, base in (("lora", 0.4), ("llora", 0.1), ("linear", 0.2))]
+    summary = xi_map.summarize(cells)
+    (pair,) = summary["paired_llora_minus_lora"]
+    assert pair["seeds"] == [0, 1] and pair["positive"][0] == pytest.approx(-0.3)
+    assert summary["paired_linear_minus_nonlinear"] == []  # no ordinary cells: nothing to pair linear with
+    assert xi_map.FOLDER.match("llora-lr0.001-seed2")["mode"] == "llora"

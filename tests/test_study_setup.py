@@ -120,7 +120,15 @@ def test_regime_cell_runs_the_whole_protocol(regime_cells):
         assert all(len(bits) == 24 for bits in cell["added_correct"].values())
     assert trained["linear"]["tangent_evaluation"] == "cached" and trained["nonlinear"]["tangent_evaluation"] is None
     summary = rm.summarize(list(trained.values()))
-    assert summary[rm.pair_key("linear", "nonlinear")]
+    pair = summary[rm.pair_key("linear", "nonlinear")][0]
+    assert set(pair) >= {"added", "negated", "control", "added_bootstrap"}
+    rows = {r["mode"]: r for r in summary["rows"]}
+    met = sum(n["budget_met"] for n in trained["linear"]["negation"].values())
+    assert rows["linear"]["budget_met"] == [met, 3]
+    config = {"tasks": ["_smoke_colour", "_smoke_animal", "_smoke_food"], "control": "_smoke_control", "steps": 3,
+              "test_size": 24}
+    table = rm.render({"summary": summary, "config": config, "cells": list(trained.values()), "commit": "0" * 40})
+    assert f"| {met}/3 |" in table and "negated target" in table
 
 
 def test_saved_vectors_and_the_direct_tangent_path_reproduce_the_cell(regime_cells):
