@@ -420,10 +420,40 @@ def summarize(cells: list[dict]) -> dict:
         out["number_of_tasks"] = _number_of_tasks(cells)
     if any(c.get("cosines") for c in cells):
         out["cosines"] = _cosine_summary(cells)
+    out["per_task"] = _per_task(cells)
     best = [{**{k: v for k, v in c.items() if k != "best_on_validation"}, **c["best_on_validation"]}
             for c in cells if c.get("best_on_validation")]
     if best:  # the same summary over the best-on-validation vectors (their cells hold no further level)
         out["best_on_validation"] = summarize(best)
+    return out
+
+
+def _mean_se(values: list[float]) -> list[float]:
+    """``[mean, standard error over seeds]`` (the error is ``nan`` for a single seed)."""
+    m = mean(values)
+    if len(values) < 2:
+        return [m, float("nan")]
+    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
+    return [m, sd / math.sqrt(len(values))]
+
+
+def _per_task(cells: list[dict]) -> list[dict]:
+    """Per task: the pre-trained accuracy and, per (mode, lr), the merged and fine-tuned test
+    accuracy as mean and standard error over seeds."""
+    if not cells or not all("added_test" in c for c in cells):  # hand-made summaries without per-task records
+        return []
+    tasks = list(cells[0]["finetuned"]["test"])
+    groups = sorted({(c["lr"], c["mode"]) for c in cells}, key=lambda g: (g[0], list(MODES).index(g[1])))
+    out = []
+    for t in tasks:
+        per_seed = {c["seed"]: c["pretrained"]["test"][t] for c in cells}  # the same in every mode at a seed
+        row: dict = {"task": t, "pretrained": _mean_se(list(per_seed.values())), "modes": []}
+        for lr, mode in groups:
+            group = [c for c in cells if c["mode"] == mode and c["lr"] == lr]
+            row["modes"].append({"mode": mode, "lr": lr, "seeds": len(group),
+                                 "added": _mean_se([c["added_test"][t] for c in group]),
+                                 "finetuned": _mean_se([c["finetuned"]["test"][t] for c in group])})
+        out.append(row)
     return out
 
 
@@ -535,6 +565,12 @@ def _signed(iv) -> str:
     return f"{est:+.1f} [{lo:+.1f}, {hi:+.1f}]"
 
 
+def _se(pair) -> str:
+    """``81.2 ± 0.4`` in %; the mean alone when one seed gives no error."""
+    m, se = pair
+    return f"{100 * m:.1f}" if math.isnan(se) else f"{100 * m:.1f} ± {100 * se:.1f}"
+
+
 def _cos(iv) -> str:
     est, lo, hi = iv
     return f"{est:.3f}" if lo == hi == est else f"{est:.3f} [{lo:.3f}, {hi:.3f}]"
@@ -636,6 +672,14 @@ def _tables(summary: dict) -> list[str]:
         lines += ["", "Cosine similarity between task vectors (mean |cos| over distinct pairs; interval over seeds):",
                   "", "| mode | lr | mean abs. cosine |", "|---|---|---|"]
         lines += [f"| {r['mode']} | {r['lr']:g} | {_cos(r['mean_abs_off_diagonal'])} |" for r in summary["cosines"]]
+    if summary.get("per_task"):
+        cols = summary["per_task"][0]["modes"]
+        lines += ["", "Per task, merged test accuracy (fine-tuned alone in parentheses), mean ± standard error over "
+                  "seeds:", "", "| task | pre-trained | " + " | ".join(f"{m['mode']} {m['lr']:g}" for m in cols) + " |",
+                  "|---|---|" + "---|" * len(cols)]
+        for r in summary["per_task"]:
+            lines.append(f"| {r['task']} | {_se(r['pretrained'])} | "
+                         + " | ".join(f"{_se(m['added'])} ({_se(m['finetuned'])})" for m in r["modes"]) + " |")
     tuned = summary.get("tuned") or {}
     for a, b in PAIRS:
         if pair_key(a, b) in tuned:
@@ -834,15 +878,20 @@ def parser() -> argparse.ArgumentParser:
                          "tables covers the same seeds (the others stay in the source files for --resume)")
     ap.add_argument("--render", action="store_true",
                     help="write the tables of --json into docs/regime_map.md and its figure to "
-                         "docs/<json name>.png; train nothing")
+                         "docs/<json name>.png (re-deriving the file's summary from its cells); train nothing")
     return ap
 
 
 def main() -> None:
     args = parser().parse_args()
     if args.render:
-        block = render(json.loads(args.json.read_text()))
         results = json.loads(args.json.read_text())
+        fresh = json.loads(json.dumps(summarize(results["cells"])))
+        if fresh != results["summary"]:  # the summary is derived from the cells: keep it what this code derives
+            _write(args.json, {**results, "summary": fresh})
+            results["summary"] = fresh
+            print(f"{args.json}: summary re-derived from its cells")
+        block = render(results)
         write_between_markers(ROOT / "docs" / "regime_map.md", block, markers_for(args.json))
         print(block)
         print(f"figure written to {plot(results, plot_path(args.json))}")
