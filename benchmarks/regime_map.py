@@ -363,6 +363,8 @@ def _seed_means(cell: dict) -> dict[str, float]:
     tasks = list(cell["finetuned"]["test"])
     out = {"added": cell["added_mean_absolute"], "finetuned": mean(cell["finetuned"]["test"].values()),
            "pretrained": mean(cell["pretrained"]["test"][t] for t in tasks), "coefficient": cell["coefficient"]}
+    out["gain"] = out["added"] - out["pretrained"]  # paired by seed: the merge against the unedited encoder
+    out["finetuned_gain"] = out["finetuned"] - out["pretrained"]
     if cell.get("cross_space"):
         out["cross"] = cell["cross_space"]["added_mean_absolute"]
     if cell.get("per_task"):
@@ -392,8 +394,8 @@ def summarize(cells: list[dict]) -> dict:
             by_mode[mode] = {c["seed"]: m for c, m in zip(group, per_seed)}
             row = {"mode": mode, "lr": lr, "seeds": [c["seed"] for c in group],
                    "coefficients": [m["coefficient"] for m in per_seed]}
-            for key in ("added", "finetuned", "pretrained", "negated", "retained", "control", "pretrained_control",
-                        "cross", "per_task"):
+            for key in ("added", "finetuned", "pretrained", "gain", "finetuned_gain", "negated", "retained", "control",
+                        "pretrained_control", "cross", "per_task"):
                 if all(key in m for m in per_seed):
                     row[key] = interval([m[key] for m in per_seed])
                     row[key + "_per_seed"] = [m[key] for m in per_seed]
@@ -614,16 +616,17 @@ def _short(commit: str) -> str:
 
 
 def _tables(summary: dict) -> list[str]:
-    lines = ["| mode | lr | seeds | fine-tuned | added (merged) | alpha | negated target | retained | control "
-             "(pre-trained) | budget met |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| mode | lr | seeds | fine-tuned | added (merged) | merged - pre-trained | alpha | negated target | "
+             "retained | control (pre-trained) | budget met |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in summary["rows"]:
         neg = (f"{_pct(r['negated'])} | {_pct(r['retained'], 0)} | {100 * r['control'][0]:.1f} "
                f"({100 * r['pretrained_control'][0]:.1f}) | {r['budget_met'][0]}/{r['budget_met'][1]}"
                if "negated" in r else "- | - | - | -")
         alphas = ", ".join(f"{a:g}" for a in r["coefficients"])
         seeds = ", ".join(map(str, r["seeds"]))
-        lines.append(f"| {r['mode']} | {r['lr']:g} | {seeds} | {_pct(r['finetuned'])} | {_pct(r['added'])} | {alphas} "
-                     f"| {neg} |")
+        gain = _signed(r["gain"]) if "gain" in r else "-"
+        lines.append(f"| {r['mode']} | {r['lr']:g} | {seeds} | {_pct(r['finetuned'])} | {_pct(r['added'])} | {gain} "
+                     f"| {alphas} | {neg} |")
     pre = summary["rows"][0]["pretrained"][0] if summary["rows"] else float("nan")
     lines += ["", f"Pre-trained encoder with the same heads: {100 * pre:.1f} (mean over the edited tasks)."]
     for a, b in PAIRS:
