@@ -696,8 +696,10 @@ def _tables(summary: dict) -> list[str]:
 
 def plot(results: dict, path: Path) -> Path:
     """The map as a figure: merged accuracy vs learning rate per mode (and the fine-tuned
-    accuracy), and, when the run has subsets, merged accuracy vs number of tasks per mode and
-    learning rate; bars are the 95% intervals over seeds, dashed lines the pre-trained encoder."""
+    accuracy); when the run negated, the negated target and control accuracy vs learning rate
+    (dashed: the control's pre-trained accuracy); when it has subsets, merged accuracy vs number
+    of tasks per mode and learning rate. Bars are the 95% intervals over seeds, dashed lines the
+    pre-trained encoder."""
     from hf_taskarith.evaluation.plots import plot_interval_curves
 
     summary = results["summary"]
@@ -720,6 +722,18 @@ def plot(results: dict, path: Path) -> Path:
     panels = {title: by_lr}
     reference = {title: [(r["lr"], 100 * r["pretrained"][0]) for r in summary["rows"]]}
     xlabel, logx = {title: "learning rate"}, {title: True}
+    if any("negated" in r for r in summary["rows"]):
+        title = "each task negated in turn, vs learning rate"
+        panels[title] = {}
+        for mode in MODES:
+            rows = [r for r in summary["rows"] if r["mode"] == mode and "negated" in r]
+            if rows:
+                panels[title][f"{mode}, negated target"] = pts(rows, "lr", "negated")
+                panels[title][f"{mode}, control"] = pts(rows, "lr", "control")
+                styles[f"{mode}, negated target"] = {"color": colour[mode]}
+                styles[f"{mode}, control"] = {"color": colour[mode], "linestyle": ":", "marker": "^"}
+        reference[title] = [(r["lr"], 100 * r["pretrained_control"][0]) for r in summary["rows"] if "negated" in r]
+        xlabel[title], logx[title] = "learning rate", True
     if summary.get("number_of_tasks"):
         title = "gain over pre-trained vs number of tasks"
         rows = summary["number_of_tasks"]
