@@ -142,3 +142,22 @@ def test_saved_vectors_and_the_direct_tangent_path_reproduce_the_cell(regime_cel
     assert direct["coefficient"] == trained["linear"]["coefficient"]
     assert direct["added_test"] == pytest.approx(trained["linear"]["added_test"], abs=1e-9)
     assert direct["tangent_evaluation"] == "direct"
+
+
+def test_adapter_modes_run_a_cell_and_pair_llora_with_lora(load_benchmark, tiny_bert):
+    rm = load_benchmark("regime_map")
+    base, tok = tiny_bert
+    args = rm.parser().parse_args(["--tasks", "_smoke_colour", "_smoke_animal", "--control", "_smoke_control",
+                                   "--steps", "2", "--train-size", "32", "--val-size", "16", "--test-size", "16",
+                                   "--rank", "2", "--adapter-targets", "query", "value"])
+    setting = rm.Seed(1, args, base, tok)
+    cells = [rm.one_cell(m, 1e-3, 1, args, base, tok, setting) for m in ("lora", "llora")]
+    assert cells[1]["tangent_evaluation"] == "cached" and cells[0]["tangent_evaluation"] is None
+    for cell in cells:
+        assert set(cell["negation"]) == {"_smoke_colour", "_smoke_animal"}
+        matrix = cell["cosines"]["matrix"]
+        assert all(abs(cos) <= 1 + 1e-6 for row in matrix for cos in row)
+        assert all(abs(matrix[i][i] - 1) < 1e-4 for i in range(2))  # non-zero vectors: the adapters trained
+    summary = rm.summarize(cells)
+    (pair,) = summary[rm.pair_key("llora", "lora")]
+    assert pair["seeds"] == [1] and "added" in pair
