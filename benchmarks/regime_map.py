@@ -755,6 +755,33 @@ def plot(results: dict, path: Path) -> Path:
                                 ylabel=ylabel, dodge=0.02)
 
 
+def plot_cosines(results: dict, path: Path) -> Path | None:
+    """Mean task-vector cosine matrix over seeds per (mode, lr), side by side on one scale
+    (``None`` when the cells recorded no cosines)."""
+    import torch
+
+    from hf_taskarith.evaluation.plots import plot_similarity_matrices
+
+    groups: dict = {}
+    for c in results["cells"]:
+        if c.get("cosines"):
+            groups.setdefault((c["lr"], list(MODES).index(c["mode"]), c["mode"]), []).append(c["cosines"])
+    if not groups:
+        return None
+    matrices = {}
+    for (lr, _, mode), found in sorted(groups.items()):
+        names = found[0]["tasks"]
+        if any(f["tasks"] != names for f in found):
+            raise SystemExit(f"cosine matrices of {mode} at lr {lr:g} list their tasks in different orders.")
+        mean_matrix = torch.tensor([f["matrix"] for f in found], dtype=torch.float64).mean(0)
+        matrices[f"{mode}, lr {lr:g} ({len(found)} seeds)"] = (names, mean_matrix)
+    return plot_similarity_matrices(matrices, path, title="task-vector cosine similarity, mean over seeds")
+
+
+def cosines_path(results_json: Path) -> Path:
+    return ROOT / "docs" / f"{results_json.stem}_cosines.png"
+
+
 def plot_path(results_json: Path) -> Path:
     return ROOT / "docs" / f"{results_json.stem}.png"
 
@@ -912,6 +939,9 @@ def main() -> None:
         write_between_markers(ROOT / "docs" / "regime_map.md", block, markers_for(args.json))
         print(block)
         print(f"figure written to {plot(results, plot_path(args.json))}")
+        cosines = plot_cosines(results, cosines_path(args.json))
+        if cosines:
+            print(f"cosine matrices written to {cosines}")
         return
 
     if args.merge:

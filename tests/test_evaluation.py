@@ -247,6 +247,20 @@ def test_interval_curves_plot_and_refuse_empty_panels(tmp_path):
     assert not (tmp_path / "x.png").exists()
 
 
+def test_similarity_matrices_share_one_scale_and_refuse_bad_shapes(tmp_path):
+    from hf_taskarith.evaluation.plots import plot_similarity_matrices
+
+    m = torch.tensor([[1.0, 0.02], [0.02, 1.0]])
+    png = plot_similarity_matrices({"a": (["x", "y"], m), "b": (["x", "y"], 2 * m), "c": (["x", "y"], -m)},
+                                   tmp_path / "cos.png")
+    assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 1000
+    with pytest.raises(ValueError, match=r"shape \(2, 2\); expected \(3, 3\)"):
+        plot_similarity_matrices({"a": (["x", "y", "z"], m)}, tmp_path / "bad.png")
+    with pytest.raises(ValueError, match="at least one matrix"):
+        plot_similarity_matrices({}, tmp_path / "bad.png")
+    assert not (tmp_path / "bad.png").exists()
+
+
 def test_features_correct_marks_each_example():
     from hf_taskarith.errors import NonFiniteError
     from hf_taskarith.evaluation.task_accuracy import features_correct

@@ -52,6 +52,9 @@ def test_regime_map_tables_are_rendered_from_the_committed_results(regime_map, p
         f"{doc.name} is stale: run benchmarks/regime_map.py --render --json {path.relative_to(ROOT)}"
     figure = regime_map.plot_path(path)
     assert figure.is_file() and f"]({figure.name})" in doc.read_text(), f"{figure.name} missing or not shown"
+    if any(c.get("cosines") for c in results["cells"]):
+        cosines = regime_map.cosines_path(path)
+        assert cosines.is_file() and f"]({cosines.name})" in doc.read_text(), f"{cosines.name} missing or not shown"
 
 
 def _cell(mode, lr, seed, val, test):

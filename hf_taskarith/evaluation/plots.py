@@ -48,11 +48,59 @@ def plot_cosine_matrix(task_vectors: Mapping[str, TaskVector], path: str | os.Pa
     return _save(plt, fig, path)
 
 
-def _save(plt, fig, path: str | os.PathLike) -> Path:
-    """Write ``fig`` to ``path`` (parent folders created), close it, return the path."""
+def plot_similarity_matrices(matrices: Mapping[str, tuple[list[str], torch.Tensor]], path: str | os.PathLike, *,
+                             digits: int = 3, title: str = "") -> Path:
+    """Several similarity matrices side by side on one colour scale (e.g. the mean task-vector
+    cosines of two fine-tuning modes), the diagonal left blank so small off-diagonal values show.
+
+    Args:
+        matrices: ``{panel title: (task names, square matrix)}``.
+        path: the PNG to write.
+        digits: decimals printed in each cell.
+        title: a title over all panels.
+
+    Raises:
+        ValueError: no matrix, or a matrix that is not square with one name per row.
+    """
+    if not matrices:
+        raise ValueError("plot_similarity_matrices needs at least one matrix.")
+    for label, (names, m) in matrices.items():
+        if tuple(m.shape) != (len(names), len(names)):
+            raise ValueError(f"matrix {label!r} has shape {tuple(m.shape)}; expected ({len(names)}, {len(names)}) "
+                             "for its names.")
+    off = [m.masked_fill(torch.eye(len(n), dtype=torch.bool), float("nan")) for n, m in matrices.values()]
+    top = max(float(o.nan_to_num(0.0).abs().max()) for o in off) or 1.0
+    plt = _pyplot()
+    n = max(len(names) for names, _ in matrices.values())
+    cols = min(2, len(matrices))
+    rows = -(-len(matrices) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=((1.8 + 0.75 * n) * cols + 0.8, (1.4 + 0.65 * n) * rows),
+                             squeeze=False, layout="constrained")
+    flat = list(axes.flat)
+    for ax in flat[len(matrices):]:
+        ax.axis("off")
+    for ax, (label, (names, _)), m in zip(flat, matrices.items(), off):
+        im = ax.imshow(m.numpy(), vmin=-top, vmax=top, cmap="coolwarm")
+        ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(range(len(names)), names, fontsize=8)
+        for i in range(len(names)):
+            for j in range(len(names)):
+                if i != j:
+                    ax.text(j, i, f"{m[i, j]:.{digits}f}", ha="center", va="center", fontsize=7)
+        ax.set_title(label, fontsize=10)
+    fig.colorbar(im, ax=flat, fraction=0.03, shrink=0.8)
+    if title:
+        fig.suptitle(title)
+    return _save(plt, fig, path, tight=False)
+
+
+def _save(plt, fig, path: str | os.PathLike, *, tight: bool = True) -> Path:
+    """Write ``fig`` to ``path`` (parent folders created), close it, return the path
+    (``tight=False`` for figures laid out by matplotlib's constrained layout)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
+    if tight:
+        fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
