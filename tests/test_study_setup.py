@@ -104,11 +104,14 @@ def regime_cells(load_benchmark, tiny_bert, tmp_path_factory):
     loaded = {m: rm.one_cell(m, 1e-3, 0, again, base, tok) for m in ("nonlinear", "linear")}
     direct = rm.one_cell("linear", 1e-3, 0, rm.parser().parse_args([*common, "--from-vectors", str(saved),
                                                                      "--direct-tangent"]), base, tok)
-    return rm, trained, loaded, direct
+    chance = rm.one_cell("linear", 1e-3, 0, rm.parser().parse_args([*common, "--from-vectors", str(saved),
+                                                                     "--negation-objective", "chance_distance"]),
+                         base, tok)
+    return rm, trained, loaded, direct, chance
 
 
 def test_regime_cell_runs_the_whole_protocol(regime_cells):
-    rm, trained, _, _ = regime_cells
+    rm, trained, *_ = regime_cells
     for mode, cell in trained.items():
         assert set(cell["negation"]) == {"_smoke_colour", "_smoke_animal", "_smoke_food"}
         for neg in cell["negation"].values():  # a separate control, a recorded budget, a coefficient on the grid
@@ -132,7 +135,7 @@ def test_regime_cell_runs_the_whole_protocol(regime_cells):
 
 
 def test_saved_vectors_and_the_direct_tangent_path_reproduce_the_cell(regime_cells):
-    _, trained, loaded, direct = regime_cells
+    _, trained, loaded, direct, _ = regime_cells
     for mode in trained:
         for key in ("finetuned", "coefficient", "added_test", "negation", "subsets", "cross_space"):
             assert loaded[mode][key] == trained[mode][key], (mode, key)
@@ -161,3 +164,16 @@ def test_adapter_modes_run_a_cell_and_pair_llora_with_lora(load_benchmark, tiny_
     summary = rm.summarize(cells)
     (pair,) = summary[rm.pair_key("llora", "lora")]
     assert pair["seeds"] == [1] and "added" in pair
+
+
+def test_negation_can_select_on_the_distance_from_chance(regime_cells):
+    """``--negation-objective chance_distance``: within the control budget, the coefficient whose
+    target validation accuracy is closest to chance (the search records every candidate)."""
+    _, _, _, _, cell = regime_cells
+    for neg in cell["negation"].values():
+        floor = 0.95 * cell["pretrained"]["val"]["_smoke_control"]
+        distance = {alpha: abs(acc - neg["chance"]) for alpha, acc, _ in neg["search"]}
+        allowed = [alpha for alpha, _, control in neg["search"] if alpha > 0 and control >= floor]
+        assert neg["budget_met"] == bool(allowed)
+        # the chosen one is the closest to chance among the allowed (or nothing, alpha 0, when none is closer)
+        assert distance[neg["coefficient"]] == pytest.approx(min(distance[a] for a in [0.0, *allowed]), abs=1e-12)
