@@ -408,7 +408,7 @@ def summarize(cells: list[dict]) -> dict:
                 continue
             common = sorted(set(by_mode[a]) & set(by_mode[b]))
             pair = {"lr": lr, "seeds": common}
-            for key in ("added", "negated", "control"):
+            for key in ("added", "negated", "retained", "control"):
                 diffs = [by_mode[a][s][key] - by_mode[b][s][key] for s in common
                          if key in by_mode[a][s] and key in by_mode[b][s]]
                 if diffs:
@@ -644,13 +644,16 @@ def _tables(summary: dict) -> list[str]:
         if not summary.get(pair_key(a, b)):
             continue
         boot = any("added_bootstrap" in p for p in summary[pair_key(a, b)])
+        kept = any("retained" in p for p in summary[pair_key(a, b)])  # runs with negation
+        keys = ("added", "negated", "retained", "control") if kept else ("added", "negated", "control")
         lines += ["", f"Paired over seeds, {a} - {b} (points; an interval that holds 0 is no resolved difference):",
-                  "", "| lr | added | negated target (lower is better) | control |"
+                  "", "| lr | added | negated target (lower is better) | "
+                  + ("retained, chance-adjusted (lower is better) | " if kept else "") + "control |"
                   + (" added, test sampling only (paired bootstrap) |" if boot else ""),
-                  "|---|---|---|---|" + ("---|" if boot else "")]
+                  "|---|" + "---|" * len(keys) + ("---|" if boot else "")]
         for p in summary[pair_key(a, b)]:
-            cols = [f"{_signed(p[k])}: {_reading(p[k], k != 'negated', a, b)}" if k in p else "-"
-                    for k in ("added", "negated", "control")]
+            cols = [f"{_signed(p[k])}: {_reading(p[k], k not in ('negated', 'retained'), a, b)}" if k in p else "-"
+                    for k in keys]
             if boot:
                 cols.append(_signed(p["added_bootstrap"]) if "added_bootstrap" in p else "-")
             lines.append(f"| {p['lr']:g} | " + " | ".join(cols) + " |")
