@@ -31,6 +31,7 @@ import re
 import time
 from pathlib import Path
 
+from hf_taskarith.evaluation.modes import PAIRS, TANGENT_MODES
 from hf_taskarith.evaluation.provenance import run_record
 from hf_taskarith.evaluation.statistics import mean_interval
 from hf_taskarith.evaluation.task_accuracy import mean
@@ -38,10 +39,6 @@ from hf_taskarith.evaluation.task_accuracy import mean
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "benchmarks" / "results" / "disentanglement_map.json"
 FOLDER = re.compile(r"^(?P<mode>nonlinear|linear|lora|llora)-lr(?P<lr>[0-9.e+-]+)-seed(?P<seed>\d+)$")
-#: modes whose vectors live in the tangent space (regime_map.TANGENT_MODES)
-TANGENT_MODES = {"linear", "llora"}
-#: paired comparisons over seeds, reported when both modes ran: (a, b) -> "a - b" (regime_map.PAIRS)
-PAIRS = (("linear", "nonlinear"), ("llora", "lora"))
 
 
 def pairs_of(tasks: list[str], n: int, seed: int) -> list[tuple[str, str]]:

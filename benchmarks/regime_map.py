@@ -37,6 +37,7 @@ import re
 import time
 from pathlib import Path
 
+from hf_taskarith.evaluation.modes import MODES, PAIRS, TANGENT_MODES
 from hf_taskarith.evaluation.provenance import run_record
 from hf_taskarith.evaluation.statistics import mean_interval
 from hf_taskarith.evaluation.task_accuracy import mean
@@ -45,12 +46,6 @@ ROOT = Path(__file__).resolve().parent.parent
 TASKS = ["trec", "sms_spam", "amazon_sentiment"]
 CONTROL = "disaster_tweets"
 RESULTS = ROOT / "benchmarks" / "results" / "regime_map.json"
-#: mode -> (train_encoder mode, adapter kind or None); linearized modes are edited in the tangent space
-MODES = {"nonlinear": ("nonlinear", None), "linear": ("linear", None), "lora": ("nonlinear", "lora"),
-         "llora": ("linear", "llora")}
-TANGENT_MODES = {"linear", "llora"}
-#: paired comparisons reported when both modes ran: (a, b) -> "a - b"
-PAIRS = (("linear", "nonlinear"), ("llora", "lora"))
 
 
 def pair_key(a: str, b: str) -> str:

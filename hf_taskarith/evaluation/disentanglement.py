@@ -35,6 +35,18 @@ class DisentanglementGrid:
         keep = (a.abs() <= radius)
         return float(self.xi[keep][:, keep].mean())
 
+    def mean_positive_quadrant(self) -> float:
+        """Mean xi over the grid points with both coefficients >= 0: where task addition operates
+        (the paper's figures span negative coefficients too, which negation uses).
+
+        Raises:
+            ValueError: the grid has no coefficient >= 0.
+        """
+        keep = torch.tensor(self.alphas) >= 0
+        if not bool(keep.any()):
+            raise ValueError(f"no coefficient >= 0 in the grid {self.alphas}: the positive quadrant is empty.")
+        return float(self.xi[keep][:, keep].mean())
+
 
 @torch.no_grad()
 def disentanglement_error(editor: ModelEditor, predict: Predict, tasks: tuple[str, str], *,
