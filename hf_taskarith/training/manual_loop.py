@@ -1,16 +1,11 @@
 """A hand-written fine-tuning loop (encoder learns, frozen head), kept for the benchmarks only.
 
 The demo and the examples fine-tune with :class:`~hf_taskarith.training.LinearizedTrainer`
-(:func:`hf_taskarith.training.frozen_head.train_encoder`). This loop stays for two studies
-whose published numbers depend on what it does and ``Trainer`` does not:
-
-* ``benchmarks/text_tasks.py`` calls ``on_step`` after *every* optimizer step to score the
-  validation split and keep the best weights (the selection curve it reports); a
-  ``TrainerCallback`` sees the step but the loop's exact batches (drawn without replacement,
-  a batch may span two epochs, :func:`shuffled_batches`) would change, and with them the
-  published figures.
-* ``benchmarks/vision_tasks.py`` runs its own image loop on :func:`shuffled_batches` and
-  :func:`warmup_linear_decay`.
+(:func:`hf_taskarith.training.frozen_head.train_encoder`). This loop stays because
+``benchmarks/vision_tasks.py`` runs its own image loop on :func:`shuffled_batches` and
+:func:`warmup_linear_decay` (batches drawn without replacement, a batch may span two epochs),
+and ``on_step`` (called after *every* optimizer step) serves callers that score or snapshot
+the model at each step.
 
 Plain PyTorch (AdamW, linear warm-up then linear decay, gradient clipping), deterministic on
 CPU for a given seed, with no state on disk.
