@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 from hf_taskarith.evaluation.modes import MODES, PAIRS, TANGENT_MODES
-from hf_taskarith.evaluation.provenance import run_record
+from hf_taskarith.evaluation.provenance import run_record, short_commit
 from hf_taskarith.evaluation.statistics import mean_interval
 from hf_taskarith.evaluation.task_accuracy import mean
 
@@ -613,12 +613,7 @@ def _negation_rule(cfg: dict) -> str:
 def _commits(results: dict) -> str:
     """``commit `abc1234` `` (or ``commits `a`, `b` `` for a run resumed or merged across commits)."""
     commits = results.get("commits") or [results.get("commit") or "unknown"]
-    return ("commit " if len(commits) == 1 else "commits ") + ", ".join(f"`{_short(c)}`" for c in commits)
-
-
-def _short(commit: str) -> str:
-    """``abc1234`` (``abc1234+dirty`` for a run from a work tree with uncommitted changes)."""
-    return commit[:7] + ("+dirty" if commit.endswith("+dirty") else "")
+    return ("commit " if len(commits) == 1 else "commits ") + ", ".join(f"`{short_commit(c)}`" for c in commits)
 
 
 def _tables(summary: dict) -> list[str]:

@@ -103,7 +103,7 @@ from tqdm.auto import tqdm
 from hf_taskarith import LinearizedModel, TaskVector
 from hf_taskarith.errors import NonFiniteError
 from hf_taskarith.evaluation import ModelEditor, TangentEditor, disentanglement_error
-from hf_taskarith.evaluation.provenance import run_record
+from hf_taskarith.evaluation.provenance import run_record, short_commit
 from hf_taskarith.evaluation.statistics import mean_interval
 from hf_taskarith.evaluation.tangent_outputs import TangentOutputs
 from hf_taskarith.training.encoders import progress_disabled
@@ -590,8 +590,9 @@ def render(results: dict) -> str:
     pre_control = _mean(c["pretrained"]["control"]["test"] for c in cells)
     out = [f"EfficientNet-Lite0, tasks {', '.join(cfg['tasks'])} (negation control: {cfg['control']}, pre-trained "
            f"{100 * pre_control:.1f}), {cfg['steps']} steps, test {cfg['test_size']} per task, seeds {seeds}; "
-           f"commit{'s' if len(commits) > 1 else ''} {', '.join(f'`{c}`' for c in commits)}. Accuracy in %, mean "
-           "[95% t-interval] over seeds; xi in % (sum over the pair's two tasks, so 0-200), mean over the "
+           f"commit{'s' if len(commits) > 1 else ''} {', '.join(f'`{short_commit(c)}`' for c in commits)}. "
+           "Accuracy in %, mean [95% t-interval] over seeds; xi in % (sum over the pair's two tasks, so 0-200), "
+           "mean over the "
            f"{len(list(itertools.combinations(cfg['tasks'], 2)))} task pairs.", "",
            "| mode | lr | fine-tuned | pre-trained | merged | merged normalized | alpha | negated target | retained "
            "| control | budget met | xi, alpha >= 0 | mean abs cos |",

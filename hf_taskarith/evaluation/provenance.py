@@ -39,6 +39,14 @@ def git_commit(path: str | os.PathLike = ".") -> str | None:
     return f"{head}+dirty" if dirty else head
 
 
+def short_commit(commit: str | None) -> str:
+    """``abc1234`` for a commit recorded by :func:`git_commit` (``abc1234+dirty`` for a run from a
+    work tree with uncommitted changes, ``unknown`` for none), as result tables print it."""
+    if not commit:
+        return "unknown"
+    return commit[:7] + ("+dirty" if commit.endswith("+dirty") else "")
+
+
 def package_versions(names: tuple[str, ...] = PACKAGES) -> dict[str, str | None]:
     """``name -> installed version`` (``None`` when a distribution is not installed)."""
     out: dict[str, str | None] = {}
