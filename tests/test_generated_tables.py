@@ -219,3 +219,18 @@ def test_merge_can_keep_only_seeds_every_mode_finished(regime_map, tmp_path):
     out = json.loads((tmp_path / "out.json").read_text())
     assert [(c["mode"], c["seed"]) for c in out["cells"]] == [("nonlinear", 0), ("linear", 0)]
     assert out["left_out_incomplete_seeds"] == [["nonlinear", 1e-3, 1]]
+
+
+def test_vision_tables_are_rendered_from_the_committed_results(load_benchmark):
+    vs = load_benchmark("vision_tasks")
+    results = json.loads(vs.RESULTS.read_text())
+    assert _close(json.loads(json.dumps(vs.summarize(results["cells"]))), results["summary"])
+    doc = vs.DOC.read_text()
+    assert _block(vs.DOC, vs.MARKERS) == vs.render(results), \
+        "docs/vision_benchmark.md is stale: run benchmarks/vision_tasks.py --render"
+    assert vs.tiny_table(results["tiny_transformers"]) in doc, "the tiny ViT/CLIP table differs from the results"
+    for lr in sorted({c["lr"] for c in results["cells"]}):
+        for mode in ("nonlinear", "linear"):
+            name = f"vision_xi_{mode}_lr{lr:g}.png"
+            assert (vs.DOCS / name).is_file() and f"]({name})" in doc, f"{name} missing or not linked"
+    assert (vs.DOCS / "vision_cosines.png").is_file() and "](vision_cosines.png)" in doc
