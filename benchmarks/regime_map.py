@@ -363,6 +363,7 @@ def _seed_means(cell: dict) -> dict[str, float]:
     out["finetuned_gain"] = out["finetuned"] - out["pretrained"]
     if cell.get("cross_space"):
         out["cross"] = cell["cross_space"]["added_mean_absolute"]
+        out["cross_minus_own"] = out["cross"] - out["added"]  # paired by seed: the same vectors, other space
     if cell.get("per_task"):
         out["per_task"] = cell["per_task"]["added_mean_absolute"]
     neg = cell.get("negation") or {}
@@ -391,7 +392,7 @@ def summarize(cells: list[dict]) -> dict:
             row = {"mode": mode, "lr": lr, "seeds": [c["seed"] for c in group],
                    "coefficients": [m["coefficient"] for m in per_seed]}
             for key in ("added", "finetuned", "pretrained", "gain", "finetuned_gain", "negated", "retained", "control",
-                        "pretrained_control", "cross", "per_task"):
+                        "pretrained_control", "cross", "cross_minus_own", "per_task"):
                 if all(key in m for m in per_seed):
                     row[key] = interval([m[key] for m in per_seed])
                     row[key + "_per_seed"] = [m[key] for m in per_seed]
@@ -423,7 +424,26 @@ def summarize(cells: list[dict]) -> dict:
             for c in cells if c.get("best_on_validation")]
     if best:  # the same summary over the best-on-validation vectors (their cells hold no further level)
         out["best_on_validation"] = summarize(best)
+        out["best_minus_final"] = _best_minus_final(cells)
     return out
+
+
+def _best_minus_final(cells: list[dict]) -> list[dict]:
+    """Per (mode, lr): best-on-validation minus final checkpoints, paired by seed (the same
+    fine-tuning run, stopped at its best validation check instead of its last step)."""
+    rows = []
+    for lr in sorted({c["lr"] for c in cells}):
+        for mode in MODES:
+            group = sorted((c for c in cells if c["mode"] == mode and c["lr"] == lr and c.get("best_on_validation")),
+                           key=lambda c: c["seed"])
+            if not group:
+                continue
+            final = [_seed_means(c) for c in group]
+            best = [_seed_means({**c, **c["best_on_validation"]}) for c in group]
+            rows.append({"mode": mode, "lr": lr, "seeds": [c["seed"] for c in group],
+                         **{key: _interval([b[key] - f[key] for b, f in zip(best, final)])
+                            for key in ("finetuned", "added")}})
+    return rows
 
 
 def _mean_se(values: list[float]) -> list[float]:
@@ -598,6 +618,12 @@ def render(results: dict) -> str:
         lines += ["", f"**Best-on-validation checkpoints** (each fine-tuning checked every {cfg.get('eval_every')} "
                   "steps and after the last; the earliest best kept), analysed the same way:", "",
                   *_tables(summary["best_on_validation"])]
+        if summary.get("best_minus_final"):
+            lines += ["", "Best-on-validation minus final checkpoints, paired by seed (points):", "",
+                      "| mode | lr | fine-tuned alone | added (merged) |", "|---|---|---|---|"]
+            lines += [f"| {r['mode']} | {r['lr']:g} | {_signed(r['finetuned'])}: "
+                      f"{_reading(r['finetuned'], True, 'best', 'final')} | {_signed(r['added'])}: "
+                      f"{_reading(r['added'], True, 'best', 'final')} |" for r in summary["best_minus_final"]]
     return "\n".join(lines)
 
 
@@ -652,12 +678,16 @@ def _tables(summary: dict) -> list[str]:
              "accuracy; linearized vectors in the tangent space):", "| mode | lr | shared coefficient | per-task "
              "coefficients |"),
             ("cross", "The same vectors added in the other space (ordinary vectors in the tangent space, linearized "
-             "ones in weight space), coefficient again chosen on validation:", "| trained | lr | added where trained "
-             "| added in the other space |")):
+             "ones in weight space), coefficient again chosen on validation; the last column pairs the two by seed:",
+             "| trained | lr | added where trained | added in the other space | other space - where trained |")):
         found = [r for r in summary["rows"] if key in r]
         if found:
-            lines += ["", intro, "", header, "|---|---|---|---|"]
-            lines += [f"| {r['mode']} | {r['lr']:g} | {_pct(r['added'])} | {_pct(r[key])} |" for r in found]
+            paired = key == "cross" and all("cross_minus_own" in r for r in found)
+            lines += ["", intro, "", header, "|---|---|---|---|" + ("---|" if paired else "")]
+            lines += [f"| {r['mode']} | {r['lr']:g} | {_pct(r['added'])} | {_pct(r[key])} |"
+                      + (f" {_signed(r['cross_minus_own'])}: "
+                         f"{_reading(r['cross_minus_own'], True, 'other space', 'own space')} |" if paired else "")
+                      for r in found]
     if summary.get("number_of_tasks"):
         nt = summary["number_of_tasks"]
         modes = [m for m in MODES if any(m in r for r in nt)]

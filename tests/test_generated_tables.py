@@ -234,3 +234,29 @@ def test_vision_tables_are_rendered_from_the_committed_results(load_benchmark):
             name = f"vision_xi_{mode}_lr{lr:g}.png"
             assert (vs.DOCS / name).is_file() and f"]({name})" in doc, f"{name} missing or not linked"
     assert (vs.DOCS / "vision_cosines.png").is_file() and "](vision_cosines.png)" in doc
+
+
+def test_cross_space_and_best_checkpoints_are_paired_by_seed(regime_map):
+    cells = []
+    for seed in (0, 1, 2):
+        for mode in ("nonlinear", "linear"):
+            cell = _cell(mode, 1e-3, seed, 0.5, 0.6 + seed / 10)  # a seed spread far larger than the effects
+            cell["cross_space"] = {"added_mean_absolute": 0.65 + seed / 10 + seed / 100}  # +5, +6, +7 points
+            best = _cell(mode, 1e-3, seed, 0.5, 0.58 + seed / 10 - seed / 200)  # merges 2-3 points worse
+            best["finetuned"]["test"] = {"a": 0.62 + seed / 10 + seed / 200, "b": 0.62 + seed / 10 + seed / 200}
+            cell["best_on_validation"] = {k: v for k, v in best.items() if k not in ("mode", "lr", "seed")}
+            cell["best_on_validation"]["cross_space"] = None
+            cells.append(cell)
+    summary = regime_map.summarize(cells)
+    row = summary["rows"][0]
+    assert row["cross_minus_own"][0] == pytest.approx(0.06) and row["cross_minus_own"][1] > 0  # resolved when paired
+    assert row["cross"][1] < row["added"][0]  # ... though unpaired the intervals overlap
+    assert "cross" not in summary["best_on_validation"]["rows"][0]  # the final cells' cross run is not borrowed
+    diff = {r["mode"]: r for r in summary["best_minus_final"]}
+    assert diff["linear"]["added"][0] == pytest.approx(-0.025) and diff["linear"]["added"][2] < 0
+    assert diff["linear"]["finetuned"][0] == pytest.approx(0.025) and diff["linear"]["finetuned"][1] > 0
+    table = regime_map.render({"summary": summary, "cells": cells, "config": {
+        "tasks": ["a", "b"], "control": "z", "steps": 1, "test_size": 1, "eval_every": 20}})
+    assert re.search(r"\| nonlinear \| 0\.001 \| [^|]+ \| [^|]+ \| \+6\.0 \[[^]]+\]: other space higher \|", table)
+    assert re.search(r"\| linear \| 0\.001 \| \+2\.5 \[[^]]+\]: best higher \| -2\.5 \[[^]]+\]: final higher "
+                     r"\(best worse\) \|", table)
