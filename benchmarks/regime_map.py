@@ -40,6 +40,7 @@ from pathlib import Path
 from hf_taskarith.evaluation.modes import MODES, PAIRS, TANGENT_MODES
 from hf_taskarith.evaluation.provenance import run_record, short_commit
 from hf_taskarith.evaluation.statistics import mean_interval
+from hf_taskarith.evaluation.study_runs import join_runs
 from hf_taskarith.evaluation.task_accuracy import mean
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -874,20 +875,11 @@ def merge(sources: list[Path], target: Path, *, complete_seeds: bool = False) ->
     """One results file from runs of the same settings over different cells (e.g. one run per
     learning rate, side by side). Their configs must agree on :data:`CELL_SETTINGS`; a cell
     present twice is an error. The merged config lists the union of modes, lrs and seeds."""
-    runs = [json.loads(p.read_text()) for p in sources]
+    try:
+        runs, cells = join_runs(sources, CELL_SETTINGS, defaults=SETTING_DEFAULTS)
+    except ValueError as e:
+        raise SystemExit(f"--merge: {e}") from None
     first = runs[0]["config"]
-    for p, r in zip(sources[1:], runs[1:]):
-        differ = [k for k in CELL_SETTINGS if _setting(r["config"], k) != _setting(first, k)]
-        if differ:
-            raise SystemExit(f"--merge: {p} was run with other settings than {sources[0]} ({', '.join(differ)}).")
-    cells, seen = [], set()
-    for p, r in zip(sources, runs):
-        for c in r["cells"]:
-            key = (c["mode"], c["lr"], c["seed"])
-            if key in seen:
-                raise SystemExit(f"--merge: cell {key} is in more than one file (again in {p}).")
-            seen.add(key)
-            cells.append(c)
     left_out: list = []
     if complete_seeds:  # only (lr, seed) groups that every mode finished: paired rows of one seed set
         modes = {c["mode"] for c in cells}

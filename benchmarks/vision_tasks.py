@@ -105,6 +105,7 @@ from hf_taskarith.errors import NonFiniteError
 from hf_taskarith.evaluation import ModelEditor, TangentEditor, disentanglement_error
 from hf_taskarith.evaluation.provenance import run_record, short_commit
 from hf_taskarith.evaluation.statistics import mean_interval
+from hf_taskarith.evaluation.study_runs import join_runs
 from hf_taskarith.evaluation.tangent_outputs import TangentOutputs
 from hf_taskarith.training.encoders import progress_disabled
 from hf_taskarith.training.heads import fit_linear_probe, freeze
@@ -757,19 +758,10 @@ def tiny_table(tiny: dict) -> str:
 def merge(sources: list[Path], target: Path) -> None:
     """One results file from runs of the same settings over different cells (e.g. one process per
     learning rate, side by side); a cell present twice is an error."""
-    runs = [json.loads(p.read_text()) for p in sources]
-    for p, r in zip(sources[1:], runs[1:]):
-        differ = [k for k in CELL_SETTINGS if r["config"].get(k) != runs[0]["config"].get(k)]
-        if differ:
-            raise SystemExit(f"--merge: {p} was run with other settings than {sources[0]} ({', '.join(differ)}).")
-    cells, seen = [], set()
-    for p, r in zip(sources, runs):
-        for c in r["cells"]:
-            key = (c["mode"], c["lr"], c["seed"])
-            if key in seen:
-                raise SystemExit(f"--merge: cell {key} is in more than one file (again in {p}).")
-            seen.add(key)
-            cells.append(c)
+    try:
+        runs, cells = join_runs(sources, CELL_SETTINGS)
+    except ValueError as e:
+        raise SystemExit(f"--merge: {e}") from None
     config = dict(runs[0]["config"], **{k: sorted({v for r in runs for v in r["config"][k]})
                                         for k in ("modes", "lrs", "seeds")})
     data = {**{k: v for k, v in runs[0].items() if k not in ("cells", "summary", "config")}, "config": config,
