@@ -33,10 +33,10 @@ import copy
 import json
 import math
 import random
-import re
 import time
 from pathlib import Path
 
+from hf_taskarith.evaluation.generated_docs import write_between_markers
 from hf_taskarith.evaluation.modes import MODES, PAIRS, TANGENT_MODES
 from hf_taskarith.evaluation.provenance import run_record, short_commit
 from hf_taskarith.evaluation.statistics import mean_interval
@@ -821,15 +821,6 @@ def plot_path(results_json: Path) -> Path:
     return ROOT / "docs" / f"{results_json.stem}.png"
 
 
-def write_between_markers(path: Path, block: str, markers: tuple[str, str] = MARKERS) -> None:
-    text = path.read_text()
-    begin, end = markers
-    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
-    if not pattern.search(text):
-        raise SystemExit(f"{path}: no '{begin}' ... '{end}' block to fill.")
-    path.write_text(pattern.sub(lambda _: f"{begin}\n{block}\n{end}", text))
-
-
 #: settings that change what a cell measures (a resumed run must share them)
 CELL_SETTINGS = ("tasks", "control", "steps", "train_size", "val_size", "test_size", "no_negation", "cross", "subsets",
                  "eval_every", "rank", "adapter_targets", "per_task", "negation_objective")
@@ -966,7 +957,10 @@ def main() -> None:
             results["summary"] = fresh
             print(f"{args.json}: summary re-derived from its cells")
         block = render(results)
-        write_between_markers(ROOT / "docs" / "regime_map.md", block, markers_for(args.json))
+        try:
+            write_between_markers(ROOT / "docs" / "regime_map.md", block, markers_for(args.json))
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
         print(block)
         print(f"figure written to {plot(results, plot_path(args.json))}")
         cosines = plot_cosines(results, cosines_path(args.json))

@@ -103,6 +103,7 @@ from tqdm.auto import tqdm
 from hf_taskarith import LinearizedModel, TaskVector
 from hf_taskarith.errors import NonFiniteError
 from hf_taskarith.evaluation import ModelEditor, TangentEditor, disentanglement_error
+from hf_taskarith.evaluation.generated_docs import write_between_markers
 from hf_taskarith.evaluation.provenance import run_record, short_commit
 from hf_taskarith.evaluation.statistics import mean_interval
 from hf_taskarith.evaluation.study_runs import join_runs
@@ -845,11 +846,10 @@ def main() -> None:
             _write(args.json, {**results, "summary": fresh})
             results["summary"] = fresh
         block = render(results)
-        text = DOC.read_text()
-        begin, end = MARKERS
-        if begin not in text or end not in text:
-            raise SystemExit(f"{DOC}: no '{begin}' ... '{end}' block to fill.")
-        DOC.write_text(text[:text.index(begin) + len(begin)] + "\n" + block + "\n" + text[text.index(end):])
+        try:
+            write_between_markers(DOC, block, MARKERS)
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
         print(block)
         print("figures:", ", ".join(str(p.relative_to(ROOT)) for p in plot_figures(results)))
         return

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from hf_taskarith.evaluation.generated_docs import generated_block
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -23,10 +25,7 @@ def regime_map(load_benchmark):
 
 
 def _block(path: Path, markers) -> str:
-    begin, end = markers
-    found = re.search(re.escape(begin) + r"\n(.*?)\n" + re.escape(end), path.read_text(), re.S)
-    assert found, f"{path.name}: no generated regime-map block"
-    return found.group(1)
+    return generated_block(path, markers)
 
 
 def _close(a, b):
