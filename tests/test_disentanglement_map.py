@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 
+
 @pytest.fixture(scope="module")
 def xi_map(load_benchmark):
     return load_benchmark("disentanglement_map")
@@ -44,3 +45,16 @@ def test_adapter_modes_are_paired_among_themselves(xi_map):
     assert pair["seeds"] == [0, 1] and pair["positive"][0] == pytest.approx(-0.3)
     assert summary["paired_linear_minus_nonlinear"] == []  # no ordinary cells: nothing to pair linear with
     assert xi_map.FOLDER.match("llora-lr0.001-seed2")["mode"] == "llora"
+
+
+def test_render_prints_percent_intervals_and_the_paired_rows(xi_map):
+    cells = [{"mode": m, "lr": 2e-4, "seed": s, "positive": base + s / 10 + (s / 100 if m == "linear" else 0),
+              "all": base, "pairs": [{}, {}, {}]}
+             for s in (0, 1, 2) for m, base in (("nonlinear", 0.5), ("linear", 0.2))]
+    config = {"split": "val", "alphas": [-3.0, 0.0, 3.0], "tasks": ["a", "b"]}
+    results = {"commit": "0123456789abcdef", "config": config, "summary": xi_map.summarize(cells), "cells": cells}
+    table = xi_map.render(results)
+    assert "commit `0123456`" in table and "3 task pairs per seed" in table
+    assert "| nonlinear | 0.0002 | 0, 1, 2 | 60.0 [" in table and "| 50.0 |" in table  # whole grid: no spread
+    assert "| 0.0002 | linear - nonlinear | 0, 1, 2 | -29.0 [" in table
+
