@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 
 
-
 @pytest.fixture(scope="module")
 def xi_map(load_benchmark):
     return load_benchmark("disentanglement_map")
