@@ -34,8 +34,9 @@ from pathlib import Path
 
 from hf_taskarith.evaluation.generated_docs import write_between_markers
 from hf_taskarith.evaluation.modes import PAIRS, TANGENT_MODES
-from hf_taskarith.evaluation.provenance import run_record, short_commit
+from hf_taskarith.evaluation.provenance import commits_phrase, run_record
 from hf_taskarith.evaluation.statistics import mean_interval
+from hf_taskarith.evaluation.study_runs import join_runs
 from hf_taskarith.evaluation.task_accuracy import mean
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -135,13 +136,18 @@ def _pct(iv: list[float], signed: bool = False) -> str:
     return est if iv[1] == iv[2] else f"{est} [{lo}, {hi}]"
 
 
+def _commits(results: dict) -> str:
+    """How the results file's commits are named in its tables (several for a resumed or merged run)."""
+    return commits_phrase(results.get("commits") or [results.get("commit")])
+
+
 def render(results: dict) -> str:
     """The markdown tables of a results file (what ``--render`` writes between :data:`MARKERS`)."""
     cfg, summary, cells = results["config"], results["summary"], results["cells"]
     n_pairs = sorted({len(c["pairs"]) for c in cells})
     lines = [f"xi on the {cfg['split']} split, coefficients {cfg['alphas'][0]:g}..{cfg['alphas'][-1]:g} per task "
              f"({len(cfg['alphas'])}^2 grid), {'/'.join(map(str, n_pairs))} task pairs per seed (tasks "
-             f"{', '.join(cfg['tasks'])}); commit `{short_commit(results.get('commit'))}`. xi in % (summed over "
+             f"{', '.join(cfg['tasks'])}); {_commits(results)}. xi in % (summed over "
              "the pair's two tasks, so 0-200; 0 is perfectly disentangled), mean [95% t-interval] over seeds of the "
              "per-seed mean over pairs.", "",
              "| mode | lr | seeds | xi, both coefficients >= 0 | xi, whole grid |", "|---|---|---|---|---|"]
@@ -156,6 +162,32 @@ def render(results: dict) -> str:
     return "\n".join(lines)
 
 
+#: settings that change what a cell measures: files joined by --merge must share them
+CELL_SETTINGS = ("tasks", "split", "alphas", "pairs")
+
+
+def merge(sources: list[Path], target: Path) -> None:
+    """One results file from runs over different folders (e.g. one run while the last vectors were
+    still training, one for those); settings must agree and no cell may appear twice."""
+    try:
+        runs, cells = join_runs(sources, CELL_SETTINGS)
+    except ValueError as e:
+        raise SystemExit(f"--merge: {e}") from None
+    commits = sorted({r.get("commit") or "unknown" for r in runs})
+    results = {**{k: v for k, v in runs[0].items() if k not in ("cells", "summary")},
+               "commit": commits[0] if len(commits) == 1 else None, "commits": commits,
+               "merged_from": [str(p) for p in sources], "summary": summarize(cells), "cells": cells}
+    _write(target, results)
+    print(f"{len(cells)} cells from {len(sources)} files written to {target}")
+
+
+def _write(path: Path, results: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=1))
+    tmp.replace(path)  # never a half-written results file
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--vectors", type=Path, help="the --save-vectors folder of a regime_map run (required)")
@@ -168,7 +200,12 @@ def main() -> None:
     ap.add_argument("--render", action="store_true",
                     help="write the tables of --json into docs/regime_map.md (between its xi-map markers); "
                          "compute nothing")
+    ap.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
+                    help="join these results files (same settings, different folders) into --json; compute nothing")
     args = ap.parse_args()
+    if args.merge:
+        merge(args.merge, args.json)
+        return
     if args.render:
         try:
             write_between_markers(DOC, render(json.loads(args.json.read_text())), MARKERS)
@@ -199,10 +236,7 @@ def main() -> None:
                "config": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                              if k != "json"}, "tasks": config["tasks"]},
                "summary": summarize(cells), "cells": cells}
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.json.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=1))
-    tmp.replace(args.json)
+    _write(args.json, results)
     for r in results["summary"]["rows"]:
         print(f"{r['mode']:9s} lr {r['lr']:g}: xi positive {r['positive'][0]:.3f} [{r['positive'][1]:.3f}, "
               f"{r['positive'][2]:.3f}], all {r['all'][0]:.3f}")

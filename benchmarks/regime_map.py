@@ -38,7 +38,7 @@ from pathlib import Path
 
 from hf_taskarith.evaluation.generated_docs import write_between_markers
 from hf_taskarith.evaluation.modes import MODES, PAIRS, TANGENT_MODES
-from hf_taskarith.evaluation.provenance import run_record, short_commit
+from hf_taskarith.evaluation.provenance import commits_phrase, run_record
 from hf_taskarith.evaluation.statistics import mean_interval
 from hf_taskarith.evaluation.study_runs import join_runs
 from hf_taskarith.evaluation.task_accuracy import mean
@@ -638,9 +638,8 @@ def _negation_rule(cfg: dict) -> str:
 
 
 def _commits(results: dict) -> str:
-    """``commit `abc1234` `` (or ``commits `a`, `b` `` for a run resumed or merged across commits)."""
-    commits = results.get("commits") or [results.get("commit") or "unknown"]
-    return ("commit " if len(commits) == 1 else "commits ") + ", ".join(f"`{short_commit(c)}`" for c in commits)
+    """How the results file's commits are named in its tables (several for a resumed or merged run)."""
+    return commits_phrase(results.get("commits") or [results.get("commit")])
 
 
 def _tables(summary: dict) -> list[str]:

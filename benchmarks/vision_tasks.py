@@ -104,7 +104,7 @@ from hf_taskarith import LinearizedModel, TaskVector
 from hf_taskarith.errors import NonFiniteError
 from hf_taskarith.evaluation import ModelEditor, TangentEditor, disentanglement_error
 from hf_taskarith.evaluation.generated_docs import write_between_markers
-from hf_taskarith.evaluation.provenance import run_record, short_commit
+from hf_taskarith.evaluation.provenance import commits_phrase, run_record
 from hf_taskarith.evaluation.statistics import mean_interval
 from hf_taskarith.evaluation.study_runs import join_runs
 from hf_taskarith.evaluation.tangent_outputs import TangentOutputs
@@ -587,12 +587,12 @@ def _signed(iv, digits: int = 1) -> str:
 def render(results: dict) -> str:
     """The markdown tables of a results file (what ``--render`` writes into the docs)."""
     cfg, s, cells = results["config"], results["summary"], results["cells"]
-    commits = sorted({c.get("commit") or "unknown" for c in cells})
+    commits = sorted({c.get("commit") or "unknown" for c in cells})  # each cell records the tree it ran from
     seeds = sorted({c["seed"] for c in cells})
     pre_control = _mean(c["pretrained"]["control"]["test"] for c in cells)
     out = [f"EfficientNet-Lite0, tasks {', '.join(cfg['tasks'])} (negation control: {cfg['control']}, pre-trained "
            f"{100 * pre_control:.1f}), {cfg['steps']} steps, test {cfg['test_size']} per task, seeds {seeds}; "
-           f"commit{'s' if len(commits) > 1 else ''} {', '.join(f'`{short_commit(c)}`' for c in commits)}. "
+           f"{commits_phrase(commits)}. "
            "Accuracy in %, mean [95% t-interval] over seeds; xi in % (sum over the pair's two tasks, so 0-200), "
            "mean over the "
            f"{len(list(itertools.combinations(cfg['tasks'], 2)))} task pairs.", "",

@@ -57,3 +57,25 @@ def test_render_prints_percent_intervals_and_the_paired_rows(xi_map):
     assert "| nonlinear | 0.0002 | 0, 1, 2 | 60.0 [" in table and "| 50.0 |" in table  # whole grid: no spread
     assert "| 0.0002 | linear - nonlinear | 0, 1, 2 | -29.0 [" in table
 
+
+
+def test_merge_joins_runs_over_different_folders_and_refuses_other_grids(xi_map, tmp_path):
+    import json
+
+    def run(name, cells, alphas=(-1.0, 0.0, 1.0), commit="a" * 40):
+        path = tmp_path / name
+        path.write_text(json.dumps({"commit": commit, "config": {"tasks": ["a", "b"], "split": "val",
+                                                                  "alphas": list(alphas), "pairs": 0},
+                                    "cells": [{"mode": m, "lr": 2e-4, "seed": s, "positive": 0.5, "all": 0.4,
+                                               "pairs": [{}]} for m, s in cells]}))
+        return path
+
+    first = run("a.json", [("nonlinear", 0), ("linear", 0), ("nonlinear", 1)])
+    later = run("b.json", [("linear", 1)], commit="b" * 40)
+    xi_map.merge([first, later], tmp_path / "all.json")
+    merged = json.loads((tmp_path / "all.json").read_text())
+    assert len(merged["cells"]) == 4 and merged["summary"]["paired_linear_minus_nonlinear"][0]["seeds"] == [0, 1]
+    assert "commits `aaaaaaa`, `bbbbbbb`" in xi_map.render(merged)
+    with pytest.raises(SystemExit, match="other settings.*alphas"):
+        xi_map.merge([first, run("c.json", [("linear", 2)], alphas=(-3.0, 0.0, 3.0))], tmp_path / "bad.json")
+    assert not (tmp_path / "bad.json").exists()

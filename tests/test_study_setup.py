@@ -10,7 +10,7 @@ import subprocess
 import pytest
 import torch
 
-from hf_taskarith.evaluation.provenance import git_commit, package_versions, run_record, short_commit
+from hf_taskarith.evaluation.provenance import commits_phrase, git_commit, package_versions, run_record, short_commit
 from hf_taskarith.training.heads import make_head, task_heads
 from hf_taskarith.training.tasks import RawTask, load_tasks, register_task
 
@@ -84,6 +84,8 @@ def test_provenance_names_the_commit_and_marks_uncommitted_changes(tmp_path):
     assert git_commit(tmp_path) == f"{head}+dirty"
     assert short_commit(f"{head}+dirty") == f"{head[:7]}+dirty" and short_commit(head) == head[:7]
     assert short_commit(None) == "unknown"
+    assert commits_phrase([head]) == f"commit `{head[:7]}`" and commits_phrase([]) == "commit `unknown`"
+    assert commits_phrase([head, f"{head}+dirty"]) == f"commits `{head[:7]}`, `{head[:7]}+dirty`"
     versions = package_versions(("torch", "surely-not-an-installed-distribution"))
     assert versions["torch"] and versions["surely-not-an-installed-distribution"] is None
     env = run_record(tmp_path)["environment"]

@@ -47,6 +47,13 @@ def short_commit(commit: str | None) -> str:
     return commit[:7] + ("+dirty" if commit.endswith("+dirty") else "")
 
 
+def commits_phrase(commits: list[str | None]) -> str:
+    """``commit `abc1234` `` or, for results joined or resumed across commits,
+    ``commits `abc1234`, `def5678` `` (each as :func:`short_commit` prints it)."""
+    commits = list(commits) or [None]
+    return ("commit " if len(commits) == 1 else "commits ") + ", ".join(f"`{short_commit(c)}`" for c in commits)
+
+
 def package_versions(names: tuple[str, ...] = PACKAGES) -> dict[str, str | None]:
     """``name -> installed version`` (``None`` when a distribution is not installed)."""
     out: dict[str, str | None] = {}
