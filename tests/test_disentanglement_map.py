@@ -3,7 +3,14 @@ mode), quadrant means, and the paired summary over seeds."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
+
+from hf_taskarith.evaluation.generated_docs import generated_block
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +67,6 @@ def test_render_prints_percent_intervals_and_the_paired_rows(xi_map):
 
 
 def test_merge_joins_runs_over_different_folders_and_refuses_other_grids(xi_map, tmp_path):
-    import json
-
     def run(name, cells, alphas=(-1.0, 0.0, 1.0), commit="a" * 40):
         path = tmp_path / name
         path.write_text(json.dumps({"commit": commit, "config": {"tasks": ["a", "b"], "split": "val",
@@ -79,3 +84,14 @@ def test_merge_joins_runs_over_different_folders_and_refuses_other_grids(xi_map,
     with pytest.raises(SystemExit, match="other settings.*alphas"):
         xi_map.merge([first, run("c.json", [("linear", 2)], alphas=(-3.0, 0.0, 3.0))], tmp_path / "bad.json")
     assert not (tmp_path / "bad.json").exists()
+
+
+RESULTS = sorted((ROOT / "benchmarks" / "results").glob("disentanglement_map*.json"))
+
+
+@pytest.mark.parametrize("path", RESULTS, ids=[p.stem for p in RESULTS])
+def test_committed_xi_tables_are_rendered_from_their_results(xi_map, path):
+    results = json.loads(path.read_text())
+    assert json.loads(json.dumps(xi_map.summarize(results["cells"]))) == results["summary"]
+    assert generated_block(xi_map.DOC, xi_map.MARKERS) == xi_map.render(results), \
+        f"docs/regime_map.md is stale: run benchmarks/disentanglement_map.py --render --json {path.name}"
