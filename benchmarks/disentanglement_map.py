@@ -36,7 +36,7 @@ from hf_taskarith.evaluation.generated_docs import write_between_markers
 from hf_taskarith.evaluation.modes import PAIRS, TANGENT_MODES
 from hf_taskarith.evaluation.provenance import commits_phrase, run_record
 from hf_taskarith.evaluation.statistics import mean_interval
-from hf_taskarith.evaluation.study_runs import join_runs
+from hf_taskarith.evaluation.study_runs import join_runs, write_results
 from hf_taskarith.evaluation.task_accuracy import mean
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -177,15 +177,8 @@ def merge(sources: list[Path], target: Path) -> None:
     results = {**{k: v for k, v in runs[0].items() if k not in ("cells", "summary")},
                "commit": commits[0] if len(commits) == 1 else None, "commits": commits,
                "merged_from": [str(p) for p in sources], "summary": summarize(cells), "cells": cells}
-    _write(target, results)
+    write_results(target, results)
     print(f"{len(cells)} cells from {len(sources)} files written to {target}")
-
-
-def _write(path: Path, results: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=1))
-    tmp.replace(path)  # never a half-written results file
 
 
 def main() -> None:
@@ -236,7 +229,7 @@ def main() -> None:
                "config": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                              if k != "json"}, "tasks": config["tasks"]},
                "summary": summarize(cells), "cells": cells}
-    _write(args.json, results)
+    write_results(args.json, results)
     for r in results["summary"]["rows"]:
         print(f"{r['mode']:9s} lr {r['lr']:g}: xi positive {r['positive'][0]:.3f} [{r['positive'][1]:.3f}, "
               f"{r['positive'][2]:.3f}], all {r['all'][0]:.3f}")

@@ -40,7 +40,7 @@ from hf_taskarith.evaluation.generated_docs import write_between_markers
 from hf_taskarith.evaluation.modes import MODES, PAIRS, TANGENT_MODES
 from hf_taskarith.evaluation.provenance import commits_phrase, run_record
 from hf_taskarith.evaluation.statistics import mean_interval
-from hf_taskarith.evaluation.study_runs import join_runs
+from hf_taskarith.evaluation.study_runs import join_runs, write_results
 from hf_taskarith.evaluation.task_accuracy import mean
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -854,13 +854,6 @@ def _resumable(args: argparse.Namespace) -> list[dict]:
     return keep
 
 
-def _write(path: Path, results: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=1))
-    tmp.replace(path)  # never a half-written results file
-
-
 def merge(sources: list[Path], target: Path, *, complete_seeds: bool = False) -> None:
     """One results file from runs of the same settings over different cells (e.g. one run per
     learning rate, side by side). Their configs must agree on :data:`CELL_SETTINGS`; a cell
@@ -879,7 +872,7 @@ def merge(sources: list[Path], target: Path, *, complete_seeds: bool = False) ->
         cells = [c for c in cells if (c["lr"], c["seed"]) in done]
     config = dict(first, **{k: sorted({v for r in runs for v in r["config"][k]}) for k in ("modes", "lrs", "seeds")})
     commits = sorted({c.get("commit") or r.get("commit") or "unknown" for r in runs for c in r["cells"]})
-    _write(target, {"commit": commits[0] if len(commits) == 1 else None, "commits": commits,
+    write_results(target, {"commit": commits[0] if len(commits) == 1 else None, "commits": commits,
                     "config": config, "environment": runs[0].get("environment"),
                     "merged_from": [str(p) for p in sources], "left_out_incomplete_seeds": left_out,
                     "summary": summarize(cells), "cells": cells})
@@ -952,7 +945,7 @@ def main() -> None:
         results = json.loads(args.json.read_text())
         fresh = json.loads(json.dumps(summarize(results["cells"])))
         if fresh != results["summary"]:  # the summary is derived from the cells: keep it what this code derives
-            _write(args.json, {**results, "summary": fresh})
+            write_results(args.json, {**results, "summary": fresh})
             results["summary"] = fresh
             print(f"{args.json}: summary re-derived from its cells")
         block = render(results)
@@ -993,7 +986,8 @@ def main() -> None:
                 setting = setting or Seed(seed, args, base, tok)
                 cells.append({**one_cell(mode, lr, seed, args, base, tok, setting), "commit": record["commit"],
                               "environment": record["environment"]})
-                _write(args.json, {**record, "config": _config(args), "summary": summarize(cells), "cells": cells})
+                write_results(args.json, {**record, "config": _config(args), "summary": summarize(cells),
+                                          "cells": cells})
     print(render(json.loads(args.json.read_text())))
     print(f"results written to {args.json}")
 

@@ -85,7 +85,6 @@ import gzip
 import itertools
 import json
 import math
-import os
 import statistics
 import sys
 import tempfile
@@ -106,7 +105,7 @@ from hf_taskarith.evaluation import ModelEditor, TangentEditor, disentanglement_
 from hf_taskarith.evaluation.generated_docs import write_between_markers
 from hf_taskarith.evaluation.provenance import commits_phrase, run_record
 from hf_taskarith.evaluation.statistics import mean_interval
-from hf_taskarith.evaluation.study_runs import join_runs
+from hf_taskarith.evaluation.study_runs import join_runs, write_results
 from hf_taskarith.evaluation.tangent_outputs import TangentOutputs
 from hf_taskarith.training.encoders import progress_disabled
 from hf_taskarith.training.heads import fit_linear_probe, freeze
@@ -495,14 +494,6 @@ def _config(args) -> dict:
                                                               "no_progress")}
 
 
-def _write(path: Path, data: dict) -> None:
-    """Atomic: a crash mid-write leaves the previous file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-
-
 def _mean(values) -> float:
     values = list(values)
     return sum(values) / len(values)
@@ -767,7 +758,7 @@ def merge(sources: list[Path], target: Path) -> None:
                                         for k in ("modes", "lrs", "seeds")})
     data = {**{k: v for k, v in runs[0].items() if k not in ("cells", "summary", "config")}, "config": config,
             "merged_from": [str(p) for p in sources], "summary": summarize(cells), "cells": cells}
-    _write(target, data)
+    write_results(target, data, indent=2)
     print(f"{len(cells)} cells from {len(sources)} files written to {target}")
 
 
@@ -843,7 +834,7 @@ def main() -> None:
         results = json.loads(args.json.read_text())
         fresh = json.loads(json.dumps(summarize(results["cells"])))
         if fresh != results["summary"]:
-            _write(args.json, {**results, "summary": fresh})
+            write_results(args.json, {**results, "summary": fresh}, indent=2)
             results["summary"] = fresh
         block = render(results)
         try:
@@ -864,7 +855,8 @@ def main() -> None:
     if args.tiny_transformers_only:
         tiny = tiny_transformers(load_tasks(args.tiny_tasks, args), args)
         data = json.loads(args.json.read_text()) if args.json.exists() else {"config": _config(args), "cells": []}
-        _write(args.json, {**data, "tiny_transformers": {**tiny, "config": _config(args), **run_record(ROOT)}})
+        write_results(args.json, {**data, "tiny_transformers": {**tiny, "config": _config(args), **run_record(ROOT)}},
+                      indent=2)
         print(tiny_table(tiny))
         print(f"written to {args.json} in {time.perf_counter() - start:.0f}s")
         return
@@ -891,7 +883,7 @@ def main() -> None:
                 data = {"config": config, **record, "model": MODEL, "summary": summarize(cells), "cells": cells}
                 if old is not None and "tiny_transformers" in old:  # keep the section of a --tiny-transformers-only run
                     data["tiny_transformers"] = old["tiny_transformers"]
-                _write(args.json, data)
+                write_results(args.json, data, indent=2)
     print(render({"config": config, "summary": summarize(cells), "cells": cells}))
     print(f"written to {args.json} in {time.perf_counter() - start:.0f}s")
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from hf_taskarith.evaluation.study_runs import join_runs
+from hf_taskarith.evaluation.study_runs import join_runs, write_results
 
 
 def _run(path, config, cells):
@@ -45,3 +45,19 @@ def test_join_runs_refuses_a_cell_twice_and_no_files(tmp_path):
         join_runs([a, b], ["steps"])
     with pytest.raises(ValueError, match="no results files"):
         join_runs([], ["steps"])
+
+
+def test_write_results_is_atomic_and_round_trips(tmp_path, monkeypatch):
+    target = tmp_path / "new" / "run.json"
+    write_results(target, {"cells": [{"lr": 1e-3}], "path": tmp_path})  # folder created; Path written as str
+    assert json.loads(target.read_text()) == {"cells": [{"lr": 1e-3}], "path": str(tmp_path)}
+
+    def broken(self, text):
+        self.open("w").write(text[:5])  # a crash mid-write: only the temporary file is touched
+        raise OSError("disk full")
+
+    monkeypatch.setattr(type(target), "write_text", broken)
+    with pytest.raises(OSError, match="disk full"):
+        write_results(target, {"cells": []})
+    monkeypatch.undo()
+    assert json.loads(target.read_text())["cells"] == [{"lr": 1e-3}]  # the previous file is intact

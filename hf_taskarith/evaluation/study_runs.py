@@ -4,6 +4,7 @@ A study on a few CPU cores runs best as one single-threaded process per learning
 seed), side by side, each writing its own results file of *cells* (one mode, learning rate and
 seed each). :func:`join_runs` reads such files back as one list of cells, refusing what would
 make the joined tables wrong: files run with other settings, or a cell present twice.
+:func:`write_results` writes a results file so that a crash never leaves half of one.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["join_runs"]
+__all__ = ["join_runs", "write_results"]
 
 
 def join_runs(sources: Sequence[str | Path], settings: Sequence[str], *,
@@ -53,3 +54,13 @@ def join_runs(sources: Sequence[str | Path], settings: Sequence[str], *,
             seen.add(key)
             cells.append(cell)
     return runs, cells
+
+
+def write_results(path: str | Path, data: Mapping[str, Any], *, indent: int = 1) -> None:
+    """Write ``data`` as JSON to ``path`` atomically (through a temporary file beside it, then a
+    rename), creating the folder; a crash mid-write leaves the previous file as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=indent, default=str) + "\n")
+    tmp.replace(path)
