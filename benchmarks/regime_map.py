@@ -367,6 +367,7 @@ def _seed_means(cell: dict) -> dict[str, float]:
         out["cross_minus_own"] = out["cross"] - out["added"]  # paired by seed: the same vectors, other space
     if cell.get("per_task"):
         out["per_task"] = cell["per_task"]["added_mean_absolute"]
+        out["per_task_minus_shared"] = out["per_task"] - out["added"]  # paired by seed: the same vectors
     neg = cell.get("negation") or {}
     if neg:
         out.update(negated=mean(n["target_test"] for n in neg.values()),
@@ -393,7 +394,7 @@ def summarize(cells: list[dict]) -> dict:
             row = {"mode": mode, "lr": lr, "seeds": [c["seed"] for c in group],
                    "coefficients": [m["coefficient"] for m in per_seed]}
             for key in ("added", "finetuned", "pretrained", "gain", "finetuned_gain", "negated", "retained", "control",
-                        "pretrained_control", "cross", "cross_minus_own", "per_task"):
+                        "pretrained_control", "cross", "cross_minus_own", "per_task", "per_task_minus_shared"):
                 if all(key in m for m in per_seed):
                     row[key] = interval([m[key] for m in per_seed])
                     row[key + "_per_seed"] = [m[key] for m in per_seed]
@@ -673,20 +674,21 @@ def _tables(summary: dict) -> list[str]:
             if boot:
                 cols.append(_signed(p["added_bootstrap"]) if "added_bootstrap" in p else "-")
             lines.append(f"| {p['lr']:g} | " + " | ".join(cols) + " |")
-    for key, intro, header in (
+    for key, intro, header, diff, names in (
             ("per_task", "A coefficient per task (coordinate ascent from the shared one on normalized validation "
-             "accuracy; linearized vectors in the tangent space):", "| mode | lr | shared coefficient | per-task "
-             "coefficients |"),
+             "accuracy; linearized vectors in the tangent space)", "| mode | lr | shared coefficient | per-task "
+             "coefficients |", "per_task_minus_shared", ("per-task", "shared")),
             ("cross", "The same vectors added in the other space (ordinary vectors in the tangent space, linearized "
-             "ones in weight space), coefficient again chosen on validation; the last column pairs the two by seed:",
-             "| trained | lr | added where trained | added in the other space | other space - where trained |")):
+             "ones in weight space), coefficient again chosen on validation", "| trained | lr | added where trained "
+             "| added in the other space |", "cross_minus_own", ("other space", "own space"))):
         found = [r for r in summary["rows"] if key in r]
         if found:
-            paired = key == "cross" and all("cross_minus_own" in r for r in found)
-            lines += ["", intro, "", header, "|---|---|---|---|" + ("---|" if paired else "")]
+            paired = all(diff in r for r in found)  # hand-made summaries may lack the paired figure
+            lines += ["", intro + ("; the last column pairs the two by seed:" if paired else ":"), "",
+                      header + (f" {names[0]} - {'where trained' if key == 'cross' else names[1]} |" if paired else ""),
+                      "|---|---|---|---|" + ("---|" if paired else "")]
             lines += [f"| {r['mode']} | {r['lr']:g} | {_pct(r['added'])} | {_pct(r[key])} |"
-                      + (f" {_signed(r['cross_minus_own'])}: "
-                         f"{_reading(r['cross_minus_own'], True, 'other space', 'own space')} |" if paired else "")
+                      + (f" {_signed(r[diff])}: {_reading(r[diff], True, *names)} |" if paired else "")
                       for r in found]
     if summary.get("number_of_tasks"):
         nt = summary["number_of_tasks"]

@@ -208,6 +208,21 @@ def test_per_task_coefficients_get_their_own_table(regime_map):
     assert "| linear | 0.001 | 60.0 | 70.0 |" in table  # identical seeds: no interval printed
 
 
+def test_per_task_minus_shared_is_paired_by_seed(regime_map):
+    cells = []
+    for seed, (shared, own) in enumerate([(0.60, 0.62), (0.70, 0.73), (0.80, 0.82)]):
+        cell = _cell("linear", 1e-3, seed, 0.5, shared)
+        cell["per_task"] = {"added_mean_absolute": own}
+        cells.append(cell)
+    row = regime_map.summarize(cells)["rows"][0]
+    # unpaired, the intervals of 70 and 72 overlap widely; paired, each seed gains 2-3 points
+    assert row["added"][1] < row["per_task"][0] and row["per_task_minus_shared"][1] > 0
+    table = regime_map.render({"summary": regime_map.summarize(cells), "cells": cells, "config": {
+        "tasks": ["a", "b"], "control": "z", "steps": 1, "test_size": 1}})
+    assert "| mode | lr | shared coefficient | per-task coefficients | per-task - shared |" in table
+    assert "| linear | 0.001 | 70.0 [" in table and ": per-task higher |" in table
+
+
 def test_merge_can_keep_only_seeds_every_mode_finished(regime_map, tmp_path):
     config = {"tasks": ["a", "b"], "control": "z", "steps": 1, "train_size": 1, "val_size": 1, "test_size": 1,
               "no_negation": True, "modes": ["nonlinear", "linear"], "seeds": [0, 1], "lrs": [1e-3]}
