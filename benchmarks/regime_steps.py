@@ -64,12 +64,20 @@ def load(paths: list[Path]) -> tuple[list[dict], list[dict]]:
     return runs, cells
 
 
+def build(paths: list[Path]) -> tuple[list[dict], dict]:
+    """``(runs, summary)`` of the files, the first one's steps the reference of the paired
+    steps differences."""
+    runs, cells = load(paths)
+    return runs, summarize(cells, reference=runs[0]["config"]["steps"])
+
+
 def _setting_key(c: dict) -> tuple[float, int]:
     return (c["lr"], c["steps"])
 
 
-def summarize(cells: list[dict]) -> dict:
-    """Rows per (lr, steps, mode), paired rows per (lr, steps), and each mode tuned over the
+def summarize(cells: list[dict], reference: int = 60) -> dict:
+    """Rows per (lr, steps, mode), paired rows per (lr, steps), each run against the
+    ``reference``-steps run of its mode and lr (paired by seed), and each mode tuned over the
     grid on validation (ties go to the gentler setting: smaller lr x steps)."""
     rows, pairs = [], []
     for lr, steps in sorted({_setting_key(c) for c in cells}):
@@ -92,7 +100,23 @@ def summarize(cells: list[dict]) -> dict:
                     pairs.append({"lr": lr, "steps": steps, "a": a, "b": b, "seeds": common,
                                   "added": rm._interval([by_mode[a][s]["added"] - by_mode[b][s]["added"]
                                                          for s in common])})
-    return {"rows": rows, "pairs": pairs, "tuned": _tuned(cells)}
+    return {"rows": rows, "pairs": pairs, "vs_reference": _vs_reference(cells, reference), "tuned": _tuned(cells)}
+
+
+def _vs_reference(cells: list[dict], reference: int) -> list[dict]:
+    """Per (mode, lr, steps other than ``reference``): that run minus the ``reference``-steps run,
+    paired by seed (same splits, heads and batch order), merged and fine-tuned alone."""
+    out = []
+    means = {(c["mode"], c["lr"], c["steps"], c["seed"]): rm._seed_means(c) for c in cells}
+    for mode in MODES:
+        for lr, steps in sorted({_setting_key(c) for c in cells if c["mode"] == mode and c["steps"] != reference}):
+            seeds = sorted(key[3] for key in means
+                           if key[:3] == (mode, lr, steps) and (mode, lr, reference, key[3]) in means)
+            if seeds:
+                out.append({"mode": mode, "lr": lr, "steps": steps, "reference": reference, "seeds": seeds,
+                            **{k: rm._interval([means[(mode, lr, steps, s)][k] - means[(mode, lr, reference, s)][k]
+                                                for s in seeds]) for k in ("added", "finetuned")}})
+    return out
 
 
 def _tuned(cells: list[dict]) -> dict:
@@ -142,6 +166,16 @@ def render(runs: list[dict], summary: dict) -> str:
                 lines.append(f"| {lr:g} | " + " | ".join(
                     f"{rm._signed(by_steps[s])}: {rm._reading(by_steps[s], True, a, b)}" if s in by_steps else "-"
                     for s in steps) + " |")
+    if summary["vs_reference"]:
+        ref = summary["vs_reference"][0]["reference"]
+        lines += ["", f"Each run minus the {ref}-step run of the same mode and lr, paired by seed (points):", "",
+                  f"| mode | lr | steps | merged, - {ref} steps | fine-tuned alone, - {ref} steps |",
+                  "|---|---|---|---|---|"]
+        for r in summary["vs_reference"]:
+            this, base = f"{r['steps']} steps", f"{ref} steps"
+            lines.append(f"| {r['mode']} | {r['lr']:g} | {r['steps']} | "
+                         + " | ".join(f"{rm._signed(r[k])}: {rm._reading(r[k], True, this, base)}"
+                                      for k in ("added", "finetuned")) + " |")
     tuned = summary["tuned"]
     for a, b in PAIRS:
         if rm.pair_key(a, b) in tuned:
@@ -184,11 +218,11 @@ def plot(summary: dict, path: Path) -> Path:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="*", type=Path, default=RUNS,
-                    help="regime-map results files, one per --steps value (default: 60 and 120 steps)")
+                    help="regime-map results files, one per --steps value, the reference run first (default: 60 "
+                         "steps, then 120)")
     ap.add_argument("--figure", type=Path, default=FIGURE)
     args = ap.parse_args()
-    runs, cells = load(args.runs)
-    summary = summarize(cells)
+    runs, summary = build(args.runs)
     block = render(runs, summary)
     try:
         write_between_markers(ROOT / "docs" / "regime_map.md", block, MARKERS)

@@ -37,15 +37,20 @@ def test_each_mode_is_tuned_over_learning_rate_and_steps_on_validation_not_test(
         # although its short run is (misleadingly) better on test -- the choice must follow validation
         short += [_cell("nonlinear", 1e-3, s, 0.90, 0.88 + s / 100), _cell("linear", 1e-3, s, 0.80, 0.95)]
         long_ += [_cell("nonlinear", 1e-3, s, 0.70, 0.70), _cell("linear", 1e-3, s, 0.85, 0.80 + 2 * s / 100)]
-    runs, cells = steps_axis.load([_write(tmp_path / "a.json", 30, short), _write(tmp_path / "b.json", 120, long_)])
-    summary = steps_axis.summarize(cells)
+    runs, summary = steps_axis.build([_write(tmp_path / "a.json", 30, short), _write(tmp_path / "b.json", 120, long_)])
     tuned = summary["tuned"]
     assert tuned["nonlinear"]["settings"] == [[1e-3, 30]] * 3 and tuned["linear"]["settings"] == [[1e-3, 120]] * 3
     assert tuned["linear"]["added"][0] == pytest.approx(0.82)
     # paired by seed: linear's seeds differ by 1 point more than nonlinear's, a narrow interval
     assert tuned["paired_linear_minus_nonlinear"] == pytest.approx([-0.07, -0.07 - 0.0248, -0.07 + 0.0248], abs=1e-3)
     assert [(p["steps"], round(p["added"][0], 6)) for p in summary["pairs"]] == [(30, 0.06), (120, 0.12)]
+    # each mode's 120-step run against its 30-step run (the first file), paired by seed
+    longer = {r["mode"]: r for r in summary["vs_reference"]}
+    assert longer["nonlinear"]["steps"] == 120 and longer["nonlinear"]["reference"] == 30
+    assert longer["nonlinear"]["added"][0] == pytest.approx(0.70 - 0.89)
+    assert longer["linear"]["added"] == pytest.approx([-0.13, -0.13 - 0.0497, -0.13 + 0.0497], abs=1e-3)
     text = steps_axis.render(runs, summary)
+    assert "| linear | 0.001 | 120 | -13.0 [-18.0, -8.0]: 30 steps higher (120 steps worse) |" in text
     assert "| 0.001 | 30 | linear | 95.0 [" in text and "| 0.001 | +6.0 [+3.5, +8.5]: linear higher | +12.0 [" in text
     assert "nonlinear 89.0 [86.5, 91.5] (lr, steps: 0.001 x 30, 0.001 x 30, 0.001 x 30)" in text
     assert "linear - nonlinear -7.0 [-9.5, -4.5]: nonlinear higher (linear worse)." in text
