@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from hf_taskarith.evaluation.generated_docs import generated_block
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -71,3 +73,11 @@ def test_files_must_differ_in_their_steps_only(steps_axis, tmp_path):
         steps_axis.load([one, _write(tmp_path / "c.json", 60, [], tasks=["a", "c"])])
     with pytest.raises(SystemExit, match="at least two"):
         steps_axis.load([one])
+
+
+def test_the_docs_block_and_figure_are_generated_from_the_committed_results(steps_axis):
+    runs, summary = steps_axis.build(steps_axis.RUNS)
+    doc = ROOT / "docs" / "regime_map.md"
+    assert generated_block(doc, steps_axis.MARKERS) == steps_axis.render(runs, summary), \
+        "docs/regime_map.md is stale: run benchmarks/regime_steps.py"
+    assert steps_axis.FIGURE.is_file() and f"]({steps_axis.FIGURE.name})" in doc.read_text()
