@@ -550,18 +550,21 @@ def _cosine_summary(cells: list[dict]) -> list[dict]:
     return rows
 
 
-def _tuned(cells: list[dict]) -> dict:
-    """Each mode at its own learning rate, chosen per seed on the merged model's mean absolute
-    *validation* accuracy; test accuracy of the chosen cell, and the paired difference."""
+def _tuned(cells: list[dict], *, gentler=lambda c: (-c["lr"],), setting=lambda c: c["lr"],
+           name: str = "lrs") -> dict:
+    """Each mode at its own setting (by default its learning rate), chosen per seed on the merged
+    model's mean absolute *validation* accuracy, ties going to the larger ``gentler(cell)``; test
+    accuracy of the chosen cells (their ``setting(cell)`` listed under ``name``) and the paired
+    difference between modes."""
     chosen: dict[str, dict[int, dict]] = {}
     for mode in MODES:
         for seed in sorted({c["seed"] for c in cells}):
             group = [c for c in cells if c["mode"] == mode and c["seed"] == seed and "added_val_mean" in c]
             if group:
-                chosen.setdefault(mode, {})[seed] = max(group, key=lambda c: (c["added_val_mean"], -c["lr"]))
+                chosen.setdefault(mode, {})[seed] = max(group, key=lambda c: (c["added_val_mean"], *gentler(c)))
     out: dict = {}
     for mode, by_seed in chosen.items():
-        out[mode] = {"lrs": [c["lr"] for c in by_seed.values()],
+        out[mode] = {name: [setting(c) for c in by_seed.values()],
                      "added": _interval([c["added_mean_absolute"] for c in by_seed.values()])}
     for a, b in PAIRS:
         common = sorted(set(chosen.get(a, {})) & set(chosen.get(b, {})))
@@ -674,18 +677,19 @@ def _tables(summary: dict) -> list[str]:
             if boot:
                 cols.append(_signed(p["added_bootstrap"]) if "added_bootstrap" in p else "-")
             lines.append(f"| {p['lr']:g} | " + " | ".join(cols) + " |")
-    for key, intro, header, diff, names in (
+    for key, intro, header, diff, title, names in (
             ("per_task", "A coefficient per task (coordinate ascent from the shared one on normalized validation "
              "accuracy; linearized vectors in the tangent space)", "| mode | lr | shared coefficient | per-task "
-             "coefficients |", "per_task_minus_shared", ("per-task", "shared")),
+             "coefficients |", "per_task_minus_shared", "per-task - shared", ("per-task", "shared")),
             ("cross", "The same vectors added in the other space (ordinary vectors in the tangent space, linearized "
              "ones in weight space), coefficient again chosen on validation", "| trained | lr | added where trained "
-             "| added in the other space |", "cross_minus_own", ("other space", "own space"))):
+             "| added in the other space |", "cross_minus_own", "other space - where trained",
+             ("other space", "own space"))):
         found = [r for r in summary["rows"] if key in r]
         if found:
             paired = all(diff in r for r in found)  # hand-made summaries may lack the paired figure
             lines += ["", intro + ("; the last column pairs the two by seed:" if paired else ":"), "",
-                      header + (f" {names[0]} - {'where trained' if key == 'cross' else names[1]} |" if paired else ""),
+                      header + (f" {title} |" if paired else ""),
                       "|---|---|---|---|" + ("---|" if paired else "")]
             lines += [f"| {r['mode']} | {r['lr']:g} | {_pct(r['added'])} | {_pct(r[key])} |"
                       + (f" {_signed(r[diff])}: {_reading(r[diff], True, *names)} |" if paired else "")

@@ -100,7 +100,9 @@ def summarize(cells: list[dict], reference: int = 60) -> dict:
                     pairs.append({"lr": lr, "steps": steps, "a": a, "b": b, "seeds": common,
                                   "added": rm._interval([by_mode[a][s]["added"] - by_mode[b][s]["added"]
                                                          for s in common])})
-    return {"rows": rows, "pairs": pairs, "vs_reference": _vs_reference(cells, reference), "tuned": _tuned(cells)}
+    tuned = rm._tuned(cells, gentler=lambda c: (-c["lr"] * c["steps"], -c["lr"]),
+                      setting=lambda c: [c["lr"], c["steps"]], name="settings")
+    return {"rows": rows, "pairs": pairs, "vs_reference": _vs_reference(cells, reference), "tuned": tuned}
 
 
 def _vs_reference(cells: list[dict], reference: int) -> list[dict]:
@@ -116,26 +118,6 @@ def _vs_reference(cells: list[dict], reference: int) -> list[dict]:
                 out.append({"mode": mode, "lr": lr, "steps": steps, "reference": reference, "seeds": seeds,
                             **{k: rm._interval([means[(mode, lr, steps, s)][k] - means[(mode, lr, reference, s)][k]
                                                 for s in seeds]) for k in ("added", "finetuned")}})
-    return out
-
-
-def _tuned(cells: list[dict]) -> dict:
-    chosen: dict[str, dict[int, dict]] = {}
-    for mode in MODES:
-        for seed in sorted({c["seed"] for c in cells}):
-            group = [c for c in cells if c["mode"] == mode and c["seed"] == seed]
-            if group:
-                chosen.setdefault(mode, {})[seed] = max(
-                    group, key=lambda c: (c["added_val_mean"], -c["lr"] * c["steps"], -c["lr"]))
-    out: dict = {}
-    for mode, by_seed in chosen.items():
-        out[mode] = {"settings": [[c["lr"], c["steps"]] for c in by_seed.values()],
-                     "added": rm._interval([c["added_mean_absolute"] for c in by_seed.values()])}
-    for a, b in PAIRS:
-        common = sorted(set(chosen.get(a, {})) & set(chosen.get(b, {})))
-        if common:
-            out[rm.pair_key(a, b)] = rm._interval([chosen[a][s]["added_mean_absolute"]
-                                                   - chosen[b][s]["added_mean_absolute"] for s in common])
     return out
 
 
