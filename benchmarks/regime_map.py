@@ -180,6 +180,7 @@ class Analysis:
             res = task_addition(editor, sweep, finetuned_val=own["val"], finetuned_test=own["test"], per_task=True)
             per_task = {"coefficients": res.coefficients, "added_test": res.absolute,
                         "added_mean_absolute": res.mean_absolute, "added_mean_normalized": res.mean_normalized}
+        learned = self.learned(vectors, added.coefficients) if args.learned else None
         subsets = [_subset_addition(k, self.s.seed, editor, sweep, tasks, own, self.s.pretrained)
                    for k in args.subsets]
         cross = (_cross_space(self.mode, self.s.base, vectors, self.s.heads, self.s.tok, tasks, self.evaluate, own)
@@ -187,9 +188,42 @@ class Analysis:
         return {"finetuned": own, "coefficient": added.coefficients[tasks[0].name], "added_test": added.absolute,
                 "added_mean_absolute": added.mean_absolute, "added_mean_normalized": added.mean_normalized,
                 "added_val": added_val, "added_val_mean": mean(added_val.values()), "added_correct": correct,
-                "per_task": per_task, "search": added.search,
+                "per_task": per_task, "learned": learned, "search": added.search,
                 "negation": {} if args.no_negation else self.negations(editor, sweep),
                 "cross_space": cross, "subsets": subsets, "cosines": _cosines(vectors)}
+
+    def learned(self, vectors: dict, shared: dict[str, float]) -> dict:
+        """Coefficients per task and layer learned on the validation sets (``learn_coefficients``,
+        from the shared coefficient; linearized vectors in the tangent space), scored on test
+        with the direct evaluation (the exact cache holds one output per vector, not per layer)."""
+        import torch
+
+        from hf_taskarith.evaluation.coefficients import layer_of, learn_coefficients
+        from hf_taskarith.evaluation.editing import ModelEditor, TangentEditor
+        from hf_taskarith.training.encoders import embed, length_sorted_batches
+
+        tasks, s = self.s.tasks, self.s
+        batches: dict[str, list] = {}
+        for t in tasks:  # the validation split in length-sorted batches, labels alongside the inputs
+            val = t.split("val")
+            batches[t.name] = [{**batch, "labels": torch.tensor([val.labels[i] for i in idx])}
+                               for idx, batch in length_sorted_batches(s.tok, val.texts, batch_size=LEARNED["batch"],
+                                                                       max_length=64)]
+        editor = (ModelEditor(s.base, vectors) if self.lin_base is None else TangentEditor(self.lin_base, vectors))
+        start = shared[tasks[0].name] if LEARNED["init"] is None else LEARNED["init"]
+        t0 = time.perf_counter()
+        coefficients = learn_coefficients(editor.model, vectors, batches,
+                                          lambda model, batch, task: s.heads[task](embed(model, batch)),
+                                          granularity=LEARNED["granularity"], objective=self.args.learned,
+                                          labels=lambda batch: batch["labels"], steps=LEARNED["steps"],
+                                          lr=LEARNED["lr"], init=start)
+        learn_s = time.perf_counter() - t0
+        with editor.edited(coefficients) as model:
+            val, test = self.evaluate(model, "val"), self.evaluate(model, "test")
+        by_layer = {t: {layer_of(n): c for n, c in sorted(coefs.items())} for t, coefs in coefficients.items()}
+        return {"objective": self.args.learned, **LEARNED, "init": start, "coefficients": by_layer,
+                "added_val": val, "added_test": test, "added_mean_absolute": mean(test.values()),
+                "learn_seconds": learn_s}
 
     def negations(self, editor, sweep) -> dict:
         """Each task negated in turn against the separate control (``task_negation``, budget recorded)."""
@@ -243,9 +277,10 @@ def _cell_line(cell: dict, setting: Seed) -> str:
     bov = cell.get("best_on_validation")
     best = (f"; best-on-validation: fine-tuned {mean(bov['finetuned']['test'].values()):.4f}, "
             f"added {bov['added_mean_absolute']:.4f}" if bov else "")
+    learned = f"; learned per layer {cell['learned']['added_mean_absolute']:.4f}" if cell.get("learned") else ""
     return (f"{cell['mode']:9s} lr {cell['lr']:g} seed {cell['seed']}: fine-tuned {mean(own['test'].values()):.4f}, "
             f"pre-trained {mean(pre['test'][t.name] for t in setting.tasks):.4f}, added "
-            f"{cell['added_mean_absolute']:.4f} at alpha {cell['coefficient']:g}{neg}{best} "
+            f"{cell['added_mean_absolute']:.4f} at alpha {cell['coefficient']:g}{learned}{neg}{best} "
             f"({cell['total_seconds']:.0f} s)")
 
 
@@ -368,6 +403,9 @@ def _seed_means(cell: dict) -> dict[str, float]:
     if cell.get("per_task"):
         out["per_task"] = cell["per_task"]["added_mean_absolute"]
         out["per_task_minus_shared"] = out["per_task"] - out["added"]  # paired by seed: the same vectors
+    if cell.get("learned"):
+        out["learned"] = cell["learned"]["added_mean_absolute"]
+        out["learned_minus_shared"] = out["learned"] - out["added"]  # paired by seed: the same vectors
     neg = cell.get("negation") or {}
     if neg:
         out.update(negated=mean(n["target_test"] for n in neg.values()),
@@ -394,7 +432,8 @@ def summarize(cells: list[dict]) -> dict:
             row = {"mode": mode, "lr": lr, "seeds": [c["seed"] for c in group],
                    "coefficients": [m["coefficient"] for m in per_seed]}
             for key in ("added", "finetuned", "pretrained", "gain", "finetuned_gain", "negated", "retained", "control",
-                        "pretrained_control", "cross", "cross_minus_own", "per_task", "per_task_minus_shared"):
+                        "pretrained_control", "cross", "cross_minus_own", "per_task", "per_task_minus_shared",
+                        "learned", "learned_minus_shared"):
                 if all(key in m for m in per_seed):
                     row[key] = interval([m[key] for m in per_seed])
                     row[key + "_per_seed"] = [m[key] for m in per_seed]
@@ -681,6 +720,10 @@ def _tables(summary: dict) -> list[str]:
             ("per_task", "A coefficient per task (coordinate ascent from the shared one on normalized validation "
              "accuracy; linearized vectors in the tangent space)", "| mode | lr | shared coefficient | per-task "
              "coefficients |", "per_task_minus_shared", "per-task - shared", ("per-task", "shared")),
+            ("learned", "Coefficients per task and layer learned on the validation sets (Adam on the merged model's "
+             "cross-entropy or prediction entropy, from the shared coefficient, clamped to [0, 1]; linearized vectors "
+             "in the tangent space)", "| mode | lr | shared coefficient | learned per layer |", "learned_minus_shared",
+             "learned - shared", ("learned", "shared")),
             ("cross", "The same vectors added in the other space (ordinary vectors in the tangent space, linearized "
              "ones in weight space), coefficient again chosen on validation", "| trained | lr | added where trained "
              "| added in the other space |", "cross_minus_own", "other space - where trained",
@@ -826,15 +869,19 @@ def plot_path(results_json: Path) -> Path:
     return ROOT / "docs" / f"{results_json.stem}.png"
 
 
+#: how ``--learned`` learns coefficients per task and layer (Adam on the validation batches,
+#: coefficients clamped to [0, 1] after each step; ``init`` None: from the shared grid coefficient)
+LEARNED = {"steps": 60, "lr": 1e-2, "batch": 32, "granularity": "layer", "init": None}
+
 #: settings that change what a cell measures (a resumed run must share them)
 CELL_SETTINGS = ("tasks", "control", "steps", "train_size", "val_size", "test_size", "no_negation", "cross", "subsets",
-                 "eval_every", "rank", "adapter_targets", "per_task", "negation_objective")
+                 "eval_every", "rank", "adapter_targets", "per_task", "negation_objective", "learned")
 
 
 #: what older results files, which do not record these settings, ran with
 SETTING_DEFAULTS = {"cross": False, "subsets": [], "eval_every": None, "rank": 8,
                     "adapter_targets": ["query", "key", "value", "dense"], "per_task": False,
-                    "negation_objective": "accuracy"}
+                    "negation_objective": "accuracy", "learned": None}
 
 
 def _setting(config: dict, key: str):
@@ -910,6 +957,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--per-task", action="store_true",
                     help="also search a coefficient per task (2 rounds of coordinate ascent over the grid: about "
                          "40 x tasks evaluations per ordinary cell; free for linearized cells with the cache)")
+    ap.add_argument("--learned", default=None, choices=["cross_entropy", "entropy"],
+                    help="also learn a coefficient per task and layer on the validation sets with this objective "
+                         "(learn_coefficients: linearized vectors in the tangent space), scored on test")
     ap.add_argument("--subsets", nargs="*", type=int, default=[], metavar="K",
                     help="also add a seeded random subset of K tasks for each K (accuracy vs number of tasks; "
                          "the same subset in both modes at a seed)")

@@ -223,6 +223,20 @@ def test_per_task_minus_shared_is_paired_by_seed(regime_map):
     assert "| linear | 0.001 | 70.0 [" in table and ": per-task higher |" in table
 
 
+def test_learned_per_layer_coefficients_are_paired_with_the_shared_one(regime_map):
+    cells = []
+    for seed, (shared, learned) in enumerate([(0.60, 0.59), (0.70, 0.68), (0.80, 0.785)]):
+        cell = _cell("nonlinear", 2e-4, seed, 0.5, shared)
+        cell["learned"] = {"added_mean_absolute": learned}
+        cells.append(cell)
+    row = regime_map.summarize(cells)["rows"][0]
+    assert row["learned_minus_shared"][2] < 0  # every seed loses 1-2 points: resolved, below zero
+    table = regime_map.render({"summary": regime_map.summarize(cells), "cells": cells, "config": {
+        "tasks": ["a", "b"], "control": "z", "steps": 1, "test_size": 1}})
+    assert "| mode | lr | shared coefficient | learned per layer | learned - shared |" in table
+    assert "| -1.5 [-2.7, -0.3]: shared higher" in table
+
+
 def test_merge_can_keep_only_seeds_every_mode_finished(regime_map, tmp_path):
     config = {"tasks": ["a", "b"], "control": "z", "steps": 1, "train_size": 1, "val_size": 1, "test_size": 1,
               "no_negation": True, "modes": ["nonlinear", "linear"], "seeds": [0, 1], "lrs": [1e-3]}

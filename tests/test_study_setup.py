@@ -111,7 +111,7 @@ def regime_cells(load_benchmark, tiny_bert, tmp_path_factory):
     chance = rm.one_cell("linear", 1e-3, 0, rm.parser().parse_args([*common, "--from-vectors", str(saved),
                                                                      "--negation-objective", "chance_distance"]),
                          base, tok)
-    return rm, trained, loaded, direct, chance
+    return rm, trained, loaded, direct, chance, saved
 
 
 def test_regime_cell_runs_the_whole_protocol(regime_cells):
@@ -139,7 +139,7 @@ def test_regime_cell_runs_the_whole_protocol(regime_cells):
 
 
 def test_saved_vectors_and_the_direct_tangent_path_reproduce_the_cell(regime_cells):
-    _, trained, loaded, direct, _ = regime_cells
+    _, trained, loaded, direct, *_ = regime_cells
     for mode in trained:
         for key in ("finetuned", "coefficient", "added_test", "negation", "subsets", "cross_space"):
             assert loaded[mode][key] == trained[mode][key], (mode, key)
@@ -149,6 +149,49 @@ def test_saved_vectors_and_the_direct_tangent_path_reproduce_the_cell(regime_cel
     assert direct["coefficient"] == trained["linear"]["coefficient"]
     assert direct["added_test"] == pytest.approx(trained["linear"]["added_test"], abs=1e-9)
     assert direct["tangent_evaluation"] == "direct"
+
+
+def test_learned_coefficients_are_applied_in_the_space_of_the_cell(regime_cells, tiny_bert, monkeypatch):
+    """``--learned``: with a zero learning rate every per-layer coefficient stays at its start
+    (0.5 here), and the merge scored on test must be ``theta0 + 0.5 sum tau`` in weight space for
+    ordinary vectors and ``delta = 0.5 sum tau`` of the linearized model for linearized ones;
+    with a positive rate the coefficients move, within [0, 1]."""
+    import torch
+
+    rm, trained, *_, saved = regime_cells
+    base, tok = tiny_bert
+    tasks = ["_smoke_colour", "_smoke_animal", "_smoke_food"]
+    args = rm.parser().parse_args(["--tasks", *tasks, "--control", "_smoke_control", "--steps", "3",
+                                   "--train-size", "48", "--val-size", "24", "--test-size", "24", "--no-negation",
+                                   "--learned", "cross_entropy", "--from-vectors", str(saved)])
+    scored: list = []
+    evaluate = rm.Analysis.evaluate
+
+    def spy(self, model, split_name, which=None):  # what the model holds when it is scored
+        if split_name == "test" and which is None:
+            state = model.deltas() if hasattr(model, "deltas") else dict(model.named_parameters())
+            scored.append({n: p.detach().clone() for n, p in state.items()})
+        return evaluate(self, model, split_name, which)
+
+    monkeypatch.setattr(rm.Analysis, "evaluate", spy)
+    monkeypatch.setitem(rm.LEARNED, "lr", 0.0)
+    monkeypatch.setitem(rm.LEARNED, "init", 0.5)
+    original = {n: p.detach().clone() for n, p in base.named_parameters()}
+    for mode in trained:
+        scored.clear()
+        learned = rm.one_cell(mode, 1e-3, 0, args, base, tok)["learned"]
+        assert {c for per_layer in learned["coefficients"].values() for c in per_layer.values()} == {0.5}
+        vectors, _, _ = rm.load_vectors(saved, mode, 1e-3, 0, tasks, 3)
+        name = "encoder.layer.0.attention.self.query.weight"
+        moved = 0.5 * sum(vectors[t][name].float() for t in tasks)
+        expected = moved if mode == "linear" else original[name] + moved
+        assert torch.allclose(scored[-1][name], expected, atol=1e-6), mode
+        assert float(moved.abs().max()) > 0  # the vectors are not zero: the check can fail
+    monkeypatch.setitem(rm.LEARNED, "lr", 0.05)
+    moved = rm.one_cell("linear", 1e-3, 0, args, base, tok)["learned"]
+    values = [c for per_layer in moved["coefficients"].values() for c in per_layer.values()]
+    assert all(0.0 <= c <= 1.0 for c in values) and len({round(c, 6) for c in values}) > 1
+    assert any(layer.startswith("encoder.layer.") for layer in moved["coefficients"]["_smoke_colour"])
 
 
 def test_adapter_modes_run_a_cell_and_pair_llora_with_lora(load_benchmark, tiny_bert):
@@ -173,7 +216,7 @@ def test_adapter_modes_run_a_cell_and_pair_llora_with_lora(load_benchmark, tiny_
 def test_negation_can_select_on_the_distance_from_chance(regime_cells):
     """``--negation-objective chance_distance``: within the control budget, the coefficient whose
     target validation accuracy is closest to chance (the search records every candidate)."""
-    _, _, _, _, cell = regime_cells
+    cell = regime_cells[4]
     for neg in cell["negation"].values():
         floor = 0.95 * cell["pretrained"]["val"]["_smoke_control"]
         distance = {alpha: abs(acc - neg["chance"]) for alpha, acc, _ in neg["search"]}

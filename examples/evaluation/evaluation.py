@@ -11,8 +11,8 @@ task (the encoder fine-tuned through that head). Then:
 4. heat maps of the task vectors' cosine similarities and of xi, written as PNGs.
 
 Fine-tuning runs ``LinearizedTrainer`` (``mode="nonlinear"``); ``--linearized`` fine-tunes in
-the tangent space (``mode="linear"``) and evaluates every combination there with
-``TangentEditor`` instead of ``ModelEditor``.
+the tangent space (``mode="linear"``) and evaluates every combination there, learned per-layer
+coefficients included, with ``TangentEditor`` instead of ``ModelEditor``.
 
     python examples/evaluation/evaluation.py                              # under a minute on 2 CPU cores
     python examples/evaluation/evaluation.py --linearized                 # tangent space, about 2x longer
@@ -169,18 +169,18 @@ def main() -> None:
     per_task = task_addition(editor, evaluate, finetuned_val=ft_val, finetuned_test=ft_test, per_task=True)
     row("addition, per-task alphas", per_task.absolute)
     print(f"  {'':34s}alphas {per_task.coefficients}, mean normalized {100 * per_task.mean_normalized:.1f}%")
-    learned, learned_test = None, None
-    if not args.linearized:  # TangentEditor takes one coefficient per task, not per layer
-        batches = {t: [data[t]["val"][0][i:i + 32] for i in range(0, SIZES["val"], 32)] for t in TASKS}
-        learned = learn_coefficients(editor.model, task_vectors, batches,
-                                     lambda model, batch, task: heads[task](features(model, batch)),
-                                     granularity="layer", objective="entropy", steps=20, lr=0.02)
-        with editor.edited(learned) as model:  # {task: {tensor name: coefficient}}
-            learned_test = evaluate(model, "test")
-        row("addition, learned per-layer", learned_test)
-        for t, coefs in learned.items():
-            by_layer = {layer_of(name): c for name, c in coefs.items()}
-            print(f"  {'':34s}{t}: " + ", ".join(f"{layer} {c:.2f}" for layer, c in by_layer.items()))
+    # learned per layer on unlabelled validation batches; for a LinearizedModel (--linearized) in
+    # the tangent space, where the vectors were trained, and TangentEditor applies them there too
+    batches = {t: [data[t]["val"][0][i:i + 32] for i in range(0, SIZES["val"], 32)] for t in TASKS}
+    learned = learn_coefficients(editor.model, task_vectors, batches,
+                                 lambda model, batch, task: heads[task](features(model, batch)),
+                                 granularity="layer", objective="entropy", steps=20, lr=0.02)
+    with editor.edited(learned) as model:  # {task: {tensor name: coefficient}}
+        learned_test = evaluate(model, "test")
+    row("addition, learned per-layer", learned_test)
+    for t, coefs in learned.items():
+        by_layer = {layer_of(name): c for name, c in coefs.items()}
+        print(f"  {'':34s}{t}: " + ", ".join(f"{layer} {c:.2f}" for layer, c in by_layer.items()))
 
     # 3. Task negation -------------------------------------------------------------------------
     neg = task_negation(editor, evaluate, "mood")  # default grid: 0 to 1, step 0.05
@@ -205,7 +205,7 @@ def main() -> None:
                             "normalized": shared.normalized, "search": shared.search},
         "addition_per_task": {"coefficients": per_task.coefficients, "absolute": per_task.absolute,
                               "normalized": per_task.normalized},
-        "addition_learned": None if learned is None else {
+        "addition_learned": {
             "absolute": learned_test,
             "coefficients": {t: {layer_of(n): c for n, c in d.items()} for t, d in learned.items()}},
         "negation": {"target": neg.target, "coefficient": neg.coefficient, "target_accuracy": neg.target_accuracy,
