@@ -11,7 +11,9 @@ none -- final checkpoints), then, with every coefficient chosen on *validation*:
 * **negation** (``task_negation``) of each task in turn: the coefficient on the same grid with
   the lowest target validation accuracy among those keeping a *separate, unedited* control
   task (``disaster_tweets``) at >= 95% of its pre-trained validation accuracy; ``budget_met``
-  is recorded and nothing is negated when no coefficient keeps the budget.
+  is recorded and nothing is negated when no coefficient keeps the budget;
+* optionally a coefficient per task (``--per-task``) or per task and layer learned on the
+  validation sets (``--learned``), each paired by seed against the shared one.
 
 Linearized vectors are added and negated in the tangent space (``TangentEditor``), ordinary
 ones in weight space (``ModelEditor``). Reported per mode and learning rate over seeds (mean
