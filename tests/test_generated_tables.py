@@ -208,33 +208,29 @@ def test_per_task_coefficients_get_their_own_table(regime_map):
     assert "| linear | 0.001 | 60.0 | 70.0 |" in table  # identical seeds: no interval printed
 
 
-def test_per_task_minus_shared_is_paired_by_seed(regime_map):
-    cells = []
-    for seed, (shared, own) in enumerate([(0.60, 0.62), (0.70, 0.73), (0.80, 0.82)]):
-        cell = _cell("linear", 1e-3, seed, 0.5, shared)
-        cell["per_task"] = {"added_mean_absolute": own}
-        cells.append(cell)
-    row = regime_map.summarize(cells)["rows"][0]
+@pytest.mark.parametrize("key, values, header, reading", [
     # unpaired, the intervals of 70 and 72 overlap widely; paired, each seed gains 2-3 points
-    assert row["added"][1] < row["per_task"][0] and row["per_task_minus_shared"][1] > 0
-    table = regime_map.render({"summary": regime_map.summarize(cells), "cells": cells, "config": {
-        "tasks": ["a", "b"], "control": "z", "steps": 1, "test_size": 1}})
-    assert "| mode | lr | shared coefficient | per-task coefficients | per-task - shared |" in table
-    assert "| linear | 0.001 | 70.0 [" in table and ": per-task higher |" in table
-
-
-def test_learned_per_layer_coefficients_are_paired_with_the_shared_one(regime_map):
+    ("per_task", [(0.60, 0.62), (0.70, 0.73), (0.80, 0.82)],
+     "| mode | lr | shared coefficient | per-task coefficients | per-task - shared |", ": per-task higher |"),
+    # every seed loses 1-2 points: resolved, below zero
+    ("learned", [(0.60, 0.59), (0.70, 0.68), (0.80, 0.785)],
+     "| mode | lr | shared coefficient | learned per layer | learned - shared |", "| -1.5 [-2.7, -0.3]: shared higher"),
+])
+def test_finer_coefficients_are_paired_by_seed_with_the_shared_one(regime_map, key, values, header, reading):
     cells = []
-    for seed, (shared, learned) in enumerate([(0.60, 0.59), (0.70, 0.68), (0.80, 0.785)]):
-        cell = _cell("nonlinear", 2e-4, seed, 0.5, shared)
-        cell["learned"] = {"added_mean_absolute": learned}
+    for seed, (shared, finer) in enumerate(values):
+        cell = _cell("linear", 1e-3, seed, 0.5, shared)
+        cell[key] = {"added_mean_absolute": finer}
         cells.append(cell)
     row = regime_map.summarize(cells)["rows"][0]
-    assert row["learned_minus_shared"][2] < 0  # every seed loses 1-2 points: resolved, below zero
+    diff = row[f"{key}_minus_shared"]
+    if all(finer > shared for shared, finer in values):  # unpaired overlap, paired above zero
+        assert row["added"][1] < row[key][0] and diff[1] > 0
+    else:
+        assert diff[2] < 0
     table = regime_map.render({"summary": regime_map.summarize(cells), "cells": cells, "config": {
         "tasks": ["a", "b"], "control": "z", "steps": 1, "test_size": 1}})
-    assert "| mode | lr | shared coefficient | learned per layer | learned - shared |" in table
-    assert "| -1.5 [-2.7, -0.3]: shared higher" in table
+    assert header in table and "| linear | 0.001 | 70.0 [" in table and reading in table
 
 
 def test_merge_can_keep_only_seeds_every_mode_finished(regime_map, tmp_path):
