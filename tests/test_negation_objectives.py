@@ -1,0 +1,88 @@
+"""Negation by the paper's rule against negation by distance from chance
+(benchmarks/negation_objectives.py): which files it pairs, what it counts and the paired
+differences, on synthetic cells whose answer is known."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+CONFIG = {"tasks": ["a", "b"], "control": "z", "steps": 60, "train_size": 1, "val_size": 1, "test_size": 1,
+          "no_negation": False}
+
+
+@pytest.fixture(scope="module")
+def objectives(load_benchmark):
+    return load_benchmark("negation_objectives")
+
+
+def _target(coefficient, test, chance=0.5, pretrained=0.9, control=0.8, budget_met=True):
+    return {"coefficient": coefficient, "budget_met": budget_met, "target_test": test, "chance": chance,
+            "target_retained": abs(test - chance) / (pretrained - chance), "control_test": control,
+            "pretrained_target_test": pretrained, "pretrained_control_test": 0.82}
+
+
+def _cell(mode, seed, negation, finetuned=0.9):
+    return {"mode": mode, "lr": 5e-4, "seed": seed, "finetuned": {"test": {"a": finetuned, "b": finetuned}},
+            "added_mean_absolute": 0.85, "negation": negation}
+
+
+def _write(path: Path, cells, **config) -> Path:
+    path.write_text(json.dumps({"commit": "1" * 40, "config": {**CONFIG, **config}, "cells": cells}))
+    return path
+
+
+def test_an_inverted_target_counts_below_chance_and_the_chance_rule_is_paired_by_seed(objectives, tmp_path):
+    paper, chance = [], []
+    for s in (0, 1, 2):
+        # the paper's rule drives "a" to an inverted classifier (10%, chance 50%): it retains all
+        # the encoder knew (|0.1 - 0.5| / (0.9 - 0.5) = 1); the chance rule stops near chance
+        # (55%, 56%, 57%: retained 0.125, 0.15, 0.175) and costs some control
+        paper.append(_cell("linear", s, {"a": _target(0.9, 0.10, control=0.80), "b": _target(0.3, 0.6)}))
+        chance.append(_cell("linear", s, {"a": _target(0.2, 0.55 + s / 100, control=0.80 - s / 100),
+                                          "b": _target(0.3, 0.6)}))
+    a, b = objectives.load(_write(tmp_path / "p.json", paper),
+                           _write(tmp_path / "c.json", chance, negation_objective="chance_distance"))
+    [row] = objectives.summarize(a, b)
+    assert (row["mode"], row["seeds"], row["targets"]) == ("linear", [0, 1, 2], 6)
+    assert (row["same_vectors"], row["moved"]) == (3, 3)
+    assert (row["paper"]["below_chance"], row["chance"]["below_chance"]) == (3, 0)
+    d = row["chance_minus_paper"]
+    # per seed, over two targets: negated (0.45, 0.46, 0.47) / 2, retained (0.125 - 1, ...) / 2,
+    # control (0, -0.01, -0.02) / 2; t-intervals of 4.30 standard errors (2 degrees of freedom)
+    assert d["negated"] == pytest.approx([0.230, 0.230 - 0.0124, 0.230 + 0.0124], abs=1e-4)
+    assert d["retained"] == pytest.approx([-0.425, -0.425 - 0.0311, -0.425 + 0.0311], abs=1e-4)
+    assert d["control"] == pytest.approx([-0.005, -0.005 - 0.0124, -0.005 + 0.0124], abs=1e-4)
+    text = objectives.render(a, b, [row])
+    assert "| linear | 0.0005 | 0, 1, 2 | 3/3 | 3/6 | 3/6 | 0/6 | 6/6 / 6/6 |" in text
+    assert "| 35.0 [35.0, 35.0] / 58.0 [56.8, 59.2] | +23.0 [+21.8, +24.2]: chance rule higher (worse) |" in text
+    assert "| -42.5 [-45.6, -39.4]: paper rule higher | -0.5 [-1.7, +0.7]: not resolved |" in text
+
+
+def test_different_trainings_are_not_reported_as_the_same_vectors(objectives, tmp_path):
+    neg = {"a": _target(0.5, 0.3)}
+    a, b = objectives.load(_write(tmp_path / "p.json", [_cell("nonlinear", 0, neg)]),
+                           _write(tmp_path / "c.json", [_cell("nonlinear", 0, neg, finetuned=0.91)],
+                                  negation_objective="chance_distance"))
+    [row] = objectives.summarize(a, b)
+    assert row["same_vectors"] == 0 and row["moved"] == 0
+    assert "| nonlinear | 0.0005 | 0 | 0/1 | 0/1 |" in objectives.render(a, b, [row])
+
+
+def test_only_runs_that_differ_in_their_objective_alone_are_compared(objectives, tmp_path):
+    cells = [_cell("linear", 0, {"a": _target(0.5, 0.3)})]
+    paper = _write(tmp_path / "p.json", cells)
+    chance = _write(tmp_path / "c.json", cells, negation_objective="chance_distance")
+    with pytest.raises(SystemExit, match="ran with --negation-objective accuracy; expected chance_distance"):
+        objectives.load(paper, paper)
+    with pytest.raises(SystemExit, match="ran with --negation-objective chance_distance; expected accuracy"):
+        objectives.load(chance, chance)
+    with pytest.raises(SystemExit, match=r"more than --negation-objective \(steps\)"):
+        objectives.load(paper, _write(tmp_path / "s.json", cells, negation_objective="chance_distance", steps=30))
+    with pytest.raises(SystemExit, match="without negation"):
+        objectives.load(_write(tmp_path / "n.json", cells, no_negation=True), chance)
+    other = _write(tmp_path / "o.json", [{**cells[0], "seed": 5}], negation_objective="chance_distance")
+    with pytest.raises(SystemExit, match="share no"):
+        objectives.summarize(*objectives.load(paper, other))
