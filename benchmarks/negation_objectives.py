@@ -121,13 +121,15 @@ def summarize(paper: dict, chance: dict) -> list[dict]:
 
 def render(paper: dict, chance: dict, rows: list[dict]) -> str:
     """The markdown of the comparison (what the script writes between :data:`MARKERS`)."""
-    commits = commits_phrase(sorted({c for r in (paper, chance) for c in (r.get("commits") or [r.get("commit")])}))
+    keys = {(r["mode"], r["lr"], s) for r in rows for s in r["seeds"]}
+    commits = commits_phrase(sorted({c.get("commit") or run.get("commit") for run in (paper, chance)
+                                     for c in run["cells"] if (c["mode"], c["lr"], c["seed"]) in keys}))
     cfg = paper["config"]
     lines = [f"MiniLM-L6, tasks {', '.join(cfg['tasks'])} (control: {cfg['control']}), {cfg['steps']} steps, each "
-             f"task negated in turn; {commits}. Paper rule: lowest target validation accuracy within the control "
-             "budget; chance rule: target validation accuracy closest to chance within the same budget. Counts are "
-             "over targets x seeds; differences are chance rule - paper rule in points, mean [95% t-interval] over "
-             "seeds.", "",
+             f"task negated in turn; {commits} (the compared cells). Paper rule: lowest target validation "
+             "accuracy within the control budget; chance rule: target validation accuracy closest to chance within "
+             "the same budget. Counts are over targets x seeds; differences are chance rule - paper rule in points, "
+             "mean [95% t-interval] over seeds.", "",
              "| mode | lr | seeds | same vectors (cell pairs) | coefficients moved | below chance, paper rule | "
              "below chance, chance rule | budget met, paper / chance |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -136,8 +138,9 @@ def render(paper: dict, chance: dict, rows: list[dict]) -> str:
                      f"{r['same_vectors']}/{len(r['seeds'])} | {r['moved']}/{n} | {r['paper']['below_chance']}/{n} "
                      f"| {r['chance']['below_chance']}/{n} | {r['paper']['budget_met']}/{n} / "
                      f"{r['chance']['budget_met']}/{n} |")
-    lines += ["", "| mode | lr | negated target, paper / chance | chance - paper | retained (chance-adjusted), "
-              "paper / chance | chance - paper (lower is better) | control, chance - paper |",
+    lines += ["", "| mode | lr | negated target, paper / chance | chance - paper (lower is better by the paper's "
+              "metric) | retained (chance-adjusted), "
+              "paper / chance | chance - paper (lower: more forgotten) | control, chance - paper |",
               "|---|---|---|---|---|---|---|"]
     names = ("chance rule", "paper rule")
     for r in rows:

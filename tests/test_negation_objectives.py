@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from hf_taskarith.evaluation.generated_docs import generated_block
+
 CONFIG = {"tasks": ["a", "b"], "control": "z", "steps": 60, "train_size": 1, "val_size": 1, "test_size": 1,
           "no_negation": False}
 
@@ -43,6 +45,8 @@ def test_an_inverted_target_counts_below_chance_and_the_chance_rule_is_paired_by
         paper.append(_cell("linear", s, {"a": _target(0.9, 0.10, control=0.80), "b": _target(0.3, 0.6)}))
         chance.append(_cell("linear", s, {"a": _target(0.2, 0.55 + s / 100, control=0.80 - s / 100),
                                           "b": _target(0.3, 0.6)}))
+    # a paper-rule cell the chance run lacks is left out, its commit too
+    paper.append({**_cell("linear", 0, {"a": _target(0.5, 0.3)}), "lr": 1e-3, "commit": "2" * 40})
     a, b = objectives.load(_write(tmp_path / "p.json", paper),
                            _write(tmp_path / "c.json", chance, negation_objective="chance_distance"))
     [row] = objectives.summarize(a, b)
@@ -56,6 +60,7 @@ def test_an_inverted_target_counts_below_chance_and_the_chance_rule_is_paired_by
     assert d["retained"] == pytest.approx([-0.425, -0.425 - 0.0311, -0.425 + 0.0311], abs=1e-4)
     assert d["control"] == pytest.approx([-0.005, -0.005 - 0.0124, -0.005 + 0.0124], abs=1e-4)
     text = objectives.render(a, b, [row])
+    assert "commit `1111111` (the compared cells)" in text and "2222222" not in text
     assert "| linear | 0.0005 | 0, 1, 2 | 3/3 | 3/6 | 3/6 | 0/6 | 6/6 / 6/6 |" in text
     assert "| 35.0 [35.0, 35.0] / 58.0 [56.8, 59.2] | +23.0 [+21.8, +24.2]: chance rule higher (worse) |" in text
     assert "| -42.5 [-45.6, -39.4]: paper rule higher | -0.5 [-1.7, +0.7]: not resolved |" in text
@@ -86,3 +91,11 @@ def test_only_runs_that_differ_in_their_objective_alone_are_compared(objectives,
     other = _write(tmp_path / "o.json", [{**cells[0], "seed": 5}], negation_objective="chance_distance")
     with pytest.raises(SystemExit, match="share no"):
         objectives.summarize(*objectives.load(paper, other))
+
+
+def test_the_docs_block_is_generated_from_the_committed_results(objectives):
+    doc = Path(__file__).resolve().parent.parent / "docs" / "regime_map.md"
+    paper, chance = objectives.load(objectives.PAPER, objectives.CHANCE)
+    assert generated_block(doc, objectives.MARKERS) == objectives.render(paper, chance,
+                                                                        objectives.summarize(paper, chance)), \
+        "docs/regime_map.md is stale: run benchmarks/negation_objectives.py"
