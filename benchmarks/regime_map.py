@@ -235,7 +235,8 @@ class Analysis:
         for t in self.s.tasks:
             res = task_negation(editor, lambda m, s, t=t: sweep(m, s, [t, control]), t.name,
                                 controls=[control.name], chance=1.0 / t.num_labels,
-                                objective=self.args.negation_objective)
+                                objective=self.args.negation_objective,
+                                **({"grid": self.args.negation_grid} if self.args.negation_grid else {}))
             out[t.name] = {"coefficient": res.coefficient, "budget_met": res.budget_met,
                            "target_test": res.target_accuracy, "pretrained_target_test": res.pretrained_target,
                            "control_test": res.control_accuracy[control.name],
@@ -675,11 +676,27 @@ def render(results: dict) -> str:
 
 def _negation_rule(cfg: dict) -> str:
     """What the negation column selected, in words."""
+    grid = _setting(cfg, "negation_grid")
+    among = f" Negation coefficients: {grid_phrase(grid)}." if grid else ""
     if _setting(cfg, "negation_objective") == "chance_distance":
         return (" Negation: the coefficient whose target validation accuracy is closest to chance within the control "
-                "budget (an inverted classifier does not count as forgetting).")
+                "budget (an inverted classifier does not count as forgetting)." + among)
     return (" Negation: the coefficient with the lowest target validation accuracy within the control budget (the "
-            "paper's rule; *retained* shows how much of the task is left, chance-adjusted).")
+            "paper's rule; *retained* shows how much of the task is left, chance-adjusted)." + among)
+
+
+def grid_phrase(grid: list[float]) -> str:
+    """``[0, 0.01, 0.02, 0.1, 0.3, 0.5]`` -> ``"0 to 0.02 step 0.01, 0.1 to 0.5 step 0.2"`` (runs of one step)."""
+    parts, i = [], 0
+    while i < len(grid):
+        j = i
+        step = round(grid[i + 1] - grid[i], 6) if i + 1 < len(grid) else None
+        while j + 1 < len(grid) and round(grid[j + 1] - grid[j], 6) == step:
+            j += 1
+        parts.append(f"{grid[i]:g}" if j == i else
+                     f"{grid[i]:g}, {grid[j]:g}" if j == i + 1 else f"{grid[i]:g} to {grid[j]:g} step {step:g}")
+        i = j + 1
+    return ", ".join(parts)
 
 
 def _commits(results: dict) -> str:
@@ -877,13 +894,13 @@ LEARNED = {"steps": 60, "lr": 1e-2, "batch": 32, "granularity": "layer", "init":
 
 #: settings that change what a cell measures (a resumed run must share them)
 CELL_SETTINGS = ("tasks", "control", "steps", "train_size", "val_size", "test_size", "no_negation", "cross", "subsets",
-                 "eval_every", "rank", "adapter_targets", "per_task", "negation_objective", "learned")
+                 "eval_every", "rank", "adapter_targets", "per_task", "negation_objective", "negation_grid", "learned")
 
 
 #: what older results files, which do not record these settings, ran with
 SETTING_DEFAULTS = {"cross": False, "subsets": [], "eval_every": None, "rank": 8,
                     "adapter_targets": ["query", "key", "value", "dense"], "per_task": False,
-                    "negation_objective": "accuracy", "learned": None}
+                    "negation_objective": "accuracy", "negation_grid": None, "learned": None}
 
 
 def _setting(config: dict, key: str):
@@ -935,6 +952,46 @@ def merge(sources: list[Path], target: Path, *, complete_seeds: bool = False) ->
           + (f" (left out, their seed unfinished in another mode: {left_out})" if left_out else ""))
 
 
+def expand_grid(tokens: list[str]) -> list[float]:
+    """``["0:0.3:0.01", "0.5"]`` -> the sorted, distinct coefficients (ranges include their stop).
+
+    Raises:
+        ValueError: a token that is neither a number nor ``start:stop:step`` with ``0 <= start <=
+            stop`` and ``step > 0``, or a negative or non-finite value.
+    """
+    values: set[float] = set()
+    for token in tokens:
+        parts = token.split(":")
+        try:
+            numbers = [float(p) for p in parts]
+        except ValueError:
+            numbers = []
+        if len(parts) not in (1, 3) or len(numbers) != len(parts) or not all(map(math.isfinite, numbers)):
+            raise ValueError(f"{token!r} is neither a coefficient nor START:STOP:STEP (e.g. 0.5 or 0:0.3:0.01).")
+        if len(numbers) == 1:
+            values.add(numbers[0])
+            continue
+        start, stop, step = numbers
+        if step <= 0 or start > stop:
+            raise ValueError(f"{token!r}: a range needs START <= STOP and STEP > 0.")
+        n = int(math.floor((stop - start) / step + 1e-9))
+        values.update(start + i * step for i in range(n + 1))
+    grid = sorted({round(v, 6) for v in values})
+    if grid and grid[0] < 0:
+        raise ValueError(f"negation coefficients are scales subtracted, >= 0; got {grid[0]:g}.")
+    return grid
+
+
+class _GridAction(argparse.Action):
+    """Expands ``--negation-grid`` tokens into the coefficients (an argparse error otherwise)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        try:
+            setattr(namespace, self.dest, expand_grid(values))
+        except ValueError as e:
+            parser.error(f"{option_string}: {e}")
+
+
 def parser() -> argparse.ArgumentParser:
     """The command line (tests build a run's settings from it too)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -956,6 +1013,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--negation-objective", default="accuracy", choices=["accuracy", "chance_distance"],
                     help="what negation minimizes on validation within the control budget: the target's accuracy "
                          "(the paper's rule) or its distance from chance (an inverted classifier is not forgetting)")
+    ap.add_argument("--negation-grid", nargs="+", default=None, action=_GridAction, metavar="A|START:STOP:STEP",
+                    help="negation's candidate coefficients instead of the paper's 0..1 step 0.05: values and "
+                         "inclusive ranges, e.g. 0:0.3:0.01 0.35:1:0.05 (finer where linearized negation acts)")
     ap.add_argument("--per-task", action="store_true",
                     help="also search a coefficient per task (2 rounds of coordinate ascent over the grid: about "
                          "40 x tasks evaluations per ordinary cell; free for linearized cells with the cache)")

@@ -242,6 +242,9 @@ def test_negation_on_a_separate_control_task_and_inverted_classifiers():
         task_negation(_ScriptedEditor(), _scripted(table), "target", objective="chance_distance")
     with pytest.raises(KeyError, match="control tasks"):
         task_negation(_ScriptedEditor(), _scripted(table), "target", controls=["nope"])
+    for grid in ([], [0.0], [0.5, -0.5], [0.5, float("nan")]):
+        with pytest.raises(ValueError, match="negation grid"):
+            task_negation(_ScriptedEditor(), _scripted(table), "target", grid=grid, controls=["control"])
 
 
 def test_interval_curves_plot_and_refuse_empty_panels(tmp_path):

@@ -92,6 +92,9 @@ def test_provenance_names_the_commit_and_marks_uncommitted_changes(tmp_path):
     assert env["packages"]["transformers"] and env["python"].count(".") == 2
 
 
+FINE = ["0:0.2:0.01", "0.25:1:0.05"]  # a negation grid finer near 0
+
+
 @pytest.fixture(scope="module")
 def regime_cells(load_benchmark, tiny_bert, tmp_path_factory):
     """Both modes of one regime-map cell on the tiny BERT: trained (vectors saved), then again from
@@ -109,7 +112,8 @@ def regime_cells(load_benchmark, tiny_bert, tmp_path_factory):
     direct = rm.one_cell("linear", 1e-3, 0, rm.parser().parse_args([*common, "--from-vectors", str(saved),
                                                                      "--direct-tangent"]), base, tok)
     chance = rm.one_cell("linear", 1e-3, 0, rm.parser().parse_args([*common, "--from-vectors", str(saved),
-                                                                     "--negation-objective", "chance_distance"]),
+                                                                     "--negation-objective", "chance_distance",
+                                                                     "--negation-grid", *FINE]),
                          base, tok)
     return rm, trained, loaded, direct, chance, saved
 
@@ -216,11 +220,30 @@ def test_adapter_modes_run_a_cell_and_pair_llora_with_lora(load_benchmark, tiny_
 def test_negation_can_select_on_the_distance_from_chance(regime_cells):
     """``--negation-objective chance_distance``: within the control budget, the coefficient whose
     target validation accuracy is closest to chance (the search records every candidate)."""
-    cell = regime_cells[4]
+    rm, cell = regime_cells[0], regime_cells[4]
     for neg in cell["negation"].values():
+        assert [alpha for alpha, *_ in neg["search"]] == rm.expand_grid(FINE)  # the --negation-grid candidates
         floor = 0.95 * cell["pretrained"]["val"]["_smoke_control"]
         distance = {alpha: abs(acc - neg["chance"]) for alpha, acc, _ in neg["search"]}
         allowed = [alpha for alpha, _, control in neg["search"] if alpha > 0 and control >= floor]
         assert neg["budget_met"] == bool(allowed)
         # the chosen one is the closest to chance among the allowed (or nothing, alpha 0, when none is closer)
         assert distance[neg["coefficient"]] == pytest.approx(min(distance[a] for a in [0.0, *allowed]), abs=1e-12)
+
+
+def test_negation_grid_tokens_expand_and_bad_ones_are_refused_by_name(load_benchmark, capsys):
+    rm = load_benchmark("regime_map")
+    grid = rm.expand_grid(FINE)
+    assert len(grid) == 37 and grid[:3] == [0.0, 0.01, 0.02] and grid[20:23] == [0.2, 0.25, 0.3] and grid[-1] == 1.0
+    assert rm.expand_grid(["0.5", "0:0.1:0.05", "0.05"]) == [0.0, 0.05, 0.1, 0.5]  # sorted, distinct
+    assert rm.grid_phrase(grid) == "0 to 0.2 step 0.01, 0.25 to 1 step 0.05"
+    assert rm.grid_phrase([0, 0.01, 0.02, 0.1, 0.3, 0.5]) == "0 to 0.02 step 0.01, 0.1 to 0.5 step 0.2"
+    assert rm.grid_phrase([0.1, 0.5]) == "0.1, 0.5" and rm.grid_phrase([0.5]) == "0.5"
+    for bad, says in (("x", "neither a coefficient"), ("0:1", "neither a coefficient"), ("1:0:0.1", "START <= STOP"),
+                      ("0:1:0", "STEP > 0"), ("-0.1", ">= 0")):
+        with pytest.raises(SystemExit):
+            rm.parser().parse_args(["--negation-grid", bad])
+        assert says in capsys.readouterr().err
+    cfg = {"negation_objective": "chance_distance", "negation_grid": grid}
+    assert "Negation coefficients: 0 to 0.2 step 0.01, 0.25 to 1 step 0.05." in rm._negation_rule(cfg)
+    assert "Negation coefficients" not in rm._negation_rule({})  # older files: the paper's grid

@@ -20,6 +20,7 @@ Evaluation is delegated to callables, so any model family, metric or data pipeli
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -130,7 +131,8 @@ def task_negation(editor: ModelEditor, evaluate: Evaluate, target: str, *, grid:
         evaluate: ``evaluate(model, split) -> {task: accuracy}``; must return the target and
             the control tasks.
         target: the task to forget.
-        grid: candidate ``alpha`` (the paper's: 0 to 1, step 0.05).
+        grid: candidate ``alpha`` (the paper's: 0 to 1, step 0.05); each finite and >= 0, at
+            least one > 0 (a finer grid near 0 suits vectors that act at small scales).
         control_threshold: the control budget, a fraction of the pre-trained control accuracy.
         controls: the control tasks (default: every other task ``evaluate`` returns). The
             paper's protocol uses a separate task that no vector was trained on.
@@ -145,8 +147,8 @@ def task_negation(editor: ModelEditor, evaluate: Evaluate, target: str, *, grid:
 
     Raises:
         KeyError: no vector for ``target``, or a control task ``evaluate`` does not return.
-        ValueError: an unknown ``objective``, ``chance_distance`` without ``chance``, or no
-            control task.
+        ValueError: an unknown ``objective``, ``chance_distance`` without ``chance``, no
+            control task, or a grid with no positive scale or with a negative or non-finite one.
     """
     if target not in editor.task_vectors:
         raise KeyError(f"no task vector for target {target!r}; known: {sorted(editor.task_vectors)}.")
@@ -154,6 +156,11 @@ def task_negation(editor: ModelEditor, evaluate: Evaluate, target: str, *, grid:
         raise ValueError(f"objective must be one of {NEGATION_OBJECTIVES}, got {objective!r}.")
     if objective == "chance_distance" and chance is None:
         raise ValueError("objective='chance_distance' needs the target's chance accuracy: pass chance=.")
+    grid = [float(a) for a in grid]
+    bad = [a for a in grid if not math.isfinite(a) or a < 0]
+    if bad or not any(a > 0 for a in grid):
+        raise ValueError(f"the negation grid holds the scales subtracted, each finite and >= 0 with at least one > 0; "
+                         f"got {grid if not bad else bad} (e.g. the paper's 0, 0.05, ..., 1: DEFAULT_GRID).")
     model = editor.reset()
     pre_val, pre_test = dict(evaluate(model, "val")), dict(evaluate(model, "test"))
     controls = [t for t in pre_val if t != target] if controls is None else list(controls)
