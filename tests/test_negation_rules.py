@@ -1,5 +1,5 @@
-"""Negation by the paper's rule against negation by distance from chance
-(benchmarks/negation_objectives.py): which files it pairs, what it counts and the paired
+"""Two negation rules on the same vectors (benchmarks/negation_rules.py): the paper's rule, the
+distance from chance, custom grids. Which files it pairs, what it counts and the paired
 differences, on synthetic cells whose answer is known."""
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ CONFIG = {"tasks": ["a", "b"], "control": "z", "steps": 60, "train_size": 1, "va
 
 
 @pytest.fixture(scope="module")
-def objectives(load_benchmark):
-    return load_benchmark("negation_objectives")
+def rules(load_benchmark):
+    return load_benchmark("negation_rules")
 
 
 def _target(coefficient, test, chance=0.5, pretrained=0.9, control=0.8, budget_met=True):
@@ -36,7 +36,7 @@ def _write(path: Path, cells, **config) -> Path:
     return path
 
 
-def test_an_inverted_target_counts_below_chance_and_the_chance_rule_is_paired_by_seed(objectives, tmp_path):
+def test_an_inverted_target_counts_below_chance_and_the_chance_rule_is_paired_by_seed(rules, tmp_path):
     paper, chance = [], []
     for s in (0, 1, 2):
         # the paper's rule drives "a" to an inverted classifier (10%, chance 50%): it retains all
@@ -47,55 +47,61 @@ def test_an_inverted_target_counts_below_chance_and_the_chance_rule_is_paired_by
                                           "b": _target(0.3, 0.6)}))
     # a paper-rule cell the chance run lacks is left out, its commit too
     paper.append({**_cell("linear", 0, {"a": _target(0.5, 0.3)}), "lr": 1e-3, "commit": "2" * 40})
-    a, b = objectives.load(_write(tmp_path / "p.json", paper),
+    a, b = rules.load(_write(tmp_path / "p.json", paper),
                            _write(tmp_path / "c.json", chance, negation_objective="chance_distance"))
-    [row] = objectives.summarize(a, b)
+    [row] = rules.summarize(a, b)
     assert (row["mode"], row["seeds"], row["targets"]) == ("linear", [0, 1, 2], 6)
     assert (row["same_vectors"], row["moved"]) == (3, 3)
-    assert (row["paper"]["below_chance"], row["chance"]["below_chance"]) == (3, 0)
-    d = row["chance_minus_paper"]
+    assert (row["a"]["below_chance"], row["b"]["below_chance"]) == (3, 0)
+    d = row["b_minus_a"]
     # per seed, over two targets: negated (0.45, 0.46, 0.47) / 2, retained (0.125 - 1, ...) / 2,
     # control (0, -0.01, -0.02) / 2; t-intervals of 4.30 standard errors (2 degrees of freedom)
     assert d["negated"] == pytest.approx([0.230, 0.230 - 0.0124, 0.230 + 0.0124], abs=1e-4)
     assert d["retained"] == pytest.approx([-0.425, -0.425 - 0.0311, -0.425 + 0.0311], abs=1e-4)
     assert d["control"] == pytest.approx([-0.005, -0.005 - 0.0124, -0.005 + 0.0124], abs=1e-4)
-    text = objectives.render(a, b, [row])
+    text = rules.render(a, b, [row])
     assert "commit `1111111` (the compared cells)" in text and "2222222" not in text
     assert "| linear | 0.0005 | 0, 1, 2 | 3/3 | 3/6 | 3/6 | 0/6 | 6/6 / 6/6 |" in text
     assert "| 35.0 [35.0, 35.0] / 58.0 [56.8, 59.2] | +23.0 [+21.8, +24.2]: chance rule higher (worse) |" in text
     assert "| -42.5 [-45.6, -39.4]: paper rule higher | -0.5 [-1.7, +0.7]: not resolved |" in text
 
 
-def test_different_trainings_are_not_reported_as_the_same_vectors(objectives, tmp_path):
+def test_different_trainings_are_not_reported_as_the_same_vectors(rules, tmp_path):
     neg = {"a": _target(0.5, 0.3)}
-    a, b = objectives.load(_write(tmp_path / "p.json", [_cell("nonlinear", 0, neg)]),
+    a, b = rules.load(_write(tmp_path / "p.json", [_cell("nonlinear", 0, neg)]),
                            _write(tmp_path / "c.json", [_cell("nonlinear", 0, neg, finetuned=0.91)],
                                   negation_objective="chance_distance"))
-    [row] = objectives.summarize(a, b)
+    [row] = rules.summarize(a, b)
     assert row["same_vectors"] == 0 and row["moved"] == 0
-    assert "| nonlinear | 0.0005 | 0 | 0/1 | 0/1 |" in objectives.render(a, b, [row])
+    assert "| nonlinear | 0.0005 | 0 | 0/1 | 0/1 |" in rules.render(a, b, [row])
 
 
-def test_only_runs_that_differ_in_their_objective_alone_are_compared(objectives, tmp_path):
+def test_only_runs_that_differ_in_their_negation_rule_alone_are_compared(rules, tmp_path):
     cells = [_cell("linear", 0, {"a": _target(0.5, 0.3)})]
     paper = _write(tmp_path / "p.json", cells)
     chance = _write(tmp_path / "c.json", cells, negation_objective="chance_distance")
-    with pytest.raises(SystemExit, match="ran with --negation-objective accuracy; expected chance_distance"):
-        objectives.load(paper, paper)
-    with pytest.raises(SystemExit, match="ran with --negation-objective chance_distance; expected accuracy"):
-        objectives.load(chance, chance)
-    with pytest.raises(SystemExit, match=r"more than --negation-objective \(steps\)"):
-        objectives.load(paper, _write(tmp_path / "s.json", cells, negation_objective="chance_distance", steps=30))
+    fine = _write(tmp_path / "f.json", cells, negation_objective="chance_distance", negation_grid=[0.0, 0.01, 0.02])
+    with pytest.raises(SystemExit, match=r"same rule \(lowest target validation accuracy .* 0 to 1 step 0.05\)"):
+        rules.load(paper, paper)
+    with pytest.raises(SystemExit, match=r"more than their negation rule \(steps\)"):
+        rules.load(paper, _write(tmp_path / "s.json", cells, negation_objective="chance_distance", steps=30))
     with pytest.raises(SystemExit, match="without negation"):
-        objectives.load(_write(tmp_path / "n.json", cells, no_negation=True), chance)
+        rules.load(_write(tmp_path / "n.json", cells, no_negation=True), chance)
+    with pytest.raises(SystemExit, match="custom grids"):
+        rules.load(fine, _write(tmp_path / "g.json", cells, negation_objective="chance_distance",
+                                negation_grid=[0.0, 0.5]))
     other = _write(tmp_path / "o.json", [{**cells[0], "seed": 5}], negation_objective="chance_distance")
     with pytest.raises(SystemExit, match="share no"):
-        objectives.summarize(*objectives.load(paper, other))
+        rules.summarize(*rules.load(paper, other))
+    # a grid alone may differ: the rule is then named by it
+    a, b = rules.load(chance, fine)
+    text = rules.render(a, b, rules.summarize(a, b))
+    assert text.startswith("**chance rule, custom grid** against **chance rule**.")
+    assert "chance rule, custom grid: target validation accuracy closest to chance within the control budget, " \
+           "coefficients 0 to 0.02 step 0.01." in text
 
 
-def test_the_docs_block_is_generated_from_the_committed_results(objectives):
+def test_the_docs_block_is_generated_from_the_committed_results(rules):
     doc = Path(__file__).resolve().parent.parent / "docs" / "regime_map.md"
-    paper, chance = objectives.load(objectives.PAPER, objectives.CHANCE)
-    assert generated_block(doc, objectives.MARKERS) == objectives.render(paper, chance,
-                                                                        objectives.summarize(paper, chance)), \
-        "docs/regime_map.md is stale: run benchmarks/negation_objectives.py"
+    assert generated_block(doc, rules.MARKERS) == rules.block(rules.COMPARISONS), \
+        "docs/regime_map.md is stale: run benchmarks/negation_rules.py"
