@@ -448,7 +448,7 @@ def summarize(cells: list[dict]) -> dict:
                 continue
             common = sorted(set(by_mode[a]) & set(by_mode[b]))
             pair = {"lr": lr, "seeds": common}
-            for key in ("added", "negated", "retained", "control"):
+            for key in ("added", "negated", "retained", "control", "per_task", "learned"):
                 diffs = [by_mode[a][s][key] - by_mode[b][s][key] for s in common
                          if key in by_mode[a][s] and key in by_mode[b][s]]
                 if diffs:
@@ -660,11 +660,11 @@ def render(results: dict) -> str:
              f"{cfg['steps']} steps, test {cfg['test_size']} per task, seeds {seeds}; "
              f"{_commits(results)}. Accuracy in %, mean [95% t-interval] over seeds."
              + (_negation_rule(cfg) if any(c.get("negation") for c in results["cells"]) else ""), "",
-             *_tables(summary)]
+             *_tables(summary, _setting(cfg, "learned"))]
     if summary.get("best_on_validation"):
         lines += ["", f"**Best-on-validation checkpoints** (each fine-tuning checked every {cfg.get('eval_every')} "
                   "steps and after the last; the earliest best kept), analysed the same way:", "",
-                  *_tables(summary["best_on_validation"])]
+                  *_tables(summary["best_on_validation"], _setting(cfg, "learned"))]
         if summary.get("best_minus_final"):
             lines += ["", "Best-on-validation minus final checkpoints, paired by seed (points):", "",
                       "| mode | lr | fine-tuned alone | added (merged) |", "|---|---|---|---|"]
@@ -704,7 +704,12 @@ def _commits(results: dict) -> str:
     return commits_phrase(results.get("commits") or [results.get("commit")])
 
 
-def _tables(summary: dict) -> list[str]:
+#: the finer coefficient choices, as the paired tables name them
+FINER_NAMES = {"per_task": "a coefficient per task", "learned": "learned per layer"}
+
+
+def _tables(summary: dict, learned: str | None = None) -> list[str]:
+    """The tables of a summary; ``learned`` names the objective of ``--learned`` cells."""
     lines = ["| mode | lr | seeds | fine-tuned | added (merged) | merged - pre-trained | alpha | negated target | "
              "retained | control (pre-trained) | budget met |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in summary["rows"]:
@@ -723,10 +728,12 @@ def _tables(summary: dict) -> list[str]:
             continue
         boot = any("added_bootstrap" in p for p in summary[pair_key(a, b)])
         kept = any("retained" in p for p in summary[pair_key(a, b)])  # runs with negation
-        keys = ("added", "negated", "retained", "control") if kept else ("added", "negated", "control")
+        finer = [k for k in ("per_task", "learned") if any(k in p for p in summary[pair_key(a, b)])]
+        keys = ("added", "negated", "retained", "control", *finer) if kept else ("added", "negated", "control", *finer)
         lines += ["", f"Paired over seeds, {a} - {b} (points; an interval that holds 0 is no resolved difference):",
                   "", "| lr | added | negated target (lower is better) | "
                   + ("retained, chance-adjusted (lower is better) | " if kept else "") + "control |"
+                  + "".join(f" added, {FINER_NAMES[k]} |" for k in finer)
                   + (" added, test sampling only (paired bootstrap) |" if boot else ""),
                   "|---|" + "---|" * len(keys) + ("---|" if boot else "")]
         for p in summary[pair_key(a, b)]:
@@ -735,13 +742,14 @@ def _tables(summary: dict) -> list[str]:
             if boot:
                 cols.append(_signed(p["added_bootstrap"]) if "added_bootstrap" in p else "-")
             lines.append(f"| {p['lr']:g} | " + " | ".join(cols) + " |")
+    learned_intro = ("Coefficients per task and layer learned on the validation sets (Adam on the merged model's "
+                     f"{LEARNED_OBJECTIVES.get(learned or '', 'cross-entropy or prediction entropy')}, from the shared "
+                     "coefficient, clamped to [0, 1]; linearized vectors in the tangent space)")
     for key, intro, header, diff, title, names in (
             ("per_task", "A coefficient per task (coordinate ascent from the shared one on normalized validation "
              "accuracy; linearized vectors in the tangent space)", "| mode | lr | shared coefficient | per-task "
              "coefficients |", "per_task_minus_shared", "per-task - shared", ("per-task", "shared")),
-            ("learned", "Coefficients per task and layer learned on the validation sets (Adam on the merged model's "
-             "cross-entropy or prediction entropy, from the shared coefficient, clamped to [0, 1]; linearized vectors "
-             "in the tangent space)", "| mode | lr | shared coefficient | learned per layer |", "learned_minus_shared",
+            ("learned", learned_intro, "| mode | lr | shared coefficient | learned per layer |", "learned_minus_shared",
              "learned - shared", ("learned", "shared")),
             ("cross", "The same vectors added in the other space (ordinary vectors in the tangent space, linearized "
              "ones in weight space), coefficient again chosen on validation", "| trained | lr | added where trained "
@@ -890,6 +898,9 @@ def plot_path(results_json: Path) -> Path:
 
 #: how ``--learned`` learns coefficients per task and layer (Adam on the validation batches,
 #: coefficients clamped to [0, 1] after each step; ``init`` None: from the shared grid coefficient)
+#: the ``--learned`` objectives in words (the tables name the one a file ran)
+LEARNED_OBJECTIVES = {"cross_entropy": "cross-entropy on the labels",
+                      "entropy": "prediction entropy on unlabelled inputs, AdaMerging's objective"}
 LEARNED = {"steps": 60, "lr": 1e-2, "batch": 32, "granularity": "layer", "init": None}
 
 #: settings that change what a cell measures (a resumed run must share them)
