@@ -896,11 +896,11 @@ def plot_path(results_json: Path) -> Path:
     return ROOT / "docs" / f"{results_json.stem}.png"
 
 
-#: how ``--learned`` learns coefficients per task and layer (Adam on the validation batches,
-#: coefficients clamped to [0, 1] after each step; ``init`` None: from the shared grid coefficient)
 #: the ``--learned`` objectives in words (the tables name the one a file ran)
 LEARNED_OBJECTIVES = {"cross_entropy": "cross-entropy on the labels",
                       "entropy": "prediction entropy on unlabelled inputs, AdaMerging's objective"}
+#: how ``--learned`` learns coefficients per task and layer (Adam on the validation batches,
+#: coefficients clamped to [0, 1] after each step; ``init`` None: from the shared grid coefficient)
 LEARNED = {"steps": 60, "lr": 1e-2, "batch": 32, "granularity": "layer", "init": None}
 
 #: settings that change what a cell measures (a resumed run must share them)
@@ -968,7 +968,7 @@ def expand_grid(tokens: list[str]) -> list[float]:
 
     Raises:
         ValueError: a token that is neither a number nor ``start:stop:step`` with ``0 <= start <=
-            stop`` and ``step > 0``, or a negative or non-finite value.
+            stop`` and ``step > 0``, a negative or non-finite value, or no value > 0.
     """
     values: set[float] = set()
     for token in tokens:
@@ -990,6 +990,8 @@ def expand_grid(tokens: list[str]) -> list[float]:
     grid = sorted({round(v, 6) for v in values})
     if grid and grid[0] < 0:
         raise ValueError(f"negation coefficients are scales subtracted, >= 0; got {grid[0]:g}.")
+    if not grid or grid[-1] <= 0:
+        raise ValueError(f"{' '.join(tokens)!r} holds no coefficient > 0: nothing would be negated.")
     return grid
 
 

@@ -240,7 +240,7 @@ def test_negation_grid_tokens_expand_and_bad_ones_are_refused_by_name(load_bench
     assert rm.grid_phrase([0, 0.01, 0.02, 0.1, 0.3, 0.5]) == "0 to 0.02 step 0.01, 0.1 to 0.5 step 0.2"
     assert rm.grid_phrase([0.1, 0.5]) == "0.1, 0.5" and rm.grid_phrase([0.5]) == "0.5"
     for bad, says in (("x", "neither a coefficient"), ("0:1", "neither a coefficient"), ("1:0:0.1", "START <= STOP"),
-                      ("0:1:0", "STEP > 0"), ("-0.1", ">= 0")):
+                      ("0:1:0", "STEP > 0"), ("-0.1", ">= 0"), ("0", "no coefficient > 0")):
         with pytest.raises(SystemExit):
             rm.parser().parse_args(["--negation-grid", bad])
         assert says in capsys.readouterr().err
