@@ -229,14 +229,13 @@ class Analysis:
 
     def negations(self, editor, sweep) -> dict:
         """Each task negated in turn against the separate control (``task_negation``, budget recorded)."""
-        from hf_taskarith.evaluation.arithmetic import task_negation
+        from hf_taskarith.evaluation.arithmetic import DEFAULT_GRID, task_negation
 
         control, out = self.s.control, {}
         for t in self.s.tasks:
             res = task_negation(editor, lambda m, s, t=t: sweep(m, s, [t, control]), t.name,
                                 controls=[control.name], chance=1.0 / t.num_labels,
-                                objective=self.args.negation_objective,
-                                **({"grid": self.args.negation_grid} if self.args.negation_grid else {}))
+                                objective=self.args.negation_objective, grid=self.args.negation_grid or DEFAULT_GRID)
             out[t.name] = {"coefficient": res.coefficient, "budget_met": res.budget_met,
                            "target_test": res.target_accuracy, "pretrained_target_test": res.pretrained_target,
                            "control_test": res.control_accuracy[control.name],
