@@ -142,17 +142,27 @@ def test_gradient_checkpointing(tmp_path, use_trainer, family):
                 d.normal_(0, 1e-2, generator=torch.Generator().manual_seed(0))
         if checkpointing:
             lin.gradient_checkpointing_enable()
-            assert lin.is_gradient_checkpointing
+            assert lin.is_gradient_checkpointing and lin.is_activation_checkpointing
         lin.train()
         lin(**batch).loss.backward()
         grads[checkpointing] = {n: d.grad.clone() for n, d in lin.deltas().items()}
     for n in grads[False]:
         torch.testing.assert_close(grads[True][n], grads[False][n], rtol=1e-5, atol=1e-7, msg=n)
     if use_trainer and family == "bert":
-        trainer = LinearizedTrainer(model=tiny_bert(), args=_args(tmp_path, gradient_checkpointing=True),
-                                    train_dataset=_pair_dataset())
-        trainer.train()
-        assert trainer.linearized_model.is_gradient_checkpointing
+        # transformers 5.x renamed the flag (activation_checkpointing) and keeps the old name until
+        # v6: both must reach the linearized model, whichever this release accepts.
+        import dataclasses
+
+        from transformers import TrainingArguments
+
+        fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+        names = [n for n in ("gradient_checkpointing", "activation_checkpointing") if n in fields]
+        assert names, f"TrainingArguments has neither checkpointing flag: {sorted(fields)}"
+        for name in names:
+            trainer = LinearizedTrainer(model=tiny_bert(), args=_args(tmp_path / name, **{name: True}),
+                                        train_dataset=_pair_dataset())
+            trainer.train()
+            assert trainer.linearized_model.is_activation_checkpointing, name
 
 
 def test_gradient_checkpointing_refusals():
