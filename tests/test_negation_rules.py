@@ -103,5 +103,31 @@ def test_only_runs_that_differ_in_their_negation_rule_alone_are_compared(rules, 
 
 def test_the_docs_block_is_generated_from_the_committed_results(rules):
     doc = Path(__file__).resolve().parent.parent / "docs" / "regime_map.md"
-    assert generated_block(doc, rules.MARKERS) == rules.block(rules.COMPARISONS), \
-        "docs/regime_map.md is stale: run benchmarks/negation_rules.py"
+    assert rules.COMPARISONS
+    for name, pairs in rules.COMPARISONS.items():
+        assert generated_block(doc, rules.markers(name)) == rules.block(pairs), \
+            f"docs/regime_map.md block {rules.markers(name)[0]} is stale: run benchmarks/negation_rules.py"
+
+
+def test_each_named_block_is_written_and_a_missing_block_writes_nothing(rules, tmp_path, monkeypatch, capsys):
+    cells = [_cell("linear", 0, {"a": _target(0.5, 0.3)})]
+    paper = _write(tmp_path / "p.json", cells)
+    chance = _write(tmp_path / "c.json", cells, negation_objective="chance_distance")
+    (tmp_path / "docs").mkdir()
+    doc = tmp_path / "docs" / "regime_map.md"
+    first, grids = rules.markers(""), rules.markers("grids")
+    assert first[0].startswith("<!-- negation-rules:begin") and grids[0].startswith("<!-- negation-rules-grids:begin")
+    page = f"intro\n{first[0]}\nold\n{first[1]}\nmiddle\n"
+    doc.write_text(page)
+    monkeypatch.setattr(rules, "ROOT", tmp_path)
+    monkeypatch.setattr(rules, "COMPARISONS", {"": [(paper, chance)], "grids": [(chance, paper)]})
+    monkeypatch.setattr("sys.argv", ["negation_rules.py"])
+    with pytest.raises(SystemExit, match="negation-rules-grids:begin"):
+        rules.main()
+    assert doc.read_text() == page  # the first block was not written either
+    doc.write_text(page + f"{grids[0]}\n{grids[1]}\nend\n")
+    rules.main()
+    assert generated_block(doc, first).startswith("**chance rule** against **paper rule**.")
+    assert generated_block(doc, grids).startswith("**paper rule** against **chance rule**.")
+    assert doc.read_text().startswith("intro\n") and "\nmiddle\n" in doc.read_text()
+    capsys.readouterr()
