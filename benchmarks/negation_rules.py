@@ -48,6 +48,9 @@ RESULTS = ROOT / "benchmarks" / "results"
 COMPARISONS: dict[str, list[tuple[Path, Path]]] = {
     "": [(RESULTS / "regime_map_negation.json", RESULTS / "regime_map_chance.json"),
          (RESULTS / "regime_map_chance.json", RESULTS / "regime_map_chance_fine.json")],
+    "grids": [(RESULTS / "regime_map_negation.json", RESULTS / "regime_map_paper_fine.json"),
+              (RESULTS / "regime_map_paper_fine.json", RESULTS / "regime_map_chance_fine.json"),
+              (RESULTS / "regime_map_paper_2e-4.json", RESULTS / "regime_map_chance_fine_2e-4.json")],
 }
 
 
