@@ -93,5 +93,12 @@ RESULTS = sorted((ROOT / "benchmarks" / "results").glob("disentanglement_map*.js
 def test_committed_xi_tables_are_rendered_from_their_results(xi_map, path):
     results = json.loads(path.read_text())
     assert json.loads(json.dumps(xi_map.summarize(results["cells"]))) == results["summary"]
-    assert generated_block(xi_map.DOC, xi_map.MARKERS) == xi_map.render(results), \
+    assert generated_block(xi_map.DOC, xi_map.markers_for(path)) == xi_map.render(results), \
         f"docs/regime_map.md is stale: run benchmarks/disentanglement_map.py --render --json {path.name}"
+
+
+def test_each_results_file_renders_into_its_own_block(xi_map):
+    first = xi_map.markers_for(Path("disentanglement_map.json"))
+    assert first == xi_map.MARKERS and first[0].startswith("<!-- xi-map:begin ") and first[1] == "<!-- xi-map:end -->"
+    other = xi_map.markers_for(Path("results/disentanglement_map_lr_5e-4.json"))
+    assert other[0].startswith("<!-- xi-map-lr-5e-4:begin ") and other[1] == "<!-- xi-map-lr-5e-4:end -->"
