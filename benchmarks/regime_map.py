@@ -500,7 +500,8 @@ def _mean_se(values: list[float]) -> list[float]:
 
 def _per_task(cells: list[dict]) -> list[dict]:
     """Per task: the pre-trained accuracy and, per (mode, lr), the merged and fine-tuned test
-    accuracy as mean and standard error over seeds."""
+    accuracy as mean and standard error over seeds; with negation, also the negated target's
+    test accuracy and in how many seeds it fell below chance (an inverted classifier)."""
     if not cells or not all("added_test" in c for c in cells):  # hand-made summaries without per-task records
         return []
     tasks = list(cells[0]["finetuned"]["test"])
@@ -511,9 +512,15 @@ def _per_task(cells: list[dict]) -> list[dict]:
         row: dict = {"task": t, "pretrained": _mean_se(list(per_seed.values())), "modes": []}
         for lr, mode in groups:
             group = [c for c in cells if c["mode"] == mode and c["lr"] == lr]
-            row["modes"].append({"mode": mode, "lr": lr, "seeds": len(group),
-                                 "added": _mean_se([c["added_test"][t] for c in group]),
-                                 "finetuned": _mean_se([c["finetuned"]["test"][t] for c in group])})
+            entry = {"mode": mode, "lr": lr, "seeds": len(group),
+                     "added": _mean_se([c["added_test"][t] for c in group]),
+                     "finetuned": _mean_se([c["finetuned"]["test"][t] for c in group])}
+            negated = [c["negation"][t] for c in group if t in (c.get("negation") or {})]
+            if negated and len(negated) == len(group):
+                entry["negated"] = _mean_se([n["target_test"] for n in negated])
+                entry["below_chance"] = sum(n["target_test"] < n["chance"] for n in negated)
+                row["chance"] = negated[0]["chance"]
+            row["modes"].append(entry)
         out.append(row)
     return out
 
@@ -792,6 +799,17 @@ def _tables(summary: dict, learned: str | None = None) -> list[str]:
         for r in summary["per_task"]:
             lines.append(f"| {r['task']} | {_se(r['pretrained'])} | "
                          + " | ".join(f"{_se(m['added'])} ({_se(m['finetuned'])})" for m in r["modes"]) + " |")
+        if any("negated" in m for r in summary["per_task"] for m in r["modes"]):
+            lines += ["", "Per task, the negated target's test accuracy, mean ± standard error over seeds, and in how "
+                      "many seeds it fell below chance (1 / number of labels; far below chance is an inverted "
+                      "classifier, not forgetting, while a point or two is test sampling):",
+                      "", "| task | chance | pre-trained | " + " | ".join(f"{m['mode']} {m['lr']:g}" for m in cols)
+                      + " |", "|---|---|---|" + "---|" * len(cols)]
+            for r in summary["per_task"]:
+                chance = f"{100 * r['chance']:.1f}" if "chance" in r else "-"
+                lines.append(f"| {r['task']} | {chance} | {_se(r['pretrained'])} | " + " | ".join(
+                    f"{_se(m['negated'])} ({m['below_chance']}/{m['seeds']} below)" if "negated" in m else "-"
+                    for m in r["modes"]) + " |")
     tuned = summary.get("tuned") or {}
     for a, b in PAIRS:
         if pair_key(a, b) in tuned:

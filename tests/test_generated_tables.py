@@ -284,3 +284,24 @@ def test_cross_space_and_best_checkpoints_are_paired_by_seed(regime_map):
     assert re.search(r"\| nonlinear \| 0\.001 \| [^|]+ \| [^|]+ \| \+6\.0 \[[^]]+\]: other space higher \|", table)
     assert re.search(r"\| linear \| 0\.001 \| \+2\.5 \[[^]]+\]: best higher \| -2\.5 \[[^]]+\]: final higher "
                      r"\(best worse\) \|", table)
+
+
+def test_per_task_negation_counts_seeds_below_chance(regime_map):
+    cells = []
+    for seed, (a, b) in enumerate([(0.30, 0.70), (0.45, 0.60), (0.55, 0.40)]):
+        cell = _cell("linear", 5e-4, seed, 0.5, 0.6)
+        cell["added_test"] = {"a": 0.6, "b": 0.6}
+        rest = {"target_retained": 0.5, "control_test": 0.9, "pretrained_control_test": 0.9, "budget_met": True}
+        cell["negation"] = {"a": {"target_test": a, "chance": 0.5, **rest},
+                            "b": {"target_test": b, "chance": 0.25, **rest}}
+        cells.append(cell)
+    rows = regime_map.summarize(cells)["per_task"]
+    a, b = ({**r, **r["modes"][0]} for r in rows)
+    assert a["below_chance"] == 2 and b["below_chance"] == 0  # 0.30 and 0.45 < 0.5; nothing < 0.25
+    assert a["negated"][0] == pytest.approx(0.4333333) and b["chance"] == 0.25
+    assert a["negated"][1] == pytest.approx(math.sqrt(0.015833333 / 3))
+    table = regime_map.render({"summary": regime_map.summarize(cells), "cells": cells, "config": {
+        "tasks": ["a", "b"], "control": "z", "steps": 1, "test_size": 1}})
+    assert "| a | 50.0 | 50.0 ± 0.0 | 43.3 ± 7.3 (2/3 below) |" in table
+    cells[2].pop("negation")  # a seed without negation: no per-task negation column for the group
+    assert "negated" not in regime_map.summarize(cells)["per_task"][0]["modes"][0]
