@@ -51,6 +51,7 @@ COMPARISONS: dict[str, list[tuple[Path, Path]]] = {
     "grids": [(RESULTS / "regime_map_negation.json", RESULTS / "regime_map_paper_fine.json"),
               (RESULTS / "regime_map_paper_fine.json", RESULTS / "regime_map_chance_fine.json"),
               (RESULTS / "regime_map_paper_2e-4.json", RESULTS / "regime_map_chance_fine_2e-4.json")],
+    "8tasks": [(RESULTS / "regime_map_8tasks_5e-4.json", RESULTS / "regime_map_8tasks_paper_fine_5e-4.json")],
 }
 
 
