@@ -122,7 +122,7 @@ def _per_seed(first: dict, second: dict) -> dict:
         out[key] = {"negated": mean(n["target_test"] for n in neg),
                     "retained": mean(n["target_retained"] for n in neg),
                     "control": mean(n["control_test"] for n in neg),
-                    "below_chance": sum(n["target_test"] < n["chance"] for n in neg),
+                    "below_chance": rm.below_chance(neg),
                     "budget_met": sum(bool(n["budget_met"]) for n in neg)}
     return out
 

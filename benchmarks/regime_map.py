@@ -498,6 +498,12 @@ def _mean_se(values: list[float]) -> list[float]:
     return [m, sd / math.sqrt(len(values))]
 
 
+def below_chance(negations: list[dict]) -> int:
+    """How many negation records left their target's test accuracy below chance (an inverted
+    classifier rather than forgetting)."""
+    return sum(n["target_test"] < n["chance"] for n in negations)
+
+
 def _per_task(cells: list[dict]) -> list[dict]:
     """Per task: the pre-trained accuracy and, per (mode, lr), the merged and fine-tuned test
     accuracy as mean and standard error over seeds; with negation, also the negated target's
@@ -516,9 +522,9 @@ def _per_task(cells: list[dict]) -> list[dict]:
                      "added": _mean_se([c["added_test"][t] for c in group]),
                      "finetuned": _mean_se([c["finetuned"]["test"][t] for c in group])}
             negated = [c["negation"][t] for c in group if t in (c.get("negation") or {})]
-            if negated and len(negated) == len(group):
+            if len(negated) == len(group):  # every seed negated this task
                 entry["negated"] = _mean_se([n["target_test"] for n in negated])
-                entry["below_chance"] = sum(n["target_test"] < n["chance"] for n in negated)
+                entry["below_chance"] = below_chance(negated)
                 row["chance"] = negated[0]["chance"]
             row["modes"].append(entry)
         out.append(row)
