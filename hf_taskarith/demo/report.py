@@ -45,7 +45,11 @@ class NegationResult:
 
     Attributes:
         task: the negated task; ``control`` the others (their mean accuracy).
-        scaling: the chosen coefficient (the model is ``base - scaling * tv``).
+        scaling: the chosen coefficient (the model is ``base - scaling * tv``); 0 when no
+            coefficient kept the controls within budget (``budget_met`` False).
+        budget_met: some coefficient > 0 kept the controls within budget on validation.
+        chance: the target's chance accuracy (``1 / classes``; the demo's tasks are balanced).
+        objective: the rule that chose ``scaling`` (``"accuracy"`` or ``"chance_distance"``).
     """
 
     task: str
@@ -57,6 +61,18 @@ class NegationResult:
     control_negated: float
     path: str | None = None
     val_search: list[dict[str, float]] = field(default_factory=list)
+    budget_met: bool = True
+    chance: float | None = None
+    objective: str = "accuracy"
+
+    @property
+    def target_retained(self) -> float:
+        """Chance-adjusted target: ``|negated - chance| / |pre-trained - chance|``; 0 is
+        forgotten, 1 as known as before; an inverted classifier (below chance) scores high.
+        NaN without ``chance``."""
+        if self.chance is None or self.target_pretrained == self.chance:
+            return float("nan")
+        return abs(self.target_negated - self.chance) / abs(self.target_pretrained - self.chance)
 
 
 @dataclass
@@ -113,7 +129,8 @@ class DemoResults:
                     "| | target acc | control acc |", "|---|---:|---:|",
                     f"| pre-trained | {_pct(n.target_pretrained)} | {_pct(n.control_pretrained)} |",
                     f"| fine-tuned on {n.task} | {_pct(n.target_finetuned)} | - |",
-                    f"| negated (lambda={n.scaling:g}) | {_pct(n.target_negated)} | {_pct(n.control_negated)} |"]
+                    f"| negated (lambda={n.scaling:g}) | {_pct(n.target_negated)} | {_pct(n.control_negated)} |",
+                    "", _negation_note(n)]
         xi = self.disentanglement
         if xi:
             a = xi["alphas"]
@@ -168,3 +185,22 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def _negation_note(n: NegationResult) -> str:
+    """What the negation row means: the rule, the budget, and whether the target was forgotten
+    (near chance) or inverted (below chance: still known, labels swapped)."""
+    rule = ("the lowest target validation accuracy" if n.objective == "accuracy"
+            else "the target validation accuracy nearest chance")
+    if not n.budget_met:
+        return (f"Budget not met: no coefficient kept the controls at the required share of their pre-trained "
+                f"validation accuracy, so nothing was negated (lambda=0, the pre-trained model). Rule: {rule} "
+                "within the control budget.")
+    text = f"Rule: {rule} within the control budget (met on validation)."
+    if n.chance is not None:
+        text += (f" Chance is {_pct(n.chance)}; retained (chance-adjusted, 0 = forgotten, 100 = as before): "
+                 f"{100 * n.target_retained:.0f}%.")
+        if n.target_negated < n.chance:
+            text += (" The target is below chance: an inverted classifier (the task is still known, its labels "
+                     "swapped), not forgetting; `--negation-objective chance_distance` stops nearest chance.")
+    return text

@@ -14,7 +14,11 @@ Steps (``DEMO_STEPS``, in order):
    each candidate a checkpoint written by the streaming :func:`hf_taskarith.merge`
    (base folder + task-vector folders in, merged folder out); score the chosen one on test.
 7. ``negation``: subtract one task vector (:meth:`TaskVector.apply_to` on the base folder),
-   with the largest coefficient that keeps the other tasks near their pre-trained accuracy.
+   the coefficient chosen on validation by the library's rule
+   (:func:`hf_taskarith.evaluation.choose_negation`: the lowest target accuracy keeping the
+   other tasks at >= 95% of their pre-trained accuracy; nothing negated, and said so, when no
+   coefficient keeps that budget); the report adds the chance-adjusted retention and flags a
+   target below chance (an inverted classifier, not forgetting).
 8. ``report``: write ``results.json`` and ``results.md``.
 
 Later features add steps with :func:`register_demo_step`.
@@ -204,44 +208,55 @@ def step_merge(ctx: DemoContext) -> None:
 
 
 def step_negation(ctx: DemoContext) -> None:
+    """Subtract the target's vector at each scale of ``negation_grid``, choose one on validation
+    by the library's rule (:func:`~hf_taskarith.evaluation.choose_negation`), evaluate it on
+    test. When no scale keeps the controls within budget nothing is negated (coefficient 0,
+    the pre-trained model) and ``budget_met`` is False."""
     c = ctx.config
     target = c.negated_task
     if target is None:
         return
+    from ..evaluation import choose_negation
+
     controls = [t.name for t in ctx.tasks if t.name != target]
+    chance = 1.0 / next(t.num_labels for t in ctx.tasks if t.name == target)
     tv = ctx.task_vectors[target]
     floor = c.control_threshold * mean(ctx.val_pretrained[k] for k in controls)
     search_root = ctx.output_dir / "merged" / "_negation_search"
-    search, chosen = [], None
+    search, folders = [], {}
     bar = tqdm(sorted(c.negation_grid), desc=f"negate {target}: choose lambda", unit="edit",
                disable=progress_disabled(c.progress))
     for lam in bar:
+        if lam == 0:
+            continue  # the pre-trained model, already measured
         folder = search_root / f"lambda{lam:g}"
         tv.apply_to(str(ctx.base_dir), -lam, output_dir=folder, overwrite=True, progress=False)
         val = ctx.evaluate_folder(folder, "val", desc=f"negate {target} lambda={lam:g}")
-        control = mean(val[k] for k in controls)
-        search.append({"lambda": lam, "val_target": val[target], "val_control": control})
-        if control >= floor or chosen is None:  # the largest lambda that keeps the controls (else the smallest)
-            if chosen is not None:
-                shutil.rmtree(chosen[1], ignore_errors=True)
-            chosen = (lam, folder)
-        else:
-            shutil.rmtree(folder, ignore_errors=True)
-    lam, folder = chosen
-    final = ctx.output_dir / "merged" / f"negate_{target}"
-    if final.exists():
-        shutil.rmtree(final)
-    folder.rename(final)
-    shutil.rmtree(search_root, ignore_errors=True)
-    test = ctx.evaluate_folder(final, "test", desc=f"negate {target} lambda={lam:g}")
+        search.append({"lambda": lam, "val_target": val[target], "val_control": mean(val[k] for k in controls)})
+        folders[lam] = folder
+    lam, met = choose_negation([(s["lambda"], s["val_target"], s["val_control"]) for s in search], floor=floor,
+                               pretrained_target=ctx.val_pretrained[target], objective=c.negation_objective,
+                               chance=chance)
     pre = ctx.results.rows_of("pretrained")[0].accuracies
     own = ctx.results.rows_of("individual")[0].accuracies
+    final: Path | None = None
+    if lam > 0:
+        final = ctx.output_dir / "merged" / f"negate_{target}"
+        if final.exists():
+            shutil.rmtree(final)
+        folders[lam].rename(final)
+        test = ctx.evaluate_folder(final, "test", desc=f"negate {target} lambda={lam:g}")
+    else:  # nothing negated: the pre-trained model is the answer (never a silent fallback to some scale)
+        test = dict(pre)
+    shutil.rmtree(search_root, ignore_errors=True)
     ctx.results.rows.append(ResultRow(f"negate {target} (lambda={lam:g})", "negation", test,
-                                      {"task": target, "lambda": lam, "path": str(final)}))
+                                      {"task": target, "lambda": lam, "path": str(final) if final else None,
+                                       "budget_met": met}))
     ctx.results.negation = NegationResult(
         task=target, scaling=lam, target_pretrained=pre[target], target_finetuned=own[target],
         target_negated=test[target], control_pretrained=mean(pre[k] for k in controls),
-        control_negated=mean(test[k] for k in controls), path=str(final), val_search=search)
+        control_negated=mean(test[k] for k in controls), path=str(final) if final else None, val_search=search,
+        budget_met=met, chance=chance, objective=c.negation_objective)
 
 
 def step_disentanglement(ctx: DemoContext) -> None:

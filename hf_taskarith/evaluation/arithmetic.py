@@ -119,6 +119,46 @@ class NegationResult:
 NEGATION_OBJECTIVES = ("accuracy", "chance_distance")
 
 
+def choose_negation(search: Sequence[tuple[float, float, float]], *, floor: float, pretrained_target: float,
+                    objective: str = "accuracy", chance: float | None = None) -> tuple[float, bool]:
+    """The negation rule on a finished search, as a pure function: which scale to subtract.
+
+    Args:
+        search: ``(alpha, target validation accuracy, mean control validation accuracy)`` per
+            candidate scale, in any order.
+        floor: the control budget in accuracy (``control_threshold * pre-trained control``).
+        pretrained_target: the target's validation accuracy before the edit; a scale is only
+            taken when it does better than that by ``objective``.
+        objective: ``"accuracy"`` (the lowest target accuracy, the paper's rule) or
+            ``"chance_distance"`` (the smallest ``|accuracy - chance|``).
+        chance: the target's chance accuracy; needed for ``"chance_distance"``.
+
+    Returns:
+        ``(alpha, budget_met)``: the best ``alpha > 0`` whose control accuracy is ``>= floor``
+        (the smallest on ties), or ``(0.0, False)`` when no ``alpha > 0`` meets the budget:
+        nothing is negated, never a silent fallback to some other scale. ``budget_met`` is
+        True as soon as some ``alpha > 0`` meets the budget, even when none of them beats the
+        pre-trained target (then alpha is 0 as well).
+
+    Raises:
+        ValueError: an unknown ``objective``, or ``"chance_distance"`` without ``chance``.
+    """
+    if objective not in NEGATION_OBJECTIVES:
+        raise ValueError(f"objective must be one of {NEGATION_OBJECTIVES}, got {objective!r}.")
+    if objective == "chance_distance" and chance is None:
+        raise ValueError("objective='chance_distance' needs the target's chance accuracy: pass chance=.")
+
+    def badness(acc: float) -> float:  # lower is more forgotten
+        return abs(acc - chance) if objective == "chance_distance" else acc  # type: ignore[operator]
+
+    within = sorted((alpha, target) for alpha, target, control in search if alpha > 0 and control >= floor)
+    best_alpha, best_score = 0.0, badness(pretrained_target)
+    for alpha, target in within:
+        if badness(target) < best_score:
+            best_alpha, best_score = alpha, badness(target)
+    return best_alpha, bool(within)
+
+
 def task_negation(editor: ModelEditor, evaluate: Evaluate, target: str, *, grid: Sequence[float] = DEFAULT_GRID,
                   control_threshold: float = 0.95, controls: Sequence[str] | None = None,
                   chance: float | None = None, objective: str = "accuracy",
@@ -172,20 +212,13 @@ def task_negation(editor: ModelEditor, evaluate: Evaluate, target: str, *, grid:
         raise ValueError("task negation needs at least one control task: pass controls= or evaluate more tasks.")
     floor = control_threshold * _mean(pre_val[t] for t in controls)
 
-    def badness(acc: float) -> float:  # lower is more forgotten
-        return abs(acc - chance) if objective == "chance_distance" else acc
-
-    best_alpha, best_score, met = 0.0, badness(pre_val[target]), False
     search = []
     for alpha in tqdm(grid, desc=f"negation of {target}", disable=not progress):
         with editor.edited({target: -alpha}) as model:
             acc = evaluate(model, "val")
-        control = _mean(acc[t] for t in controls)
-        search.append((alpha, acc[target], control))
-        if alpha > 0 and control >= floor:
-            met = True
-            if badness(acc[target]) < best_score:
-                best_alpha, best_score = alpha, badness(acc[target])
+        search.append((alpha, acc[target], _mean(acc[t] for t in controls)))
+    best_alpha, met = choose_negation(search, floor=floor, pretrained_target=pre_val[target], objective=objective,
+                                      chance=chance)
     with editor.edited({target: -best_alpha}) as model:
         test = dict(evaluate(model, "test"))
     return NegationResult(target, best_alpha, test[target], {t: test[t] for t in controls},
