@@ -163,3 +163,14 @@ def test_compress_runs_with_no_progress(tmp_path, capsys):
                  "--no-progress", "-q"]) == 0
     assert "smaller than float32" in capsys.readouterr().out
     assert TaskVector.from_pretrained(tmp_path / "small").metadata.extra["compression"]["method"] == "sign"
+
+
+def test_demo_negation_objective_reaches_the_config():
+    from hf_taskarith.cli.demo import build_config
+
+    args = build_parser().parse_args(["demo", "--negation-objective", "chance_distance", "--negate", "trec"])
+    config = build_config(args)
+    assert (config.negation_objective, config.negate) == ("chance_distance", "trec")
+    assert build_config(build_parser().parse_args(["demo"])).negation_objective == "accuracy"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["demo", "--negation-objective", "loss"])
