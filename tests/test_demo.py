@@ -262,6 +262,13 @@ def test_demo_negation_follows_the_library_rule_and_never_falls_back_silently(tm
     assert not (tmp_path / "c" / "merged").exists() or not any((tmp_path / "c" / "merged").iterdir())
     assert "Budget not met" in ctx.results.to_markdown()
 
+    # within budget, but no scale lowers the target: nothing negated either, and the report says why
+    flat = {0.0: {"mood": 0.9, "topic": 0.8}, 0.5: {"mood": 0.92, "topic": 0.8}}
+    ctx = _negation_context(tmp_path / "d", flat, negation_grid=(0.5,))
+    step_negation(ctx)
+    assert (ctx.results.negation.scaling, ctx.results.negation.budget_met) == (0.0, True)
+    assert "Nothing negated" in ctx.results.to_markdown()
+
 
 @pytest.mark.parametrize("grid,objective,match", [((0.0,), "accuracy", "at least one > 0"),
                                                   ((0.5, -1.0), "accuracy", "each finite and >= 0"),

@@ -196,6 +196,10 @@ def _negation_note(n: NegationResult) -> str:
         return (f"Budget not met: no coefficient kept the controls at the required share of their pre-trained "
                 f"validation accuracy, so nothing was negated (lambda=0, the pre-trained model). Rule: {rule} "
                 "within the control budget.")
+    if n.scaling == 0:
+        return (f"Nothing negated: coefficients within the control budget exist, but none moved the target "
+                f"below its pre-trained validation accuracy by the rule ({rule} within the control budget), "
+                "so the answer is the pre-trained model (lambda=0).")
     text = f"Rule: {rule} within the control budget (met on validation)."
     if n.chance is not None:
         text += (f" Chance is {_pct(n.chance)}; retained (chance-adjusted, 0 = forgotten, 100 = as before): "
