@@ -54,6 +54,8 @@ COMPARISONS: dict[str, list[tuple[Path, Path]]] = {
     "8tasks": [(RESULTS / "regime_map_8tasks_5e-4.json", RESULTS / "regime_map_8tasks_paper_fine_5e-4.json")],
     "8tasks-chance": [(RESULTS / "regime_map_8tasks_5e-4.json", RESULTS / "regime_map_8tasks_chance_5e-4.json")],
     "8tasks-1e-3": [(RESULTS / "regime_map_8tasks_negation.json", RESULTS / "regime_map_8tasks_paper_fine_1e-3.json")],
+    "8tasks-chance-1e-3": [(RESULTS / "regime_map_8tasks_negation.json",
+                            RESULTS / "regime_map_8tasks_chance_1e-3.json")],
 }
 
 
