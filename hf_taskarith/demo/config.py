@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ..evaluation.arithmetic import NEGATION_OBJECTIVES
+from ..evaluation.arithmetic import NEGATION_OBJECTIVES, check_negation_grid
 
 DEFAULT_TASKS = ("sms_spam", "movie_sentiment", "trec")
 
@@ -122,9 +121,7 @@ class DemoConfig:
             raise ValueError(f"density must be in (0, 1], got {self.density}.")
         if not self.scaling_grid or not self.ties_scaling_grid or not self.negation_grid:
             raise ValueError("scaling_grid, ties_scaling_grid and negation_grid must not be empty.")
-        if any(not math.isfinite(a) or a < 0 for a in self.negation_grid) or max(self.negation_grid) <= 0:
-            raise ValueError(f"negation_grid holds the scales subtracted, each finite and >= 0 with at least one > 0; "
-                             f"got {list(self.negation_grid)} (e.g. 0.5 1 1.5 2).")
+        check_negation_grid(self.negation_grid)
         if self.negation_objective not in NEGATION_OBJECTIVES:
             raise ValueError(f"negation_objective must be one of {NEGATION_OBJECTIVES}, "
                              f"got {self.negation_objective!r}.")

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..errors import NonFiniteError
+from ..evaluation.arithmetic import retained
 from ..version import __version__
 
 RowKind = Literal["pretrained", "finetuned", "individual", "merged", "negation"]
@@ -70,9 +71,7 @@ class NegationResult:
         """Chance-adjusted target: ``|negated - chance| / |pre-trained - chance|``; 0 is
         forgotten, 1 as known as before; an inverted classifier (below chance) scores high.
         NaN without ``chance``."""
-        if self.chance is None or self.target_pretrained == self.chance:
-            return float("nan")
-        return abs(self.target_negated - self.chance) / abs(self.target_pretrained - self.chance)
+        return retained(self.target_negated, self.target_pretrained, self.chance)
 
 
 @dataclass

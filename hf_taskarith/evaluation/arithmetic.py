@@ -111,9 +111,30 @@ class NegationResult:
         """Chance-adjusted target: ``|acc - chance| / (pretrained - chance)``; 0 is forgotten (at
         chance), 1 is as known as before; an inverted classifier scores high, not low. NaN
         without ``chance``."""
-        if self.chance is None or self.pretrained_target == self.chance:
-            return float("nan")
-        return abs(self.target_accuracy - self.chance) / abs(self.pretrained_target - self.chance)
+        return retained(self.target_accuracy, self.pretrained_target, self.chance)
+
+
+def retained(accuracy: float, pretrained: float, chance: float | None) -> float:
+    """Chance-adjusted share of a task still known: ``|accuracy - chance| / |pretrained - chance|``
+    (0 forgotten, 1 as before; an inverted classifier scores high). NaN without ``chance`` or
+    when the pre-trained accuracy is at chance."""
+    if chance is None or pretrained == chance:
+        return float("nan")
+    return abs(accuracy - chance) / abs(pretrained - chance)
+
+
+def check_negation_grid(grid: Sequence[float]) -> list[float]:
+    """The negation grid as floats, refused unless each scale is finite and >= 0 with one > 0.
+
+    Raises:
+        ValueError: naming the offending scales and an example of a valid grid.
+    """
+    grid = [float(a) for a in grid]
+    bad = [a for a in grid if not math.isfinite(a) or a < 0]
+    if bad or not any(a > 0 for a in grid):
+        raise ValueError(f"the negation grid holds the scales subtracted, each finite and >= 0 with at least one > 0; "
+                         f"got {grid if not bad else bad} (e.g. the paper's 0, 0.05, ..., 1: DEFAULT_GRID).")
+    return grid
 
 
 NEGATION_OBJECTIVES = ("accuracy", "chance_distance")
@@ -196,11 +217,7 @@ def task_negation(editor: ModelEditor, evaluate: Evaluate, target: str, *, grid:
         raise ValueError(f"objective must be one of {NEGATION_OBJECTIVES}, got {objective!r}.")
     if objective == "chance_distance" and chance is None:
         raise ValueError("objective='chance_distance' needs the target's chance accuracy: pass chance=.")
-    grid = [float(a) for a in grid]
-    bad = [a for a in grid if not math.isfinite(a) or a < 0]
-    if bad or not any(a > 0 for a in grid):
-        raise ValueError(f"the negation grid holds the scales subtracted, each finite and >= 0 with at least one > 0; "
-                         f"got {grid if not bad else bad} (e.g. the paper's 0, 0.05, ..., 1: DEFAULT_GRID).")
+    grid = check_negation_grid(grid)
     model = editor.reset()
     pre_val, pre_test = dict(evaluate(model, "val")), dict(evaluate(model, "test"))
     controls = [t for t in pre_val if t != target] if controls is None else list(controls)
