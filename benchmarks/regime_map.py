@@ -663,6 +663,20 @@ def _reading(iv, better_when_positive: bool, a: str = "linear", b: str = "nonlin
     return "not resolved"
 
 
+
+def check_phrase(results: dict) -> str:
+    """How often the best-on-validation checkpoints were checked: ``every N steps`` from the run's
+    ``--eval-every``, or, for a ``--from-vectors`` run (which trains nothing, so its config holds
+    none), from the steps of the validation curves the saved checkpoints recorded."""
+    every = _setting(results["config"], "eval_every")
+    if every:
+        return f"every {every} steps and after the last"
+    steps = sorted({step for c in results["cells"] for checks in ((c.get("best_on_validation") or {}).get("checks")
+                    or {}).values() for step, _ in checks["curve"]})
+    if not steps:
+        return "during training"
+    return f"at steps {', '.join(map(str, steps))}, as the saved vectors record"
+
 def render(results: dict) -> str:
     """The markdown tables of a results file (what ``--render`` writes between the markers)."""
     summary = results["summary"]
@@ -674,8 +688,8 @@ def render(results: dict) -> str:
              + (_negation_rule(cfg) if any(c.get("negation") for c in results["cells"]) else ""), "",
              *_tables(summary, _setting(cfg, "learned"))]
     if summary.get("best_on_validation"):
-        lines += ["", f"**Best-on-validation checkpoints** (each fine-tuning checked every {cfg.get('eval_every')} "
-                  "steps and after the last; the earliest best kept), analysed the same way:", "",
+        lines += ["", f"**Best-on-validation checkpoints** (each fine-tuning checked {check_phrase(results)}; "
+                  "the earliest best kept), analysed the same way:", "",
                   *_tables(summary["best_on_validation"], _setting(cfg, "learned"))]
         if summary.get("best_minus_final"):
             lines += ["", "Best-on-validation minus final checkpoints, paired by seed (points):", "",

@@ -305,3 +305,12 @@ def test_per_task_negation_counts_seeds_below_chance(regime_map):
     assert "| a | 50.0 | 50.0 ± 0.0 | 43.3 ± 7.3 (2/3 below) |" in table
     cells[2].pop("negation")  # a seed without negation: no per-task negation column for the group
     assert "negated" not in regime_map.summarize(cells)["per_task"][0]["modes"][0]
+
+
+def test_best_checkpoint_phrase_names_the_checks_of_a_training_run_and_of_saved_vectors(regime_map):
+    trained = {"config": {"eval_every": 20}, "cells": []}
+    assert regime_map.check_phrase(trained) == "every 20 steps and after the last"
+    curve = {"curve": [[20, 0.7], [40, 0.8], [60, 0.75]]}
+    from_vectors = {"config": {}, "cells": [{"best_on_validation": {"checks": {"a": curve, "b": curve}}}]}
+    assert regime_map.check_phrase(from_vectors) == "at steps 20, 40, 60, as the saved vectors record"
+    assert "None" not in regime_map.check_phrase({"config": {}, "cells": [{}]})
