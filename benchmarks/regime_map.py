@@ -663,7 +663,6 @@ def _reading(iv, better_when_positive: bool, a: str = "linear", b: str = "nonlin
     return "not resolved"
 
 
-
 def check_phrase(results: dict) -> str:
     """How often the best-on-validation checkpoints were checked: ``every N steps`` from the run's
     ``--eval-every``, or, for a ``--from-vectors`` run (which trains nothing, so its config holds
@@ -676,6 +675,7 @@ def check_phrase(results: dict) -> str:
     if not steps:
         return "during training"
     return f"at steps {', '.join(map(str, steps))}, as the saved vectors record"
+
 
 def render(results: dict) -> str:
     """The markdown tables of a results file (what ``--render`` writes between the markers)."""
