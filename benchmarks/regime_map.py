@@ -670,11 +670,13 @@ def check_phrase(results: dict) -> str:
     every = _setting(results["config"], "eval_every")
     if every:
         return f"every {every} steps and after the last"
-    steps = sorted({step for c in results["cells"] for checks in ((c.get("best_on_validation") or {}).get("checks")
-                    or {}).values() for step, _ in checks["curve"]})
+    steps: set[int] = set()
+    for cell in results["cells"]:
+        for checks in ((cell.get("best_on_validation") or {}).get("checks") or {}).values():
+            steps.update(step for step, _ in checks["curve"])
     if not steps:
         return "during training"
-    return f"at steps {', '.join(map(str, steps))}, as the saved vectors record"
+    return f"at steps {', '.join(map(str, sorted(steps)))}, as the saved vectors record"
 
 
 def render(results: dict) -> str:
