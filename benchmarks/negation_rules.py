@@ -56,6 +56,7 @@ COMPARISONS: dict[str, list[tuple[Path, Path]]] = {
     "8tasks-1e-3": [(RESULTS / "regime_map_8tasks_negation.json", RESULTS / "regime_map_8tasks_paper_fine_1e-3.json")],
     "8tasks-chance-1e-3": [(RESULTS / "regime_map_8tasks_negation.json",
                             RESULTS / "regime_map_8tasks_chance_1e-3.json")],
+    "lora-chance": [(RESULTS / "regime_map_lora_rerun.json", RESULTS / "regime_map_lora_chance.json")],
 }
 
 

@@ -654,8 +654,11 @@ def _cos(iv) -> str:
 
 
 def _reading(iv, better_when_positive: bool, a: str = "linear", b: str = "nonlinear") -> str:
+    """Which side an interval ``[mean, low, high]`` of ``a - b`` favours, in words. A zero-width
+    interval is one seed, or the same difference in every seed: at 0 (e.g. two negation rules
+    that chose the same coefficients) that is "no difference in any seed"."""
     if iv[1] == iv[2]:
-        return "one seed, no interval"
+        return "no difference in any seed" if iv[0] == 0 else "one seed, no interval"
     if iv[1] > 0:
         return f"{a} higher" + ("" if better_when_positive else " (worse)")
     if iv[2] < 0:

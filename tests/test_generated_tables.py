@@ -314,3 +314,13 @@ def test_best_checkpoint_phrase_names_the_checks_of_a_training_run_and_of_saved_
     from_vectors = {"config": {}, "cells": [{"best_on_validation": {"checks": {"a": curve, "b": curve}}}]}
     assert regime_map.check_phrase(from_vectors) == "at steps 20, 40, 60, as the saved vectors record"
     assert "None" not in regime_map.check_phrase({"config": {}, "cells": [{}]})
+
+
+def test_a_zero_width_interval_reads_as_one_seed_or_as_no_difference_at_all(regime_map):
+    # two negation rules that chose the same coefficients in all three seeds differ by exactly 0:
+    # that is no difference, not a missing interval
+    assert regime_map._reading([0.0, 0.0, 0.0], True) == "no difference in any seed"
+    assert regime_map._reading([0.02, 0.02, 0.02], True) == "one seed, no interval"
+    assert regime_map._reading([0.02, 0.01, 0.03], True) == "linear higher"
+    assert regime_map._reading([-0.02, -0.03, -0.01], False, "a", "b") == "b higher"
+    assert regime_map._reading([0.0, -0.01, 0.01], True) == "not resolved"
