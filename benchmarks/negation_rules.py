@@ -57,6 +57,7 @@ COMPARISONS: dict[str, list[tuple[Path, Path]]] = {
     "8tasks-chance-1e-3": [(RESULTS / "regime_map_8tasks_negation.json",
                             RESULTS / "regime_map_8tasks_chance_1e-3.json")],
     "lora-chance": [(RESULTS / "regime_map_lora_rerun.json", RESULTS / "regime_map_lora_chance.json")],
+    "lora-wide": [(RESULTS / "regime_map_lora_chance.json", RESULTS / "regime_map_lora_chance_wide.json")],
 }
 
 
